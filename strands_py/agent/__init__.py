@@ -1,0 +1,5 @@
+"""The idempotent ``Agent``."""
+
+from .agent import Agent
+
+__all__ = ["Agent"]

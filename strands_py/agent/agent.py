@@ -1,0 +1,133 @@
+"""``strands_py.Agent``: ``strands.Agent`` with one gate in ``stream_async`` that deduplicates retried invocations."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
+
+import strands
+from strands.agent.agent_result import AgentResult
+from strands.types.agent import ConcurrentInvocationMode
+from strands.types.exceptions import ConcurrencyException
+
+from ._concurrency import _ConcurrencyController, _InflightInvocation
+
+logger = logging.getLogger(__name__)
+
+
+class Agent(strands.Agent):
+    """A drop-in ``strands.Agent`` whose invocations are idempotent per ``idempotency_token``.
+
+    ``agent(prompt, idempotency_token=T)``, ``await agent.invoke_async(prompt, idempotency_token=T)`` and
+    ``agent.stream_async(prompt, idempotency_token=T)`` all pass the gate in ``stream_async``. In THROW mode (the
+    default) a call whose token ``==`` the in-flight invocation's token is a duplicate: it does not run the agent,
+    it waits for the primary and receives the primary's ``AgentResult`` (``stream_async`` yields one final
+    ``{"result": ...}`` event) and its ``callback_handler`` fires once with ``result=``. If the primary raises,
+    every duplicate raises the same exception; if the primary ends without a result (cancelled, stream closed,
+    ``KeyboardInterrupt``), duplicates raise ``IdempotencyAbortedError``. A call with another token, or none, while
+    an invocation is in flight raises ``ConcurrencyException`` at once. The token is forgotten when the invocation
+    ends. ``ConcurrentInvocationMode.UNSAFE_REENTRANT`` ignores tokens. Calls without a token behave exactly like
+    ``strands.Agent``.
+
+    Thread-safety: calls may come from any threads and event loops (each sync call runs its own loop); waiting
+    duplicates hold no thread. Cancellation: cancelling a waiting duplicate affects only that duplicate; cancelling
+    the primary aborts its duplicates and leaves the agent usable.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Create an agent; takes exactly the arguments of ``strands.Agent``.
+
+        Args:
+            *args: Positional arguments of ``strands.Agent``.
+            **kwargs: Keyword arguments of ``strands.Agent``.
+
+        Raises:
+            ValueError: ``concurrent_invocation_mode`` is not a ``ConcurrentInvocationMode``.
+        """
+        # Validated before upstream sees it, which would otherwise accept any value and treat it as "not THROW".
+        gate = _ConcurrencyController(kwargs.get("concurrent_invocation_mode", ConcurrentInvocationMode.THROW))
+        super().__init__(*args, **kwargs)
+        # Not `_concurrency`: strands-agents >= 1.45 keeps its own controller under that name.
+        self._idempotency_gate = gate
+
+    async def stream_async(
+        self,
+        prompt: Any = None,
+        *,
+        idempotency_token: Any = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        """Run the agent and yield its events; a duplicate of the in-flight token yields only the result event.
+
+        Args:
+            prompt: As for ``strands.Agent.stream_async``.
+            idempotency_token: Deduplication token (THROW mode only), matched by ``==``; need not be hashable.
+            **kwargs: Every other keyword of ``strands.Agent.stream_async`` (``invocation_state``,
+                ``structured_output_model``, ``callback_handler``, ...), passed through unchanged.
+
+        Yields:
+            The primary's events, ending with ``{"result": AgentResult}``; for a duplicate, only that last event.
+
+        Raises:
+            ConcurrencyException: Another invocation (other token, or none) is in flight on this agent.
+            IdempotencyAbortedError: Duplicate of a primary that ended without a result.
+            IdempotencyTokenError: The token could not be compared with the token in flight.
+            Exception: Whatever the primary raised (for a duplicate: the primary's exception object).
+        """
+        gate = self._idempotency_gate
+        begin = gate.begin(idempotency_token)
+
+        if begin.waiting_on is not None:
+            inflight = begin.waiting_on
+            logger.debug(
+                "token=<%s>, waiters=<%d> | duplicate detected, waiting for primary",
+                idempotency_token,
+                inflight.waiter_count + 1,
+            )
+            await self._wait_for_primary(inflight)
+            shared = inflight.outcome()
+            callback_handler = kwargs.get("callback_handler") or self.callback_handler
+            callback_handler(result=shared)
+            yield {"result": shared}
+            return
+
+        if not begin.lock_acquired:
+            raise ConcurrencyException(
+                "Agent is already processing a request. Concurrent invocations are not supported."
+            )
+
+        token = begin.registered_token
+        result: AgentResult | None = None
+        error: BaseException | None = None
+        # The token is never passed on: strands-agents < 1.45 does not know it, newer ones would deduplicate twice.
+        # Annotated upstream as an AsyncIterator, but it is an async generator: we need its aclose().
+        events = cast(AsyncGenerator[Any, None], super().stream_async(prompt, **kwargs))
+        try:
+            async for event in events:
+                candidate = event.get("result") if isinstance(event, dict) else None
+                if isinstance(candidate, AgentResult):
+                    result = candidate
+                    if token is not None:
+                        gate.publish(token, result)
+                yield event
+        except Exception as e:
+            error = e
+            raise
+        finally:
+            try:
+                # Close upstream's stream now, not at garbage collection: it holds upstream's own lock until then.
+                await events.aclose()
+            finally:
+                if token is not None:
+                    # Neither result nor error (cancelled, closed early, BaseException) aborts the duplicates.
+                    gate.complete(token, result=result, error=error)
+                else:
+                    gate.release_lock()
+
+    async def _wait_for_primary(self, inflight: _InflightInvocation) -> None:
+        """Wait, holding no thread, until the primary has settled.
+
+        Cancellation: cancels only this duplicate's own future.
+        """
+        await inflight.register_waiter()

@@ -1,0 +1,281 @@
+"""The gate in ``strands_py.Agent.stream_async``, with a real BedrockModel answering from a local script."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+from unittest import mock
+
+import pytest
+import strands
+import strands.types.exceptions as upstream_exceptions
+from strands.types.agent import ConcurrentInvocationMode
+
+from strands_py import Agent, ConcurrencyException, IdempotencyAbortedError, IdempotencyTokenError
+from strands_py._demo.storm import _until
+from strands_py._demo.stub import ScriptedBedrock
+
+WAIT = 5.0
+
+
+def _gated(**kwargs: Any) -> tuple[threading.Event, ScriptedBedrock]:
+    gate = threading.Event()
+    return gate, ScriptedBedrock(gate=gate, gate_timeout=WAIT, **kwargs)
+
+
+def _agent(script: ScriptedBedrock, **kwargs: Any) -> Agent:
+    return Agent(model=script.model(), tools=script.tools(), callback_handler=None, **kwargs)
+
+
+async def _primary_in_flight(agent: Agent, script: ScriptedBedrock, token: Any = "t") -> asyncio.Task[Any]:
+    task = asyncio.create_task(agent.invoke_async("weather?", idempotency_token=token))
+    await _until(script.entered.is_set, WAIT, "the primary's model call")
+    return task
+
+
+async def _waiters(agent: Agent, count: int) -> None:
+    inflight = agent._idempotency_gate.inflight
+    assert inflight is not None
+    await _until(lambda: inflight.waiter_count >= count, WAIT, f"{count} waiters")
+
+
+async def test_without_a_token_it_is_strands_agent() -> None:
+    ours_script, theirs_script = ScriptedBedrock(), ScriptedBedrock()
+    ours = _agent(ours_script)
+    theirs = strands.Agent(model=theirs_script.model(), tools=theirs_script.tools(), callback_handler=None)
+    ours_result = await asyncio.wait_for(ours.invoke_async("weather?"), WAIT)
+    theirs_result = await asyncio.wait_for(theirs.invoke_async("weather?"), WAIT)
+    assert str(ours_result) == str(theirs_result)
+    assert ours_result.stop_reason == theirs_result.stop_reason == "end_turn"
+    assert _strip_ids(ours.messages) == _strip_ids(theirs.messages)
+    assert ours_script.model_calls == theirs_script.model_calls == 2
+
+
+def _strip_ids(messages: Any) -> list[Any]:
+    # per-message ids (tracking_id on newer strands) differ between any two runs; compare what was said
+    return [(m["role"], m["content"]) for m in messages]
+
+
+async def test_duplicates_get_the_primarys_result_and_their_callback_fires_once() -> None:
+    gate, script = _gated()
+    agent_handler = mock.Mock()
+    agent = Agent(model=script.model(), tools=script.tools(), callback_handler=agent_handler)
+    primary = await _primary_in_flight(agent, script)
+    own_handler = mock.Mock()
+    pass_handler = asyncio.create_task(
+        agent.invoke_async("weather?", idempotency_token="t", callback_handler=own_handler)
+    )
+    await _waiters(agent, 1)
+    plain = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t"))
+    await _waiters(agent, 2)
+    primary_handler_calls = agent_handler.call_count
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(primary, pass_handler, plain), WAIT)
+    assert results[0] is results[1] is results[2]
+    assert script.model_calls == 2 and script.tool_calls == 1
+    own_handler.assert_called_once_with(result=results[0])
+    # the agent's handler: every primary event, plus exactly one result= call for the plain duplicate
+    assert agent_handler.call_args_list.count(mock.call(result=results[0])) == 2
+    assert agent_handler.call_count > primary_handler_calls
+
+
+async def test_stream_async_duplicate_yields_only_the_result_event() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+
+    async def collect() -> list[Any]:
+        return [event async for event in agent.stream_async("weather?", idempotency_token="t")]
+
+    dup = asyncio.create_task(collect())
+    await _waiters(agent, 1)
+    gate.set()
+    result = await asyncio.wait_for(primary, WAIT)
+    events = await asyncio.wait_for(dup, WAIT)
+    assert events == [{"result": result}]
+
+
+async def test_primary_error_is_shared_and_the_token_is_forgotten() -> None:
+    gate, script = _gated(fail_with=RuntimeError("model exploded"))
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+    dups = [asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t")) for _ in range(5)]
+    await _waiters(agent, 5)
+    gate.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(primary, *dups, return_exceptions=True), WAIT)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert all(o is outcomes[0] for o in outcomes)
+    assert script.model_calls == 1
+    script.fail_with = None
+    again = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t"), WAIT)
+    assert again.stop_reason == "end_turn" and script.model_calls == 3
+
+
+async def test_token_is_forgotten_after_success() -> None:
+    script = ScriptedBedrock()
+    agent = _agent(script)
+    first = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t"), WAIT)
+    second = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t"), WAIT)
+    assert first is not second and script.model_calls == 4
+
+
+@pytest.mark.parametrize("other_token", ["other", None])
+async def test_other_token_or_none_while_busy_raises_and_waiters_carry_on(other_token: Any) -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+    dup = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t"))
+    await _waiters(agent, 1)
+    with pytest.raises(ConcurrencyException):
+        await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token=other_token), WAIT)
+    assert isinstance(ConcurrencyException(), upstream_exceptions.ConcurrencyException)
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(primary, dup), WAIT)
+    assert results[0] is results[1]
+
+
+async def test_tokenless_primary_refuses_tokens_and_releases_the_lock() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script, token=None)
+    with pytest.raises(ConcurrencyException):
+        await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t"), WAIT)
+    gate.set()
+    await asyncio.wait_for(primary, WAIT)
+    assert (await asyncio.wait_for(agent.invoke_async("again", idempotency_token="t"), WAIT)).stop_reason
+
+
+async def test_cancelled_primary_aborts_duplicates_and_agent_stays_usable() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+    dups = [asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t")) for _ in range(3)]
+    await _waiters(agent, 3)
+    primary.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*dups, return_exceptions=True), WAIT)
+    assert all(isinstance(o, IdempotencyAbortedError) for o in outcomes)
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(primary, WAIT)
+    result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t"), WAIT)
+    assert result.stop_reason == "end_turn"
+
+
+async def test_cancelling_one_waiting_duplicate_leaves_the_others() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+    dups = [asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t")) for _ in range(3)]
+    await _waiters(agent, 3)
+    dups[0].cancel()
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(primary, dups[1], dups[2]), WAIT)
+    assert results[0] is results[1] is results[2]
+    assert dups[0].cancelled()
+
+
+async def test_primary_stream_closed_early_aborts_duplicates() -> None:
+    script = ScriptedBedrock()
+    agent = _agent(script)
+    stream = agent.stream_async("weather?", idempotency_token="t")
+    await asyncio.wait_for(stream.__anext__(), WAIT)  # the primary is in flight, stopped at its first event
+    dup = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t"))
+    await _waiters(agent, 1)
+    await asyncio.wait_for(stream.aclose(), WAIT)
+    with pytest.raises(IdempotencyAbortedError):
+        await asyncio.wait_for(dup, WAIT)
+    assert (await asyncio.wait_for(agent.invoke_async("weather?"), WAIT)).stop_reason == "end_turn"
+
+
+async def test_duplicates_do_not_wait_for_a_primary_consumer_that_stalls_after_the_result() -> None:
+    script = ScriptedBedrock()
+    agent = _agent(script)
+    stream = agent.stream_async("weather?", idempotency_token="t")
+    first = await asyncio.wait_for(stream.__anext__(), WAIT)
+    assert first is not None
+    dup = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t"))
+    await _waiters(agent, 1)
+    result = None
+    while result is None:
+        event = await asyncio.wait_for(stream.__anext__(), WAIT)
+        result = event.get("result")
+    # The primary's consumer holds the stream open after the result; the duplicate already has it.
+    assert await asyncio.wait_for(dup, WAIT) is result
+    late = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t"), WAIT)
+    assert late is result  # a retry while the primary still holds the agent joins it
+    await asyncio.wait_for(stream.aclose(), WAIT)
+    assert script.model_calls == 2
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_base_exception_in_primary_aborts_duplicates(interrupt: type[BaseException]) -> None:
+    # asyncio lets KeyboardInterrupt / SystemExit escape the event loop, so each call runs as a sync call on its
+    # own thread (its own loop), as a server's worker thread would.
+    gate, script = _gated(fail_with=interrupt())
+    agent = _agent(script)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def call(name: str) -> None:
+        try:
+            agent("weather?", idempotency_token="t")
+            outcomes[name] = None
+        except BaseException as e:  # noqa: BLE001 - the outcome under test
+            outcomes[name] = e
+
+    primary = threading.Thread(target=call, args=("primary",))
+    primary.start()
+    assert script.entered.wait(WAIT)
+    duplicate = threading.Thread(target=call, args=("duplicate",))
+    duplicate.start()
+    inflight = agent._idempotency_gate.inflight
+    assert inflight is not None
+    asyncio.run(_until(lambda: inflight.waiter_count >= 1, WAIT, "the duplicate to wait"))
+    gate.set()
+    primary.join(WAIT)
+    duplicate.join(WAIT)
+    assert isinstance(outcomes["primary"], interrupt)
+    assert isinstance(outcomes["duplicate"], IdempotencyAbortedError)
+    script.fail_with = None
+    assert agent("weather?", idempotency_token="t").stop_reason == "end_turn"
+
+
+async def test_unsafe_reentrant_ignores_tokens() -> None:
+    gate, script = _gated()
+    agent = _agent(script, concurrent_invocation_mode=ConcurrentInvocationMode.UNSAFE_REENTRANT)
+    first = await _primary_in_flight(agent, script)
+    second = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t"))
+    await _until(lambda: script.model_calls == 2, WAIT, "the second call to reach the model")
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+    assert results[0] is not results[1]
+
+
+async def test_token_with_raising_eq_fails_only_its_own_call() -> None:
+    class Unequal:
+        def __eq__(self, other: object) -> bool:
+            raise RuntimeError("no comparison")
+
+        __hash__ = object.__hash__
+
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+    dup = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t"))
+    await _waiters(agent, 1)
+    with pytest.raises(IdempotencyTokenError):
+        await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token=Unequal()), WAIT)
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(primary, dup), WAIT)
+    assert results[0] is results[1]
+
+
+def test_invalid_mode_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        Agent(model=ScriptedBedrock().model(), concurrent_invocation_mode="sometimes")
+
+
+def test_exceptions_are_upstreams_where_upstream_has_them() -> None:
+    assert ConcurrencyException is upstream_exceptions.ConcurrencyException
+    upstream_aborted = getattr(upstream_exceptions, "IdempotencyAbortedError", Exception)
+    assert issubclass(IdempotencyAbortedError, upstream_aborted)
