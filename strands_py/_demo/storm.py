@@ -15,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import strands
+
 from ..agent._concurrency import _InflightInvocation
 from ..agent.agent import Agent
 from .stub import ScriptedBedrock
@@ -101,8 +103,27 @@ async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> No
         await asyncio.sleep(0.001)
 
 
+def _waiting_duplicates(agent: strands.Agent) -> int:
+    """How many duplicates are waiting on the agent's in-flight invocation."""
+    gate = getattr(agent, "_idempotency_gate", None)
+    if gate is not None:
+        inflight = gate.inflight
+        return 0 if inflight is None else int(inflight.waiter_count)
+    # Upstream strands.Agent (>= 1.45, the benchmarks' reference): each waiting duplicate hangs one done-callback
+    # (asyncio.wrap_future) on the invocation's shared concurrent.futures.Future.
+    upstream_inflight = getattr(getattr(agent, "_concurrency", None), "_inflight", None)
+    done = getattr(upstream_inflight, "_done", None)
+    return len(getattr(done, "_done_callbacks", ()))
+
+
+def _impl_name(agent: strands.Agent) -> str:
+    if isinstance(agent, BlockingWaiterAgent):
+        return "blocking-waiter"
+    return "strands-py" if isinstance(agent, Agent) else "strands"
+
+
 async def _storm(
-    agent_cls: type[Agent],
+    agent_cls: type[strands.Agent],
     duplicates: int,
     executor: _CountingExecutor,
     workers: int,
@@ -118,13 +139,11 @@ async def _storm(
         await _until(script.entered.is_set, timeout, "the primary's first model call")
         # Counted once the primary holds its worker: from here on, no thread should appear.
         threads_at_start = threading.active_count()
-        inflight = agent._idempotency_gate.inflight
-        assert inflight is not None
         tasks += [
             asyncio.create_task(agent.invoke_async(STORM_PROMPT, idempotency_token=STORM_TOKEN))
             for _ in range(duplicates)
         ]
-        await _until(lambda: inflight.waiter_count >= duplicates, timeout, "every duplicate to be waiting")
+        await _until(lambda: _waiting_duplicates(agent) >= duplicates, timeout, "every duplicate to be waiting")
         # Let every submitted work item reach a worker, then count: the primary is held at the gate, so nothing
         # but its one model call should occupy a worker. Whatever else does is a duplicate parked on a wait.
         await _until(lambda: executor.queued() == 0 or executor.busy == workers, timeout, "the executor to settle")
@@ -151,7 +170,7 @@ async def _storm(
     outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
     texts = [str(r) for r in outcomes if not isinstance(r, BaseException)]
     return StormReport(
-        impl="blocking-waiter" if isinstance(agent, BlockingWaiterAgent) else "strands-py",
+        impl=_impl_name(agent),
         duplicates=duplicates,
         completed=completed,
         seconds=seconds,
@@ -165,7 +184,7 @@ async def _storm(
 
 
 def run_storm(
-    agent_cls: type[Agent],
+    agent_cls: type[strands.Agent],
     duplicates: int,
     *,
     workers: int = 4,
@@ -175,7 +194,7 @@ def run_storm(
     """Run one storm on a fresh event loop, in its own thread, with the default executor capped at ``workers``.
 
     Args:
-        agent_cls: ``Agent`` or ``BlockingWaiterAgent``.
+        agent_cls: ``Agent``, ``BlockingWaiterAgent``, or upstream ``strands.Agent`` (>= 1.45) as the reference.
         duplicates: How many duplicates of the primary's token to launch while it is in flight.
         workers: ``max_workers`` of the loop's default executor.
         timeout: How long the storm may take after the primary is released before it counts as hung.
