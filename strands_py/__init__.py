@@ -4,13 +4,37 @@ from strands.types.agent import ConcurrentInvocationMode
 
 from .__about__ import __version__
 from .agent import Agent
-from .types.exceptions import ConcurrencyException, IdempotencyAbortedError, IdempotencyTokenError
+from .idempotency import (
+    DynamoDBIdempotencyStore,
+    IdempotencyConfig,
+    InMemoryIdempotencyStore,
+    ReplayedAgentResult,
+)
+from .types.exceptions import (
+    ConcurrencyException,
+    IdempotencyAbortedError,
+    IdempotencyError,
+    IdempotencyKeyMismatchError,
+    IdempotencyRecordCorruptedError,
+    IdempotencyResultTooLargeError,
+    IdempotencyTokenError,
+    IdempotencyWaitTimeoutError,
+)
 
 __all__ = [
     "Agent",
     "ConcurrencyException",
     "ConcurrentInvocationMode",
+    "DynamoDBIdempotencyStore",
     "IdempotencyAbortedError",
+    "IdempotencyConfig",
+    "IdempotencyError",
+    "IdempotencyKeyMismatchError",
+    "IdempotencyRecordCorruptedError",
+    "IdempotencyResultTooLargeError",
     "IdempotencyTokenError",
+    "IdempotencyWaitTimeoutError",
+    "InMemoryIdempotencyStore",
+    "ReplayedAgentResult",
     "__version__",
 ]

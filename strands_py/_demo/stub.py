@@ -80,6 +80,7 @@ class ScriptedBedrock:
         answer: str = STUB_ANSWER,
         with_tool: bool = True,
         gate_timeout: float = 60.0,
+        entered: Any = None,
     ) -> None:
         """Create a script; ``model()`` builds a ``BedrockModel`` wired to it."""
         self.gate = gate
@@ -91,7 +92,8 @@ class ScriptedBedrock:
         self.tool_calls = 0
         self.model_calls_in_progress = 0
         self.tool_calls_in_progress = 0
-        self.entered = threading.Event()
+        # Any object with set()/is_set(): a multiprocessing.Event lets another process see the model call start.
+        self.entered = entered if entered is not None else threading.Event()
         self._mutex = threading.Lock()
 
     @property

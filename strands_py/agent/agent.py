@@ -11,6 +11,8 @@ from strands.agent.agent_result import AgentResult
 from strands.types.agent import ConcurrentInvocationMode
 from strands.types.exceptions import ConcurrencyException
 
+from ..idempotency._durable import durable_stream
+from ..idempotency.config import IdempotencyConfig
 from ._concurrency import _ConcurrencyController, _InflightInvocation
 
 logger = logging.getLogger(__name__)
@@ -35,21 +37,30 @@ class Agent(strands.Agent):
     the primary aborts its duplicates and leaves the agent usable.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Create an agent; takes exactly the arguments of ``strands.Agent``.
+    def __init__(self, *args: Any, idempotency: IdempotencyConfig | None = None, **kwargs: Any) -> None:
+        """Create an agent; takes the arguments of ``strands.Agent``, plus ``idempotency``.
 
         Args:
             *args: Positional arguments of ``strands.Agent``.
+            idempotency: Durable idempotency (replay after completion, deduplication across processes through a
+                shared store). None (the default): a token is forgotten when its invocation ends, as upstream.
             **kwargs: Keyword arguments of ``strands.Agent``.
 
         Raises:
             ValueError: ``concurrent_invocation_mode`` is not a ``ConcurrentInvocationMode``.
+            TypeError: ``idempotency`` is not an ``IdempotencyConfig``.
         """
         # Validated before upstream sees it, which would otherwise accept any value and treat it as "not THROW".
         gate = _ConcurrencyController(kwargs.get("concurrent_invocation_mode", ConcurrentInvocationMode.THROW))
+        if idempotency is not None and not isinstance(idempotency, IdempotencyConfig):
+            raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(idempotency).__name__}")
         super().__init__(*args, **kwargs)
         # Not `_concurrency`: strands-agents >= 1.45 keeps its own controller under that name.
         self._idempotency_gate = gate
+        self.idempotency = idempotency
+        self._idempotency_scope = (idempotency.scope if idempotency else None) or (
+            f"{self.name}/{self.agent_id}".replace("#", "_")
+        )
 
     async def stream_async(
         self,
@@ -72,7 +83,14 @@ class Agent(strands.Agent):
         Raises:
             ConcurrencyException: Another invocation (other token, or none) is in flight on this agent.
             IdempotencyAbortedError: Duplicate of a primary that ended without a result.
-            IdempotencyTokenError: The token could not be compared with the token in flight.
+            IdempotencyTokenError: The token could not be compared with the token in flight (or, with
+                ``idempotency=``, is not str, bytes or JSON-serializable).
+            IdempotencyKeyMismatchError: With ``idempotency=``: the token was used for a different request.
+            IdempotencyWaitTimeoutError: With ``idempotency=``: another process's invocation of the token did not
+                finish within ``wait_timeout_seconds``.
+            IdempotencyRecordCorruptedError: With ``idempotency=``: the token's stored record cannot be decoded.
+            IdempotencyResultTooLargeError: With ``idempotency=``: the token completed, but its result was too large
+                to store and replay.
             Exception: Whatever the primary raised (for a duplicate: the primary's exception object).
         """
         gate = self._idempotency_gate
@@ -100,9 +118,19 @@ class Agent(strands.Agent):
         token = begin.registered_token
         result: AgentResult | None = None
         error: BaseException | None = None
-        # The token is never passed on: strands-agents < 1.45 does not know it, newer ones would deduplicate twice.
-        # Annotated upstream as an AsyncIterator, but it is an async generator: we need its aclose().
-        events = cast(AsyncGenerator[Any, None], super().stream_async(prompt, **kwargs))
+        if self.idempotency is not None and idempotency_token is not None:
+            callback_handler = kwargs.get("callback_handler") or self.callback_handler
+            events = durable_stream(
+                self.idempotency,
+                self._idempotency_scope,
+                idempotency_token,
+                prompt,
+                kwargs,
+                callback_handler,
+                lambda: self._upstream_stream(prompt, kwargs),
+            )
+        else:
+            events = self._upstream_stream(prompt, kwargs)
         try:
             async for event in events:
                 candidate = event.get("result") if isinstance(event, dict) else None
@@ -124,6 +152,14 @@ class Agent(strands.Agent):
                     gate.complete(token, result=result, error=error)
                 else:
                     gate.release_lock()
+
+    def _upstream_stream(self, prompt: Any, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
+        """``strands.Agent.stream_async`` for this call; the token is never passed on.
+
+        strands-agents < 1.45 does not know ``idempotency_token``; newer ones would deduplicate a second time.
+        """
+        # Annotated upstream as an AsyncIterator, but it is an async generator: we need its aclose().
+        return cast(AsyncGenerator[Any, None], super().stream_async(prompt, **kwargs))
 
     async def _wait_for_primary(self, inflight: _InflightInvocation) -> None:
         """Wait, holding no thread, until the primary has settled.

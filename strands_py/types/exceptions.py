@@ -29,8 +29,77 @@ class IdempotencyTokenError(TypeError):
     """
 
 
+class IdempotencyError(Exception):
+    """Base class of the durable idempotency layer's errors (``Agent(idempotency=IdempotencyConfig(...))``)."""
+
+
+class IdempotencyKeyMismatchError(IdempotencyError):
+    """The token was already used for a different request (its fingerprint differs); nothing ran or replayed.
+
+    Attributes:
+        key: The record's key (scope and SHA-256 of the token; never the raw token).
+    """
+
+    def __init__(self, key: str) -> None:
+        """Create the error for ``key``."""
+        super().__init__(f"idempotency key {key} was used for a different request (payload fingerprint differs)")
+        self.key = key
+
+
+class IdempotencyWaitTimeoutError(IdempotencyError):
+    """A duplicate waited ``wait_timeout_seconds`` for another process's invocation of its token, in vain.
+
+    The other invocation may still complete; a later retry replays its result.
+
+    Attributes:
+        key: The record's key.
+    """
+
+    def __init__(self, key: str, waited: float) -> None:
+        """Create the error for ``key`` after ``waited`` seconds."""
+        super().__init__(f"gave up after {waited:.2f}s waiting for the invocation of idempotency key {key}")
+        self.key = key
+
+
+class IdempotencyRecordCorruptedError(IdempotencyError):
+    """A stored record could not be decoded.
+
+    Attributes:
+        key: The record's key.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        """Create the error for ``key``."""
+        super().__init__(f"idempotency record {key} could not be decoded: {reason}")
+        self.key = key
+
+
+class IdempotencyResultTooLargeError(IdempotencyError):
+    """The invocation completed, but its result was too large for the store, so it cannot be replayed.
+
+    The primary's own caller got its result; the record remembers only that the invocation completed, so that a
+    retry does not run the agent (and its tools) a second time.
+
+    Attributes:
+        key: The record's key.
+    """
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        """Create the error for ``key``."""
+        super().__init__(
+            f"idempotency key {key} completed, but its result ({size} bytes compressed) exceeded the store's "
+            f"limit of {limit} bytes and cannot be replayed"
+        )
+        self.key = key
+
+
 __all__ = [
     "ConcurrencyException",
     "IdempotencyAbortedError",
+    "IdempotencyError",
+    "IdempotencyKeyMismatchError",
+    "IdempotencyRecordCorruptedError",
+    "IdempotencyResultTooLargeError",
     "IdempotencyTokenError",
+    "IdempotencyWaitTimeoutError",
 ]

@@ -1,0 +1,37 @@
+"""Durable idempotency: replay completed results within a window, and deduplicate across processes and hosts.
+
+```python
+from strands_py import Agent
+from strands_py.idempotency import IdempotencyConfig, DynamoDBIdempotencyStore
+
+agent = Agent(model=model, idempotency=IdempotencyConfig(store=DynamoDBIdempotencyStore("agent-idempotency")))
+```
+"""
+
+from ..types.exceptions import (
+    IdempotencyError,
+    IdempotencyKeyMismatchError,
+    IdempotencyRecordCorruptedError,
+    IdempotencyResultTooLargeError,
+    IdempotencyWaitTimeoutError,
+)
+from .base import IdempotencyStore
+from .config import IdempotencyConfig
+from .dynamodb import DynamoDBIdempotencyStore
+from .memory import InMemoryIdempotencyStore
+from .record import IdempotencyRecord, RecordState, ReplayedAgentResult
+
+__all__ = [
+    "DynamoDBIdempotencyStore",
+    "IdempotencyConfig",
+    "IdempotencyError",
+    "IdempotencyKeyMismatchError",
+    "IdempotencyRecord",
+    "IdempotencyRecordCorruptedError",
+    "IdempotencyResultTooLargeError",
+    "IdempotencyStore",
+    "IdempotencyWaitTimeoutError",
+    "InMemoryIdempotencyStore",
+    "RecordState",
+    "ReplayedAgentResult",
+]

@@ -1,0 +1,167 @@
+"""The durable pass of an in-process primary: claim, or wait for another process and replay, then complete."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from strands.agent.agent_result import AgentResult
+
+from ..types.exceptions import IdempotencyKeyMismatchError, IdempotencyWaitTimeoutError
+from .config import IdempotencyConfig
+from .record import (
+    IdempotencyRecord,
+    RecordState,
+    decode_result,
+    encode_result,
+    make_key,
+    request_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+# Polling another process's invocation: capped exponential backoff with jitter, never a parked thread.
+_POLL_FIRST_SECONDS = 0.05
+_POLL_MAX_SECONDS = 1.0
+
+
+def _answer_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call options that change the answer, for the request fingerprint."""
+    return {
+        "structured_output_model": kwargs.get("structured_output_model"),
+        "structured_output_prompt": kwargs.get("structured_output_prompt"),
+    }
+
+
+async def durable_stream(
+    config: IdempotencyConfig,
+    scope: str,
+    token: Any,
+    prompt: Any,
+    kwargs: dict[str, Any],
+    callback_handler: Callable[..., Any],
+    run_primary: Callable[[], AsyncGenerator[Any, None]],
+) -> AsyncGenerator[Any, None]:
+    """Run ``run_primary`` at most once per token and window, across every process sharing ``config.store``.
+
+    Yields the primary's events, or for a replay one ``{"result": ReplayedAgentResult}`` event (after firing
+    ``callback_handler(result=...)`` once).
+
+    Raises:
+        IdempotencyKeyMismatchError: The token's record has a different request fingerprint.
+        IdempotencyWaitTimeoutError: Another process's invocation did not finish within ``wait_timeout_seconds``.
+        IdempotencyRecordCorruptedError: The completed record cannot be decoded.
+        IdempotencyResultTooLargeError: The completed result was too large to store.
+    """
+    key = make_key(scope, token)
+    fingerprint = request_fingerprint(prompt, _answer_options(kwargs)) if config.validate_payload else None
+    owner = uuid.uuid4().hex
+    completed = await _claim_or_wait(config, key, owner, fingerprint)
+
+    if completed is not None:
+        result = decode_result(completed, kwargs.get("structured_output_model"))
+        logger.debug("key=<%s> | completed within the window, replaying stored result", key)
+        callback_handler(result=result)
+        yield {"result": result}
+        return
+
+    result_seen: AgentResult | None = None
+    events = run_primary()
+    try:
+        async for event in events:
+            candidate = event.get("result") if isinstance(event, dict) else None
+            if isinstance(candidate, AgentResult):
+                result_seen = candidate
+            yield event
+    finally:
+        await events.aclose()
+        if result_seen is not None:
+            await _complete(config, key, owner, fingerprint, result_seen)
+        else:
+            # Failed or aborted: failures are not stored, so the next retry runs.
+            await _release(config, key, owner)
+
+
+async def _claim_or_wait(
+    config: IdempotencyConfig, key: str, owner: str, fingerprint: str | None
+) -> IdempotencyRecord | None:
+    """Claim the key (returns None) or return its completed record, waiting while another process runs it."""
+    store = config.store
+    started = time.monotonic()
+    delay = _POLL_FIRST_SECONDS
+    while True:
+        now = time.time()
+        claim = IdempotencyRecord(
+            key=key,
+            state=RecordState.IN_PROGRESS,
+            owner=owner,
+            lease_expires_at=now + config.lease_seconds,
+            expires_at=now + config.lease_seconds + config.expires_after_seconds,
+            fingerprint=fingerprint,
+        )
+        existing = await store.claim(claim, now)
+        if existing is None:
+            logger.debug("key=<%s> | claimed", key)
+            return None
+        logger.debug("key=<%s>, state=<%s> | token already claimed", key, existing.state.value)
+        while True:
+            if fingerprint is not None and existing.fingerprint is not None and existing.fingerprint != fingerprint:
+                raise IdempotencyKeyMismatchError(key)
+            if existing.state is RecordState.COMPLETED:
+                return existing
+            waited = time.monotonic() - started
+            timeout = config.wait_timeout_seconds
+            if timeout is not None and waited >= timeout:
+                raise IdempotencyWaitTimeoutError(key, waited)
+            pause = random.uniform(delay / 2, delay)
+            if timeout is not None:
+                pause = min(pause, timeout - waited)
+            # Wake up when the lease lapses, not a whole backoff step later.
+            pause = max(0.0, min(pause, existing.lease_expires_at - time.time() + 0.01))
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, _POLL_MAX_SECONDS)
+            current = await store.get(key)
+            if current is None or not current.is_live(time.time()):
+                # Completed-and-expired, released after a failure, or the owner's lease lapsed: claim it ourselves.
+                if current is not None and current.state is RecordState.IN_PROGRESS:
+                    logger.debug("key=<%s> | lease of the previous owner lapsed, taking over", key)
+                break
+            existing = current
+
+
+async def _complete(
+    config: IdempotencyConfig, key: str, owner: str, fingerprint: str | None, result: AgentResult
+) -> None:
+    """Store the result for replay. Never raises: the primary's caller gets its result whatever happens here."""
+    try:
+        now = time.time()
+        payload = encode_result(result, config.store.max_result_bytes)
+        record = IdempotencyRecord(
+            key=key,
+            state=RecordState.COMPLETED,
+            owner=owner,
+            lease_expires_at=now,
+            expires_at=now + config.expires_after_seconds,
+            fingerprint=fingerprint,
+            payload=payload,
+        )
+        if not await config.store.complete(record):
+            logger.warning("key=<%s> | claim was taken over by another owner, result not stored", key)
+    except Exception:
+        # The claim stays until its lease lapses; a retry after that runs again. Better than failing the caller.
+        logger.exception("key=<%s> | could not store the result; releasing the claim", key)
+        await _release(config, key, owner)
+
+
+async def _release(config: IdempotencyConfig, key: str, owner: str) -> None:
+    """Delete our claim so that a retry runs. Never raises (a lapsed lease frees it anyway)."""
+    try:
+        if not await config.store.release(key, owner):
+            logger.warning("key=<%s> | claim was taken over by another owner before release", key)
+    except Exception:
+        logger.exception("key=<%s> | could not release the claim; it frees itself when its lease lapses", key)

@@ -1,0 +1,234 @@
+"""``DynamoDBIdempotencyStore``: records in a DynamoDB table, shared by every process and host."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from ..types.exceptions import IdempotencyRecordCorruptedError
+from .base import IdempotencyStore
+from .record import IdempotencyRecord, RecordState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# DynamoDB's item limit is 400 KB including attribute names and the other attributes; keep a margin.
+_MAX_RESULT_BYTES = 350_000
+_LIVE_OR_ABSENT = "attribute_not_exists(#id) OR #expiration <= :now OR (#status = :in_progress AND #lease <= :now)"
+_OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
+
+
+class DynamoDBIdempotencyStore(IdempotencyStore):
+    """Idempotency records in a DynamoDB table, so retries are deduplicated across processes and hosts.
+
+    The table needs a string partition key ``id`` and, to have expired records deleted, DynamoDB TTL on the
+    ``expiration`` attribute (expiry is also checked on every read: TTL deletion lags by up to days). Claims are one
+    conditional ``PutItem``; completes (``PutItem``) and releases (``DeleteItem``) are conditional on the owner, so
+    a primary whose lease was taken over cannot overwrite or delete the new owner's record. Throttling and
+    transient errors are retried by botocore (``standard`` retry mode) unless you pass your own client or config.
+
+    IAM actions needed on the table: ``dynamodb:PutItem``, ``dynamodb:GetItem``, ``dynamodb:DeleteItem``
+    (and ``dynamodb:CreateTable``, ``dynamodb:DescribeTable``, ``dynamodb:UpdateTimeToLive`` for ``create_table``).
+
+    Thread-safety: safe from any thread and event loop. All boto3 calls run on a small executor owned by the store,
+    never on the event loop's default executor. Call ``close()`` (or use the store as a context manager) to stop
+    its threads.
+    """
+
+    def __init__(
+        self,
+        table_name: str,
+        *,
+        client: Any = None,
+        boto3_session: boto3.Session | None = None,
+        region_name: str | None = None,
+        endpoint_url: str | None = None,
+        boto_config: Config | None = None,
+        max_workers: int = 4,
+    ) -> None:
+        """Create a store over an existing table (see ``create_table`` for local development).
+
+        Args:
+            table_name: The table's name.
+            client: A ready ``dynamodb`` boto3 client; the other connection arguments are then ignored.
+            boto3_session: Session to create the client from (default: a new ``boto3.Session()``).
+            region_name: Region of the table.
+            endpoint_url: Endpoint override (DynamoDB Local, moto server).
+            boto_config: botocore ``Config``; default: standard retry mode, 5 attempts, short timeouts.
+            max_workers: Threads of the store's own executor.
+
+        Raises:
+            ValueError: ``table_name`` is empty or ``max_workers`` is not positive.
+        """
+        if not table_name:
+            raise ValueError("table_name must not be empty")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        self.table_name = table_name
+        self.max_result_bytes = _MAX_RESULT_BYTES
+        if client is None:
+            config = boto_config or Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=5,
+                read_timeout=10,
+                max_pool_connections=max_workers,
+            )
+            session = boto3_session or boto3.Session()
+            client = session.client("dynamodb", region_name=region_name, endpoint_url=endpoint_url, config=config)
+        self._client = client
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency")
+
+    def close(self) -> None:
+        """Stop the store's executor threads (waiting for calls in progress)."""
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> DynamoDBIdempotencyStore:
+        """Use the store as a context manager; ``close()`` on exit."""
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Close the store."""
+        self.close()
+
+    async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, **kwargs))
+
+    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.claim``."""
+        try:
+            await self._call(
+                self._client.put_item,
+                TableName=self.table_name,
+                Item=_to_item(record),
+                ConditionExpression=_LIVE_OR_ABSENT,
+                ExpressionAttributeNames={
+                    "#id": "id",
+                    "#expiration": "expiration",
+                    "#status": "status",
+                    "#lease": "lease",
+                },
+                ExpressionAttributeValues={":now": _n(now), ":in_progress": {"S": RecordState.IN_PROGRESS.value}},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+            return None
+        except ClientError as e:
+            if not _is_condition_failure(e):
+                raise
+            old = e.response.get("Item")
+        if old is not None:
+            return _from_item(old)
+        # Some DynamoDB-compatible servers do not return the old item: read it.
+        existing = await self.get(record.key)
+        if existing is None or not existing.is_live(now):
+            # Removed or expired between our write and our read: try again from the top.
+            return await self.claim(record, now)
+        return existing
+
+    async def get(self, key: str) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.get``; a strongly consistent read."""
+        response = await self._call(
+            self._client.get_item, TableName=self.table_name, Key={"id": {"S": key}}, ConsistentRead=True
+        )
+        item = response.get("Item")
+        return None if item is None else _from_item(item)
+
+    async def complete(self, record: IdempotencyRecord) -> bool:
+        """See ``IdempotencyStore.complete``."""
+        return await self._fenced(
+            self._client.put_item,
+            TableName=self.table_name,
+            Item=_to_item(record),
+            ConditionExpression=_OWNED_IN_PROGRESS,
+            ExpressionAttributeNames={"#owner": "owner", "#status": "status"},
+            ExpressionAttributeValues={":owner": {"S": record.owner}, ":in_progress": {"S": "IN_PROGRESS"}},
+        )
+
+    async def release(self, key: str, owner: str) -> bool:
+        """See ``IdempotencyStore.release``."""
+        return await self._fenced(
+            self._client.delete_item,
+            TableName=self.table_name,
+            Key={"id": {"S": key}},
+            ConditionExpression=_OWNED_IN_PROGRESS,
+            ExpressionAttributeNames={"#owner": "owner", "#status": "status"},
+            ExpressionAttributeValues={":owner": {"S": owner}, ":in_progress": {"S": "IN_PROGRESS"}},
+        )
+
+    async def _fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
+        try:
+            await self._call(fn, **kwargs)
+            return True
+        except ClientError as e:
+            if _is_condition_failure(e):
+                return False
+            raise
+
+    def create_table(self) -> None:
+        """Create the table (on-demand capacity) with TTL on ``expiration``, if it does not exist. Blocking.
+
+        Meant for local development and tests; production tables belong in infrastructure code (see README).
+        """
+        try:
+            self._client.create_table(
+                TableName=self.table_name,
+                AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "ResourceInUseException":
+                raise
+            logger.debug("table=<%s> | table exists already", self.table_name)
+        self._client.get_waiter("table_exists").wait(TableName=self.table_name)
+        self._client.update_time_to_live(
+            TableName=self.table_name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expiration"}
+        )
+
+
+def _is_condition_failure(error: ClientError) -> bool:
+    return bool(error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
+
+
+def _n(value: float) -> dict[str, str]:
+    return {"N": repr(round(value, 6))}
+
+
+def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": {"S": record.key},
+        "status": {"S": record.state.value},
+        "owner": {"S": record.owner},
+        "lease": _n(record.lease_expires_at),
+        # DynamoDB TTL wants whole seconds since the epoch.
+        "expiration": {"N": str(int(record.expires_at) + 1)},
+    }
+    if record.fingerprint is not None:
+        item["fingerprint"] = {"S": record.fingerprint}
+    if record.payload is not None:
+        item["payload"] = {"B": record.payload}
+    return item
+
+
+def _from_item(item: dict[str, Any]) -> IdempotencyRecord:
+    key = item.get("id", {}).get("S", "<no id>")
+    try:
+        return IdempotencyRecord(
+            key=key,
+            state=RecordState(item["status"]["S"]),
+            owner=item["owner"]["S"],
+            lease_expires_at=float(item["lease"]["N"]),
+            expires_at=float(item["expiration"]["N"]),
+            fingerprint=item["fingerprint"]["S"] if "fingerprint" in item else None,
+            payload=bytes(item["payload"]["B"]) if "payload" in item else None,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise IdempotencyRecordCorruptedError(key, f"malformed item: {type(e).__name__}: {e}") from e

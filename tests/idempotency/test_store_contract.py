@@ -1,0 +1,129 @@
+"""The storage contract, run against InMemoryIdempotencyStore and DynamoDBIdempotencyStore (moto)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from strands_py.idempotency import IdempotencyRecord, IdempotencyStore, InMemoryIdempotencyStore, RecordState
+
+WAIT = 10.0
+
+
+def _claim(key: str, owner: str, *, now: float, lease: float = 60.0, ttl: float = 3600.0, fp: str = "fp") -> Any:
+    return IdempotencyRecord(key, RecordState.IN_PROGRESS, owner, now + lease, now + lease + ttl, fp)
+
+
+def _completed(key: str, owner: str, *, now: float, ttl: float = 3600.0, payload: bytes = b"z") -> Any:
+    return IdempotencyRecord(key, RecordState.COMPLETED, owner, now, now + ttl, "fp", payload)
+
+
+async def test_first_claim_wins_and_others_see_it(store: IdempotencyStore) -> None:
+    now = time.time()
+    assert await store.claim(_claim("s#k", "a", now=now), now) is None
+    existing = await store.claim(_claim("s#k", "b", now=now), now)
+    assert existing is not None and existing.owner == "a" and existing.state is RecordState.IN_PROGRESS
+    assert existing.fingerprint == "fp"
+    got = await store.get("s#k")
+    assert got is not None and got.owner == "a"
+    assert await store.get("s#missing") is None
+
+
+def test_claim_race_sixteen_threads_one_owner(store: IdempotencyStore) -> None:
+    start = threading.Barrier(16)
+    winners: list[str] = []
+    mutex = threading.Lock()
+
+    def contender(owner: str) -> None:
+        start.wait(WAIT)
+        now = time.time()
+        if asyncio.run(store.claim(_claim("s#race", owner, now=now), now)) is None:
+            with mutex:
+                winners.append(owner)
+
+    threads = [threading.Thread(target=contender, args=(f"owner-{i}",)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert len(winners) == 1
+
+
+async def test_complete_and_release_are_fenced_on_the_owner(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now=now), now)
+    assert await store.complete(_completed("s#k", "intruder", now=now)) is False
+    assert await store.release("s#k", "intruder") is False
+    got = await store.get("s#k")
+    assert got is not None and got.owner == "a" and got.state is RecordState.IN_PROGRESS
+    assert await store.complete(_completed("s#k", "a", now=now, payload=b"zdata")) is True
+    done = await store.get("s#k")
+    assert done is not None and done.state is RecordState.COMPLETED and done.payload == b"zdata"
+    # a completed record is no longer releasable, not even by its owner
+    assert await store.release("s#k", "a") is False
+    assert await store.complete(_completed("s#k", "a", now=now)) is False
+
+
+async def test_release_lets_the_next_claim_run(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now=now), now)
+    assert await store.release("s#k", "a") is True
+    assert await store.get("s#k") is None
+    assert await store.claim(_claim("s#k", "b", now=now), now) is None
+
+
+async def test_lease_takeover_fences_the_old_owner(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "crashed", now=now - 10, lease=5), now - 10)
+    # the lease lapsed 5 s ago: the claim is not live any more and is taken over
+    assert await store.claim(_claim("s#k", "new", now=now), now) is None
+    assert await store.complete(_completed("s#k", "crashed", now=now)) is False
+    assert await store.release("s#k", "crashed") is False
+    got = await store.get("s#k")
+    assert got is not None and got.owner == "new"
+
+
+async def test_expired_completed_record_is_replaced(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now=now - 100), now - 100)
+    await store.complete(_completed("s#k", "a", now=now - 100, ttl=10))
+    assert await store.claim(_claim("s#k", "b", now=now), now) is None
+
+
+async def test_live_completed_record_blocks_claims(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now=now), now)
+    await store.complete(_completed("s#k", "a", now=now))
+    existing = await store.claim(_claim("s#k", "b", now=now), now)
+    assert existing is not None and existing.state is RecordState.COMPLETED
+
+
+async def test_keys_of_different_scopes_are_independent(store: IdempotencyStore) -> None:
+    now = time.time()
+    assert await store.claim(_claim("tenant-a#same-hash", "a", now=now), now) is None
+    assert await store.claim(_claim("tenant-b#same-hash", "b", now=now), now) is None
+    got_a, got_b = await store.get("tenant-a#same-hash"), await store.get("tenant-b#same-hash")
+    assert got_a is not None and got_b is not None and (got_a.owner, got_b.owner) == ("a", "b")
+
+
+class _UnfencedStore(InMemoryIdempotencyStore):
+    """Negative control: completes and releases without checking the owner."""
+
+    async def complete(self, record: IdempotencyRecord) -> bool:
+        with self._mutex:
+            self._records[record.key] = record
+        return True
+
+    async def release(self, key: str, owner: str) -> bool:
+        with self._mutex:
+            self._records.pop(key, None)
+        return True
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_unfenced_store_lets_a_taken_over_primary_overwrite() -> None:
+    await test_lease_takeover_fences_the_old_owner(_UnfencedStore())
