@@ -17,6 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from types import TracebackType
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from strands.types.agent import ConcurrentInvocationMode
@@ -37,6 +38,16 @@ def _wake_waiters(waiters: list[asyncio.Future[None]]) -> None:
             waiter.set_result(None)
 
 
+def _hop_to_loops(waiters_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]]) -> None:
+    """Wake each loop's waiters with one cross-thread hop per loop."""
+    for loop, waiters in waiters_by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_wake_waiters, waiters)
+        except RuntimeError:
+            # The waiters' loop was closed before the primary settled: its waiters went with it.
+            logger.debug("waiters=<%d> | event loop closed before settle, nothing to wake", len(waiters))
+
+
 class _InflightInvocation:
     """One invocation's outcome, broadcast to every duplicate waiting for it.
 
@@ -50,12 +61,32 @@ class _InflightInvocation:
 
     Cancellation: each waiter owns its future, so cancelling one waiting duplicate cancels only that future; the
     shared outcome and the other waiters are untouched.
+
+    Streaming: the primary ``append_event``s what it yields into an append-only buffer of at most
+    ``max_buffered_events`` events; ``stream_events()`` replays the buffer to a duplicate and then follows it live.
+    The primary never waits for a reader: it hops to a loop only when a reader there has caught up and parked.
     """
 
-    __slots__ = ("result", "error", "_error_traceback", "_mutex", "_settled", "_waiters_by_loop", "_waiter_count")
+    __slots__ = (
+        "result",
+        "error",
+        "_error_traceback",
+        "_mutex",
+        "_settled",
+        "_waiters_by_loop",
+        "_waiter_count",
+        "_events",
+        "_events_capped",
+        "_max_buffered_events",
+        "_readers_by_loop",
+    )
 
-    def __init__(self) -> None:
-        """Create an unsettled invocation with no waiters."""
+    def __init__(self, max_buffered_events: int = 0) -> None:
+        """Create an unsettled invocation with no waiters.
+
+        Args:
+            max_buffered_events: How many of the primary's events are kept for streaming duplicates (0: none).
+        """
         self.result: AgentResult | None = None
         self.error: BaseException | None = None
         self._error_traceback: TracebackType | None = None
@@ -63,6 +94,11 @@ class _InflightInvocation:
         self._settled = False
         self._waiters_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         self._waiter_count = 0
+        self._events: list[Any] = []
+        self._events_capped = max_buffered_events <= 0
+        self._max_buffered_events = max_buffered_events
+        # Readers that have caught up with the buffer, parked until the next event or the outcome.
+        self._readers_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
 
     @property
     def settled(self) -> bool:
@@ -71,7 +107,7 @@ class _InflightInvocation:
 
     @property
     def waiter_count(self) -> int:
-        """How many waiters registered before the outcome was published (cancelled ones included)."""
+        """How many duplicates started waiting or reading before the outcome was published (cancelled included)."""
         return self._waiter_count
 
     def register_waiter(self) -> asyncio.Future[None]:
@@ -97,6 +133,56 @@ class _InflightInvocation:
         waiter.set_result(None)
         return waiter
 
+    def append_event(self, event: Any) -> None:
+        """Buffer one of the primary's events for streaming duplicates, and wake the readers that caught up.
+
+        Dropped once the invocation settled or the buffer is full (readers then get the outcome only). Never blocks.
+        """
+        with self._mutex:
+            if self._settled or self._events_capped:
+                return
+            if len(self._events) >= self._max_buffered_events:
+                self._events_capped = True
+                return
+            self._events.append(event)
+            if not self._readers_by_loop:
+                return
+            readers_by_loop, self._readers_by_loop = self._readers_by_loop, {}
+        _hop_to_loops(readers_by_loop)
+
+    async def stream_events(self) -> AsyncIterator[Any]:
+        """Yield the primary's buffered events, then its live ones, until it settles; then take ``outcome()``.
+
+        A reader that starts after the buffer filled up gets no events (only the outcome); one that started before
+        gets the events up to the cap. Must be iterated from a coroutine.
+
+        Cancellation: cancelling the reader cancels only its own future. Thread-safety: any thread and loop.
+        """
+        with self._mutex:
+            self._waiter_count += 1
+            position: int | None = None if self._events_capped else 0  # joined after the cap: outcome only
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._mutex:
+                fresh = self._events[position:] if position is not None else []
+                done = self._settled
+                parked: asyncio.Future[None] | None = None
+                if not fresh and not done:
+                    parked = loop.create_future()
+                    readers = self._readers_by_loop.get(loop)
+                    if readers is None:
+                        readers = self._readers_by_loop[loop] = []
+                    readers.append(parked)
+            if fresh:
+                assert position is not None
+                position += len(fresh)
+                for event in fresh:
+                    yield event
+            elif done:
+                return
+            elif parked is not None:
+                await parked
+
     def settle(self, result: AgentResult | None, error: BaseException | None) -> bool:
         """Publish the outcome and wake every waiter. First call wins; later calls change nothing.
 
@@ -121,12 +207,10 @@ class _InflightInvocation:
             self._error_traceback = error.__traceback__ if error is not None else None
             self._settled = True
             waiters_by_loop, self._waiters_by_loop = self._waiters_by_loop, {}
-        for loop, waiters in waiters_by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_wake_waiters, waiters)
-            except RuntimeError:
-                # The waiters' loop was closed before the primary settled: its waiters went with it.
-                logger.debug("waiters=<%d> | event loop closed before settle, nothing to wake", len(waiters))
+            readers_by_loop, self._readers_by_loop = self._readers_by_loop, {}
+        for loop, readers in readers_by_loop.items():
+            waiters_by_loop.setdefault(loop, []).extend(readers)
+        _hop_to_loops(waiters_by_loop)
         return True
 
     def outcome(self) -> AgentResult:
@@ -187,15 +271,21 @@ class _ConcurrencyController:
     In UNSAFE_REENTRANT mode there is no lock and tokens are ignored: every call is a primary.
     """
 
-    def __init__(self, mode: ConcurrentInvocationMode | str = ConcurrentInvocationMode.THROW) -> None:
+    def __init__(
+        self, mode: ConcurrentInvocationMode | str = ConcurrentInvocationMode.THROW, max_buffered_events: int = 0
+    ) -> None:
         """Create a controller.
 
         Args:
             mode: ``ConcurrentInvocationMode`` (or its string value).
+            max_buffered_events: Events of each primary kept for streaming duplicates (0: none).
 
         Raises:
-            ValueError: ``mode`` is not a ``ConcurrentInvocationMode``.
+            ValueError: ``mode`` is not a ``ConcurrentInvocationMode``, or ``max_buffered_events`` is negative.
         """
+        if max_buffered_events < 0:
+            raise ValueError(f"max_buffered_events must not be negative, got {max_buffered_events}")
+        self._max_buffered_events = max_buffered_events
         self._mode = ConcurrentInvocationMode(mode)
         self._mutex = threading.Lock()
         self._busy = False
@@ -249,7 +339,7 @@ class _ConcurrencyController:
         self._busy = True
         if idempotency_token is not None:
             self._inflight_token = idempotency_token
-            self._inflight = _InflightInvocation()
+            self._inflight = _InflightInvocation(self._max_buffered_events)
         return _BeginResult(waiting_on=None, registered_token=idempotency_token, lock_acquired=True)
 
     def publish(self, registered_token: Any, result: AgentResult) -> None:

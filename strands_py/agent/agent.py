@@ -17,6 +17,9 @@ from ._concurrency import _ConcurrencyController, _InflightInvocation
 
 logger = logging.getLogger(__name__)
 
+# Events kept per invocation for streaming duplicates: a long streamed answer is a few thousand events.
+DEFAULT_MAX_BUFFERED_EVENTS = 10_000
+
 
 class Agent(strands.Agent):
     """A drop-in ``strands.Agent`` whose invocations are idempotent per ``idempotency_token``.
@@ -37,21 +40,33 @@ class Agent(strands.Agent):
     the primary aborts its duplicates and leaves the agent usable.
     """
 
-    def __init__(self, *args: Any, idempotency: IdempotencyConfig | None = None, **kwargs: Any) -> None:
-        """Create an agent; takes the arguments of ``strands.Agent``, plus ``idempotency``.
+    def __init__(
+        self,
+        *args: Any,
+        idempotency: IdempotencyConfig | None = None,
+        max_buffered_events: int = DEFAULT_MAX_BUFFERED_EVENTS,
+        **kwargs: Any,
+    ) -> None:
+        """Create an agent; takes the arguments of ``strands.Agent``, plus ``idempotency`` and ``max_buffered_events``.
 
         Args:
             *args: Positional arguments of ``strands.Agent``.
             idempotency: Durable idempotency (replay after completion, deduplication across processes through a
                 shared store). None (the default): a token is forgotten when its invocation ends, as upstream.
+            max_buffered_events: How many events of an invocation with a token are kept for duplicates that call
+                ``stream_async``; a streaming duplicate gets the first ``max_buffered_events`` events and the result
+                (one that joins after the cap was passed gets the result only). 0: duplicates never stream events.
             **kwargs: Keyword arguments of ``strands.Agent``.
 
         Raises:
-            ValueError: ``concurrent_invocation_mode`` is not a ``ConcurrentInvocationMode``.
+            ValueError: ``concurrent_invocation_mode`` is not a ``ConcurrentInvocationMode``, or
+                ``max_buffered_events`` is negative.
             TypeError: ``idempotency`` is not an ``IdempotencyConfig``.
         """
         # Validated before upstream sees it, which would otherwise accept any value and treat it as "not THROW".
-        gate = _ConcurrencyController(kwargs.get("concurrent_invocation_mode", ConcurrentInvocationMode.THROW))
+        gate = _ConcurrencyController(
+            kwargs.get("concurrent_invocation_mode", ConcurrentInvocationMode.THROW), max_buffered_events
+        )
         if idempotency is not None and not isinstance(idempotency, IdempotencyConfig):
             raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(idempotency).__name__}")
         super().__init__(*args, **kwargs)
@@ -78,7 +93,9 @@ class Agent(strands.Agent):
                 ``structured_output_model``, ``callback_handler``, ...), passed through unchanged.
 
         Yields:
-            The primary's events, ending with ``{"result": AgentResult}``; for a duplicate, only that last event.
+            The primary's events, ending with ``{"result": AgentResult}``. A duplicate yields the primary's events
+            from its beginning (replayed from the buffer, then live), up to ``max_buffered_events``, and then the
+            same result event.
 
         Raises:
             ConcurrencyException: Another invocation (other token, or none) is in flight on this agent.
@@ -93,6 +110,32 @@ class Agent(strands.Agent):
                 to store and replay.
             Exception: Whatever the primary raised (for a duplicate: the primary's exception object).
         """
+        async for event in self._gate(prompt, idempotency_token, kwargs, stream_duplicate=True):
+            yield event
+
+    async def invoke_async(self, prompt: Any = None, *, idempotency_token: Any = None, **kwargs: Any) -> AgentResult:
+        """Run the agent and return its result; a duplicate of the in-flight token returns the primary's result.
+
+        Same gate as ``stream_async`` (see there for every outcome), but a duplicate does not read the primary's
+        events: it only waits for the result.
+
+        Args:
+            prompt: As for ``strands.Agent.invoke_async``.
+            idempotency_token: Deduplication token, matched by ``==``.
+            **kwargs: Every other keyword of ``strands.Agent.invoke_async``, passed through unchanged.
+
+        Returns:
+            The primary's ``AgentResult`` (a ``ReplayedAgentResult`` when replayed from the durable store).
+        """
+        event: Any = None
+        async for event in self._gate(prompt, idempotency_token, kwargs, stream_duplicate=False):
+            pass
+        return cast(AgentResult, event["result"])
+
+    async def _gate(
+        self, prompt: Any, idempotency_token: Any, kwargs: dict[str, Any], *, stream_duplicate: bool
+    ) -> AsyncGenerator[Any, None]:
+        """The one gate every invocation passes; see ``stream_async``."""
         gate = self._idempotency_gate
         begin = gate.begin(idempotency_token)
 
@@ -103,7 +146,11 @@ class Agent(strands.Agent):
                 idempotency_token,
                 inflight.waiter_count + 1,
             )
-            await self._wait_for_primary(inflight)
+            if stream_duplicate:
+                async for event in inflight.stream_events():
+                    yield event
+            else:
+                await self._wait_for_primary(inflight)
             shared = inflight.outcome()
             callback_handler = kwargs.get("callback_handler") or self.callback_handler
             callback_handler(result=shared)
@@ -116,6 +163,7 @@ class Agent(strands.Agent):
             )
 
         token = begin.registered_token
+        buffer = gate.inflight if token is not None else None
         result: AgentResult | None = None
         error: BaseException | None = None
         if self.idempotency is not None and idempotency_token is not None:
@@ -138,6 +186,8 @@ class Agent(strands.Agent):
                     result = candidate
                     if token is not None:
                         gate.publish(token, result)
+                elif buffer is not None:
+                    buffer.append_event(event)
                 yield event
         except Exception as e:
             error = e

@@ -77,7 +77,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         self.max_result_bytes = _MAX_RESULT_BYTES
         if client is None:
             config = boto_config or Config(
-                retries={"mode": "standard", "max_attempts": 5},
+                retries={"mode": "standard", "total_max_attempts": 5},
                 connect_timeout=5,
                 read_timeout=10,
                 max_pool_connections=max_workers,

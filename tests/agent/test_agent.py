@@ -80,20 +80,93 @@ async def test_duplicates_get_the_primarys_result_and_their_callback_fires_once(
     assert agent_handler.call_count > primary_handler_calls
 
 
-async def test_stream_async_duplicate_yields_only_the_result_event() -> None:
+async def _collect(agent: Agent, token: Any = "t") -> list[Any]:
+    return [event async for event in agent.stream_async("weather?", idempotency_token=token)]
+
+
+async def test_streaming_duplicates_get_every_event_of_the_primary() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = asyncio.create_task(_collect(agent))
+    await _until(script.entered.is_set, WAIT, "the primary's model call")
+    early = asyncio.create_task(_collect(agent))  # joins before the primary's model answered
+    await _waiters(agent, 1)
+    gate.set()
+    primary_events = await asyncio.wait_for(primary, WAIT)
+    early_events = await asyncio.wait_for(early, WAIT)
+    assert len(primary_events) > 5 and "result" in primary_events[-1]
+    assert early_events == primary_events
+    assert script.model_calls == 2
+
+
+async def test_streaming_duplicate_joining_midway_gets_the_replayed_beginning() -> None:
+    script = ScriptedBedrock()
+    agent = _agent(script)
+    stream = agent.stream_async("weather?", idempotency_token="t")
+    seen = [await asyncio.wait_for(stream.__anext__(), WAIT) for _ in range(4)]
+    late = asyncio.create_task(_collect(agent))
+    await _waiters(agent, 1)
+    seen += [event async for event in stream]
+    assert await asyncio.wait_for(late, WAIT) == seen
+
+
+async def test_invoke_async_duplicates_do_not_read_events_and_callback_fires_once() -> None:
     gate, script = _gated()
     agent = _agent(script)
     primary = await _primary_in_flight(agent, script)
+    handler = mock.Mock()
+    streaming = asyncio.create_task(_collect(agent))
+    await _waiters(agent, 1)
+    handler_dup = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t", callback_handler=handler))
+    await _waiters(agent, 2)
+    gate.set()
+    result = await asyncio.wait_for(primary, WAIT)
+    assert await asyncio.wait_for(handler_dup, WAIT) is result
+    handler.assert_called_once_with(result=result)
+    assert (await asyncio.wait_for(streaming, WAIT))[-1] == {"result": result}
 
-    async def collect() -> list[Any]:
-        return [event async for event in agent.stream_async("weather?", idempotency_token="t")]
 
-    dup = asyncio.create_task(collect())
+async def test_event_buffer_cap_bounds_what_streaming_duplicates_get() -> None:
+    gate, script = _gated()
+    agent = Agent(model=script.model(), tools=script.tools(), callback_handler=None, max_buffered_events=3)
+    primary = asyncio.create_task(_collect(agent))
+    await _until(script.entered.is_set, WAIT, "the primary's model call")
+    before_cap = asyncio.create_task(_collect(agent))
+    await _waiters(agent, 1)
+    inflight = agent._idempotency_gate.inflight
+    assert inflight is not None
+    gate.set()
+    await _until(lambda: inflight._events_capped, WAIT, "the buffer to fill")
+    after_cap = asyncio.create_task(_collect(agent))
+    primary_events = await asyncio.wait_for(primary, WAIT)
+    assert await asyncio.wait_for(before_cap, WAIT) == [*primary_events[:3], primary_events[-1]]
+    assert await asyncio.wait_for(after_cap, WAIT) == [primary_events[-1]]
+
+
+async def test_without_a_buffer_streaming_duplicates_get_the_result_only() -> None:
+    gate, script = _gated()
+    agent = Agent(model=script.model(), tools=script.tools(), callback_handler=None, max_buffered_events=0)
+    primary = await _primary_in_flight(agent, script)
+    dup = asyncio.create_task(_collect(agent))
     await _waiters(agent, 1)
     gate.set()
     result = await asyncio.wait_for(primary, WAIT)
-    events = await asyncio.wait_for(dup, WAIT)
-    assert events == [{"result": result}]
+    assert await asyncio.wait_for(dup, WAIT) == [{"result": result}]
+    with pytest.raises(ValueError):
+        Agent(model=script.model(), max_buffered_events=-1)
+
+
+async def test_streaming_duplicate_gets_the_primarys_error_after_its_events() -> None:
+    gate, script = _gated(fail_with=RuntimeError("model down"))
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+    dup = asyncio.create_task(_collect(agent))
+    await _waiters(agent, 1)
+    gate.set()
+    with pytest.raises(RuntimeError, match="model down"):
+        await asyncio.wait_for(primary, WAIT)
+    with pytest.raises(RuntimeError, match="model down"):
+        await asyncio.wait_for(dup, WAIT)
 
 
 async def test_primary_error_is_shared_and_the_token_is_forgotten() -> None:
@@ -279,3 +352,49 @@ def test_exceptions_are_upstreams_where_upstream_has_them() -> None:
     assert ConcurrencyException is upstream_exceptions.ConcurrencyException
     upstream_aborted = getattr(upstream_exceptions, "IdempotencyAbortedError", Exception)
     assert issubclass(IdempotencyAbortedError, upstream_aborted)
+
+
+async def test_a_stalled_streaming_duplicate_slows_no_one() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+    stalled = agent.stream_async("weather?", idempotency_token="t")
+    first = asyncio.create_task(stalled.__anext__())  # reads one event, then its consumer stops reading
+    await _waiters(agent, 1)
+    other = asyncio.create_task(_collect(agent))
+    await _waiters(agent, 2)
+    gate.set()
+    result = await asyncio.wait_for(primary, WAIT)
+    other_events = await asyncio.wait_for(other, WAIT)
+    assert other_events[-1] == {"result": result}
+    # the stalled reader resumes much later and still gets everything, in order
+    rest = [await asyncio.wait_for(first, WAIT)] + [event async for event in stalled]
+    assert rest == other_events
+
+
+def test_streaming_duplicates_on_other_threads_and_loops() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    streams: list[list[Any]] = []
+    mutex = threading.Lock()
+
+    def stream_on_own_loop() -> None:
+        events = asyncio.run(_collect(agent))
+        with mutex:
+            streams.append(events)
+
+    async def scenario() -> list[Any]:
+        primary = asyncio.create_task(_collect(agent))
+        await _until(script.entered.is_set, WAIT, "the primary's model call")
+        threads = [threading.Thread(target=stream_on_own_loop) for _ in range(4)]
+        for t in threads:
+            t.start()
+        await _waiters(agent, 4)
+        gate.set()
+        events = await asyncio.wait_for(primary, WAIT)
+        for t in threads:
+            await asyncio.to_thread(t.join, WAIT)
+        return events
+
+    primary_events = asyncio.run(scenario())
+    assert len(streams) == 4 and all(s == primary_events for s in streams)
