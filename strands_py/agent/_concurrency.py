@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from strands.types.agent import ConcurrentInvocationMode

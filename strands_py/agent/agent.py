@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
 
@@ -11,8 +12,10 @@ from strands.agent.agent_result import AgentResult
 from strands.types.agent import ConcurrentInvocationMode
 from strands.types.exceptions import ConcurrencyException
 
+from .. import telemetry
 from ..idempotency._durable import durable_stream
 from ..idempotency.config import IdempotencyConfig
+from ..types.exceptions import IdempotencyAbortedError
 from ._concurrency import _ConcurrencyController, _InflightInvocation
 
 logger = logging.getLogger(__name__)
@@ -127,10 +130,10 @@ class Agent(strands.Agent):
         Returns:
             The primary's ``AgentResult`` (a ``ReplayedAgentResult`` when replayed from the durable store).
         """
-        event: Any = None
+        last: Any = None
         async for event in self._gate(prompt, idempotency_token, kwargs, stream_duplicate=False):
-            pass
-        return cast(AgentResult, event["result"])
+            last = event
+        return cast(AgentResult, last["result"])
 
     async def _gate(
         self, prompt: Any, idempotency_token: Any, kwargs: dict[str, Any], *, stream_duplicate: bool
@@ -140,21 +143,8 @@ class Agent(strands.Agent):
         begin = gate.begin(idempotency_token)
 
         if begin.waiting_on is not None:
-            inflight = begin.waiting_on
-            logger.debug(
-                "token=<%s>, waiters=<%d> | duplicate detected, waiting for primary",
-                idempotency_token,
-                inflight.waiter_count + 1,
-            )
-            if stream_duplicate:
-                async for event in inflight.stream_events():
-                    yield event
-            else:
-                await self._wait_for_primary(inflight)
-            shared = inflight.outcome()
-            callback_handler = kwargs.get("callback_handler") or self.callback_handler
-            callback_handler(result=shared)
-            yield {"result": shared}
+            async for event in self._follow_primary(begin.waiting_on, kwargs, stream_duplicate):
+                yield event
             return
 
         if not begin.lock_acquired:
@@ -210,6 +200,39 @@ class Agent(strands.Agent):
         """
         # Annotated upstream as an AsyncIterator, but it is an async generator: we need its aclose().
         return cast(AsyncGenerator[Any, None], super().stream_async(prompt, **kwargs))
+
+    async def _follow_primary(
+        self, inflight: _InflightInvocation, kwargs: dict[str, Any], stream_duplicate: bool
+    ) -> AsyncGenerator[Any, None]:
+        """The duplicate's path: wait for (or stream) the primary, then its outcome, traced without the token."""
+        waiters = inflight.waiter_count + 1
+        # No token in logs or spans: tokens often carry request or user identifiers.
+        logger.debug("waiters=<%d> | duplicate detected, waiting for primary", waiters)
+        span = telemetry.start_span(telemetry.SPAN_DUPLICATE)
+        telemetry.add_event(span, telemetry.EVENT_DUPLICATE_DETECTED, {"waiters": waiters})
+        started = time.monotonic()
+        outcome = "cancelled"
+        error: BaseException | None = None
+        try:
+            if stream_duplicate:
+                async for event in inflight.stream_events():
+                    yield event
+            else:
+                await self._wait_for_primary(inflight)
+            try:
+                shared = inflight.outcome()
+            except IdempotencyAbortedError as e:
+                outcome, error = "aborted", e
+                raise
+            except BaseException as e:
+                outcome, error = "error", e
+                raise
+            outcome = "result"
+        finally:
+            telemetry.end_span(span, {"wait_seconds": time.monotonic() - started, "outcome": outcome}, error)
+        callback_handler = kwargs.get("callback_handler") or self.callback_handler
+        callback_handler(result=shared)
+        yield {"result": shared}
 
     async def _wait_for_primary(self, inflight: _InflightInvocation) -> None:
         """Wait, holding no thread, until the primary has settled.

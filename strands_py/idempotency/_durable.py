@@ -10,8 +10,10 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from opentelemetry.trace import Span
 from strands.agent.agent_result import AgentResult
 
+from .. import telemetry
 from ..types.exceptions import IdempotencyKeyMismatchError, IdempotencyWaitTimeoutError
 from .config import IdempotencyConfig
 from .record import (
@@ -61,10 +63,33 @@ async def durable_stream(
     key = make_key(scope, token)
     fingerprint = request_fingerprint(prompt, _answer_options(kwargs)) if config.validate_payload else None
     owner = uuid.uuid4().hex
-    completed = await _claim_or_wait(config, key, owner, fingerprint)
+    span = telemetry.start_span(telemetry.SPAN_CLAIM, {"key": key})
+    started = time.monotonic()
+    decision = "error"
+    error: BaseException | None = None
+    try:
+        completed = await _claim_or_wait(config, key, owner, fingerprint, span)
+        if completed is None:
+            decision = "claimed"
+        else:
+            result = decode_result(completed, kwargs.get("structured_output_model"))
+            decision = "replayed"
+            telemetry.add_event(span, telemetry.EVENT_RESULT_REPLAYED, {"key": key})
+    except IdempotencyKeyMismatchError as e:
+        decision, error = "mismatch", e
+        telemetry.add_event(span, telemetry.EVENT_FINGERPRINT_MISMATCH, {"key": key})
+        raise
+    except IdempotencyWaitTimeoutError as e:
+        decision, error = "timeout", e
+        telemetry.add_event(span, telemetry.EVENT_WAIT_DEADLINE_EXCEEDED, {"key": key})
+        raise
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        telemetry.end_span(span, {"decision": decision, "wait_seconds": time.monotonic() - started}, error)
 
     if completed is not None:
-        result = decode_result(completed, kwargs.get("structured_output_model"))
         logger.debug("key=<%s> | completed within the window, replaying stored result", key)
         callback_handler(result=result)
         yield {"result": result}
@@ -88,7 +113,7 @@ async def durable_stream(
 
 
 async def _claim_or_wait(
-    config: IdempotencyConfig, key: str, owner: str, fingerprint: str | None
+    config: IdempotencyConfig, key: str, owner: str, fingerprint: str | None, span: Span
 ) -> IdempotencyRecord | None:
     """Claim the key (returns None) or return its completed record, waiting while another process runs it."""
     store = config.store
@@ -109,6 +134,8 @@ async def _claim_or_wait(
             logger.debug("key=<%s> | claimed", key)
             return None
         logger.debug("key=<%s>, state=<%s> | token already claimed", key, existing.state.value)
+        if existing.state is RecordState.IN_PROGRESS:
+            telemetry.add_event(span, telemetry.EVENT_WAITING_FOR_OWNER, {"key": key})
         while True:
             if fingerprint is not None and existing.fingerprint is not None and existing.fingerprint != fingerprint:
                 raise IdempotencyKeyMismatchError(key)
@@ -130,6 +157,7 @@ async def _claim_or_wait(
                 # Completed-and-expired, released after a failure, or the owner's lease lapsed: claim it ourselves.
                 if current is not None and current.state is RecordState.IN_PROGRESS:
                     logger.debug("key=<%s> | lease of the previous owner lapsed, taking over", key)
+                    telemetry.add_event(span, telemetry.EVENT_LEASE_TAKEN_OVER, {"key": key})
                 break
             existing = current
 

@@ -1,0 +1,57 @@
+"""OpenTelemetry signals of the idempotency gate.
+
+Raw tokens never appear: durable keys are hashed, and in-process duplicates carry no token attribute at all.
+
+Spans (children of whatever span is current when the call starts; none is ever made current, so they are safe
+across the yields of async generators):
+
+- ``strands_py.idempotency.duplicate``: an in-process duplicate waiting for its primary. Event
+  ``duplicate_detected`` (``waiters``); attributes ``wait_seconds`` and ``outcome`` (``result``, ``error``,
+  ``aborted``, ``cancelled``).
+- ``strands_py.idempotency.claim``: the durable pass before the agent runs. Attributes ``key`` (scope and SHA-256
+  of the token), ``decision`` (``claimed``, ``replayed``, ``mismatch``, ``timeout``, ``error``), ``wait_seconds``.
+  Events ``waiting_for_owner``, ``lease_taken_over``, ``result_replayed``, ``fingerprint_mismatch``,
+  ``wait_deadline_exceeded``.
+
+All names below are prefixed with ``strands_py.idempotency.``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from .__about__ import __version__
+
+PREFIX = "strands_py.idempotency."
+SPAN_DUPLICATE = PREFIX + "duplicate"
+SPAN_CLAIM = PREFIX + "claim"
+EVENT_DUPLICATE_DETECTED = PREFIX + "duplicate_detected"
+EVENT_WAITING_FOR_OWNER = PREFIX + "waiting_for_owner"
+EVENT_LEASE_TAKEN_OVER = PREFIX + "lease_taken_over"
+EVENT_RESULT_REPLAYED = PREFIX + "result_replayed"
+EVENT_FINGERPRINT_MISMATCH = PREFIX + "fingerprint_mismatch"
+EVENT_WAIT_DEADLINE_EXCEEDED = PREFIX + "wait_deadline_exceeded"
+
+# Follows the global tracer provider (a no-op until the application configures one, as strands' own spans).
+_tracer: trace.Tracer = trace.get_tracer("strands_py", __version__)
+
+
+def start_span(name: str, attributes: dict[str, Any] | None = None) -> Span:
+    """Start a span under the current context without making it current. End it with ``end_span``."""
+    return _tracer.start_span(name, attributes={PREFIX + k: v for k, v in (attributes or {}).items()})
+
+
+def add_event(span: Span, name: str, attributes: dict[str, Any] | None = None) -> None:
+    """Add an event with prefixed attribute names."""
+    span.add_event(name, attributes={PREFIX + k: v for k, v in (attributes or {}).items()})
+
+
+def end_span(span: Span, attributes: dict[str, Any], error: BaseException | None = None) -> None:
+    """Set the final attributes (and an error status) and end the span."""
+    span.set_attributes({PREFIX + k: v for k, v in attributes.items()})
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    span.end()
