@@ -156,20 +156,21 @@ class Agent(strands.Agent):
         buffer = gate.inflight if token is not None else None
         result: AgentResult | None = None
         error: BaseException | None = None
-        if self.idempotency is not None and idempotency_token is not None:
-            callback_handler = kwargs.get("callback_handler") or self.callback_handler
-            events = durable_stream(
-                self.idempotency,
-                self._idempotency_scope,
-                idempotency_token,
-                prompt,
-                kwargs,
-                callback_handler,
-                lambda: self._upstream_stream(prompt, kwargs),
-            )
-        else:
-            events = self._upstream_stream(prompt, kwargs)
+        events: AsyncGenerator[Any, None] | None = None
         try:
+            if self.idempotency is not None and idempotency_token is not None:
+                callback_handler = kwargs.get("callback_handler") or self.callback_handler
+                events = durable_stream(
+                    self.idempotency,
+                    self._idempotency_scope,
+                    idempotency_token,
+                    prompt,
+                    kwargs,
+                    callback_handler,
+                    lambda: self._upstream_stream(prompt, kwargs),
+                )
+            else:
+                events = self._upstream_stream(prompt, kwargs)
             async for event in events:
                 candidate = event.get("result") if isinstance(event, dict) else None
                 if isinstance(candidate, AgentResult):
@@ -185,7 +186,8 @@ class Agent(strands.Agent):
         finally:
             try:
                 # Close upstream's stream now, not at garbage collection: it holds upstream's own lock until then.
-                await events.aclose()
+                if events is not None:
+                    await events.aclose()
             finally:
                 if token is not None:
                     # Neither result nor error (cancelled, closed early, BaseException) aborts the duplicates.

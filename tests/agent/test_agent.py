@@ -398,3 +398,34 @@ def test_streaming_duplicates_on_other_threads_and_loops() -> None:
 
     primary_events = asyncio.run(scenario())
     assert len(streams) == 4 and all(s == primary_events for s in streams)
+
+
+async def test_a_raising_duplicate_callback_fails_only_that_duplicate() -> None:
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script)
+
+    def broken_handler(**_: Any) -> None:
+        raise ValueError("handler bug")
+
+    broken = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t", callback_handler=broken_handler))
+    await _waiters(agent, 1)
+    fine = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="t"))
+    await _waiters(agent, 2)
+    gate.set()
+    result = await asyncio.wait_for(primary, WAIT)
+    with pytest.raises(ValueError, match="handler bug"):
+        await asyncio.wait_for(broken, WAIT)
+    assert await asyncio.wait_for(fine, WAIT) is result
+
+
+async def test_tokens_equal_by_eq_are_one_token_in_process() -> None:
+    # 1 == 1.0 == True in Python, so in-process they are the same token (durable keys tell them apart).
+    gate, script = _gated()
+    agent = _agent(script)
+    primary = await _primary_in_flight(agent, script, token=1)
+    dups = [asyncio.create_task(agent.invoke_async("weather?", idempotency_token=t)) for t in (1.0, True)]
+    await _waiters(agent, 2)
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(primary, *dups), WAIT)
+    assert results[0] is results[1] is results[2] and script.model_calls == 2
