@@ -46,6 +46,7 @@ FIELDS = (
     "completed",
     "ratio",
     "reference",
+    "store_calls",
     "note",
 )
 
@@ -340,12 +341,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return "—" if value is None else format(value, spec)
 
     for r in rows:
+        if r["scenario"].startswith("durable-"):
+            continue
         seconds = fmt(r["seconds"], ".4f") if r["completed"] is not False else "hung"
         lines.append(
             f"| {r['scenario']} | {r['n']} | {r['impl']} | {seconds} | {fmt(r['us_per_waiter'], '.3f')} | "
             f"{fmt(r['bytes_per_waiter'], '.0f')} | {fmt(r['threads_parked'], 'd')} | {fmt(r['model_calls'], 'd')} | "
             f"{fmt(r['ratio'], '.2f')} |"
         )
+    durable = [r for r in rows if r["scenario"].startswith("durable-")]
+    if durable:
+        lines += [
+            "",
+            "| scenario | n | impl | ms per invocation | store calls per invocation | model calls | ratio |",
+            "|---|---:|---|---:|---|---:|---:|",
+        ]
+        for r in durable:
+            calls = ", ".join(f"{op} {v:g}" for op, v in (r["store_calls"] or {}).items()) or "none"
+            lines.append(
+                f"| {r['scenario']} | {r['n']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | {calls} | "
+                f"{r['model_calls']} | {fmt(r['ratio'], '.2f')} |"
+            )
     return "\n".join(lines)
 
 
@@ -405,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     run_fanout(fanout_ns, rows, progress)
     run_agent_storms(storm_ns, rows, progress, control_timeout=2.0)
     run_overhead(sequential, rows, progress)
+    from durable import run_durable
+
+    rows += run_durable(20 if args.quick else 100, REPS, record, progress)
 
     machine = machine_description()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,9 @@ async def test_expired_result_runs_again(store: IdempotencyStore) -> None:
     script = ScriptedBedrock()
     agent = _agent(script, store=store, expires_after_seconds=0.2)
     await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
-    await asyncio.sleep(1.2)  # the window itself is under test; DynamoDB TTL is whole seconds
+    # The window itself is under test. DynamoDB's expiry is whole seconds, rounded up: a 0.2 s window can last
+    # up to 1.2 s there.
+    await asyncio.sleep(1.6)
     again = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert not isinstance(again, ReplayedAgentResult)
     assert script.model_calls == 4
