@@ -29,6 +29,7 @@ from aws_lambda_powertools.utilities.idempotency import (
 from moto.server import ThreadedMotoServer
 
 from strands_py import Agent
+from strands_py._demo.counting import CountingStore
 from strands_py._demo.stub import ScriptedBedrock
 from strands_py.idempotency import DynamoDBIdempotencyStore, IdempotencyConfig, InMemoryIdempotencyStore
 
@@ -65,30 +66,6 @@ def _create_table(client: Any, name: str) -> None:
         KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
         BillingMode="PAY_PER_REQUEST",
     )
-
-
-class _CountingMemoryStore(InMemoryIdempotencyStore):
-    """The in-memory store, counting its primitives the way the DynamoDB clients count API calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    async def claim(self, record: Any, now: float) -> Any:
-        self.calls["claim"] += 1
-        return await super().claim(record, now)
-
-    async def get(self, key: str) -> Any:
-        self.calls["get"] += 1
-        return await super().get(key)
-
-    async def complete(self, record: Any) -> bool:
-        self.calls["complete"] += 1
-        return await super().complete(record)
-
-    async def release(self, key: str, owner: str) -> bool:
-        self.calls["release"] += 1
-        return await super().release(key, owner)
 
 
 def _ours(store: Any) -> tuple[Callable[[str], str], ScriptedBedrock]:
@@ -146,7 +123,7 @@ def run_durable(
         _create_table(admin, "powertools-idempotency")
         ours_client, ours_calls = _counted_client(endpoint)
         pt_client, pt_calls = _counted_client(endpoint)
-        memory = _CountingMemoryStore()
+        memory = CountingStore(InMemoryIdempotencyStore())
         impls: list[tuple[str, str, Callable[[str], str], ScriptedBedrock, Counter[str]]] = []
         for store_name, store, calls in (
             ("memory", memory, memory.calls),

@@ -3,60 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from typing import Any
 
 import boto3
 
 from strands_py import Agent
+from strands_py._demo.counting import CountingStore
 from strands_py._demo.stub import ScriptedBedrock
-from strands_py.idempotency import DynamoDBIdempotencyStore, IdempotencyConfig, IdempotencyRecord
+from strands_py.idempotency import DynamoDBIdempotencyStore, IdempotencyConfig
 
 TABLE = "agent-idempotency"
 SCOPE = "integ-weather-agent"
 PROMPT = "What is the weather in Paris?"
 
 
-class CountingDynamoDBStore(DynamoDBIdempotencyStore):
-    """Counts this process's store calls; every claim also bumps a counter shared with the test process."""
+def counting_store(endpoint: str, claims: Any) -> CountingStore:
+    """This process's DynamoDB store, counting its calls; every claim also bumps a counter shared with the test."""
+    client = boto3.client(
+        "dynamodb",
+        region_name="us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
-    def __init__(self, endpoint: str, claims: Any) -> None:
-        client = boto3.client(
-            "dynamodb",
-            region_name="us-east-1",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        super().__init__(TABLE, client=client)
-        self.calls: Counter[str] = Counter()
-        self._shared_claims = claims
+    def bump() -> None:
+        with claims.get_lock():
+            claims.value += 1
 
-    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        existing = await super().claim(record, now)
-        self.calls["claim"] += 1
-        with self._shared_claims.get_lock():
-            self._shared_claims.value += 1
-        return existing
-
-    async def get(self, key: str) -> IdempotencyRecord | None:
-        self.calls["get"] += 1
-        return await super().get(key)
-
-    async def complete(self, record: IdempotencyRecord) -> bool:
-        self.calls["complete"] += 1
-        return await super().complete(record)
-
-    async def release(self, key: str, owner: str) -> bool:
-        self.calls["release"] += 1
-        return await super().release(key, owner)
+    return CountingStore(DynamoDBIdempotencyStore(TABLE, client=client), on_claim=bump)
 
 
 def make_agent(
     endpoint: str, claims: Any, gate: Any = None, entered: Any = None, **config: Any
-) -> tuple[Agent, ScriptedBedrock, CountingDynamoDBStore]:
+) -> tuple[Agent, ScriptedBedrock, CountingStore]:
     script = ScriptedBedrock(gate=gate, entered=entered, gate_timeout=120)
-    store = CountingDynamoDBStore(endpoint, claims)
+    store = counting_store(endpoint, claims)
     agent = Agent(
         model=script.model(),
         tools=script.tools(),
@@ -76,7 +58,8 @@ def run(index: int, endpoint: str, token: str, calls: int, claims: Any, gate: An
         )
 
     results = asyncio.run(main())
-    store.close()
+    assert isinstance(store.inner, DynamoDBIdempotencyStore)
+    store.inner.close()
     out.put(
         {
             "index": index,

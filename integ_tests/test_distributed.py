@@ -60,7 +60,8 @@ def endpoint() -> Iterator[str]:
     server = SerialMotoServer(port)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    store = worker.CountingDynamoDBStore(url, SPAWN.Value("i", 0))
+    store = worker.counting_store(url, SPAWN.Value("i", 0)).inner
+    assert isinstance(store, worker.DynamoDBIdempotencyStore)
     store.create_table()
     store.close()
     yield url

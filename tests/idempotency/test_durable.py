@@ -17,6 +17,7 @@ from strands.telemetry.metrics import EventLoopMetrics
 from strands.types.agent import ConcurrentInvocationMode
 
 from strands_py import Agent, IdempotencyTokenError
+from strands_py._demo.counting import CountingStore
 from strands_py._demo.storm import _until
 from strands_py._demo.stub import ScriptedBedrock
 from strands_py.idempotency import (
@@ -34,33 +35,6 @@ from strands_py.idempotency import (
 from strands_py.idempotency.record import decode_result, encode_result, make_key
 
 WAIT = 10.0
-
-
-class CountingStore(IdempotencyStore):
-    """Wraps a store and counts each primitive, to measure store calls per primary and per duplicate."""
-
-    def __init__(self, inner: IdempotencyStore, complete_result: bool | None = None) -> None:
-        self.inner = inner
-        self.max_result_bytes = inner.max_result_bytes
-        self.calls: Counter[str] = Counter()
-        self._complete_result = complete_result
-
-    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        self.calls["claim"] += 1
-        return await self.inner.claim(record, now)
-
-    async def get(self, key: str) -> IdempotencyRecord | None:
-        self.calls["get"] += 1
-        return await self.inner.get(key)
-
-    async def complete(self, record: IdempotencyRecord) -> bool:
-        self.calls["complete"] += 1
-        done = await self.inner.complete(record)
-        return done if self._complete_result is None else self._complete_result
-
-    async def release(self, key: str, owner: str) -> bool:
-        self.calls["release"] += 1
-        return await self.inner.release(key, owner)
 
 
 def _agent(script: ScriptedBedrock, **config: Any) -> Agent:

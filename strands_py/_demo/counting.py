@@ -1,0 +1,55 @@
+"""``CountingStore``: wraps any idempotency store and counts its primitives (for tests and benchmarks)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from ..idempotency.base import IdempotencyStore
+from ..idempotency.record import IdempotencyRecord
+
+
+class CountingStore(IdempotencyStore):
+    """Forwards to ``inner`` and counts each call in ``calls`` (``claim``, ``get``, ``complete``, ``release``).
+
+    ``on_claim`` runs after every claim (a multiprocessing counter, say). ``complete_result`` forces what
+    ``complete`` reports (False simulates a fenced-off primary) while still forwarding the write.
+    """
+
+    def __init__(
+        self,
+        inner: IdempotencyStore,
+        *,
+        on_claim: Callable[[], None] | None = None,
+        complete_result: bool | None = None,
+    ) -> None:
+        """Wrap ``inner``."""
+        self.inner = inner
+        self.max_result_bytes = inner.max_result_bytes
+        self.calls: Counter[str] = Counter()
+        self._on_claim = on_claim
+        self._complete_result = complete_result
+
+    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """Count and forward."""
+        existing = await self.inner.claim(record, now)
+        self.calls["claim"] += 1
+        if self._on_claim is not None:
+            self._on_claim()
+        return existing
+
+    async def get(self, key: str) -> IdempotencyRecord | None:
+        """Count and forward."""
+        self.calls["get"] += 1
+        return await self.inner.get(key)
+
+    async def complete(self, record: IdempotencyRecord) -> bool:
+        """Count and forward."""
+        self.calls["complete"] += 1
+        done = await self.inner.complete(record)
+        return done if self._complete_result is None else self._complete_result
+
+    async def release(self, key: str, owner: str) -> bool:
+        """Count and forward."""
+        self.calls["release"] += 1
+        return await self.inner.release(key, owner)
