@@ -81,9 +81,10 @@ class _Primitive:
 
 class _Ours(_Primitive):
     name = "strands-py"
+    inflight_cls: Any = _InflightInvocation
 
     def __init__(self) -> None:
-        self._inflight = _InflightInvocation()
+        self._inflight = self.inflight_cls()
 
     def register(self) -> Awaitable[Any]:
         return self._inflight.register_waiter()
@@ -92,17 +93,11 @@ class _Ours(_Primitive):
         self._inflight.settle(_RESULT, None)
 
 
-class _Upstream(_Primitive):
+class _Upstream(_Ours):
+    """The same calls on upstream's primitive (``register_waiter`` / ``settle`` have the same shape)."""
+
     name = "strands"
-
-    def __init__(self) -> None:
-        self._inflight = upstream_concurrency._InflightInvocation()
-
-    def register(self) -> Awaitable[Any]:
-        return self._inflight.register_waiter()
-
-    def settle(self) -> None:
-        self._inflight.settle(_RESULT, None)
+    inflight_cls = upstream_concurrency._InflightInvocation
 
 
 class _AsyncioLimit(_Primitive):

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -95,8 +96,6 @@ def _storm_agent(**script_kwargs: Any) -> tuple[threading.Event, ScriptedBedrock
 
 def _run_capped(coro_fn: Any) -> Any:
     """Run a coroutine on a fresh loop whose default executor has 4 workers."""
-    from concurrent.futures import ThreadPoolExecutor
-
     loop = asyncio.new_event_loop()
     executor = ThreadPoolExecutor(max_workers=4)
     loop.set_default_executor(executor)

@@ -39,19 +39,23 @@ EVENT_WAIT_DEADLINE_EXCEEDED = PREFIX + "wait_deadline_exceeded"
 _tracer: trace.Tracer = trace.get_tracer("strands_py", __version__)
 
 
+def _prefixed(attributes: dict[str, Any] | None) -> dict[str, Any]:
+    return {PREFIX + k: v for k, v in (attributes or {}).items()}
+
+
 def start_span(name: str, attributes: dict[str, Any] | None = None) -> Span:
     """Start a span under the current context without making it current. End it with ``end_span``."""
-    return _tracer.start_span(name, attributes={PREFIX + k: v for k, v in (attributes or {}).items()})
+    return _tracer.start_span(name, attributes=_prefixed(attributes))
 
 
 def add_event(span: Span, name: str, attributes: dict[str, Any] | None = None) -> None:
     """Add an event with prefixed attribute names."""
-    span.add_event(name, attributes={PREFIX + k: v for k, v in (attributes or {}).items()})
+    span.add_event(name, attributes=_prefixed(attributes))
 
 
 def end_span(span: Span, attributes: dict[str, Any], error: BaseException | None = None) -> None:
     """Set the final attributes (and an error status) and end the span."""
-    span.set_attributes({PREFIX + k: v for k, v in attributes.items()})
+    span.set_attributes(_prefixed(attributes))
     if error is not None:
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
     span.end()

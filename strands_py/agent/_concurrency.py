@@ -38,6 +38,18 @@ def _wake_waiters(waiters: list[asyncio.Future[None]]) -> None:
             waiter.set_result(None)
 
 
+def _park(
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]],
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[None],
+) -> None:
+    """File ``future`` under its loop, so that one hop to that loop wakes it with its siblings."""
+    futures = by_loop.get(loop)
+    if futures is None:
+        futures = by_loop[loop] = []
+    futures.append(future)
+
+
 def _hop_to_loops(waiters_by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]]) -> None:
     """Wake each loop's waiters with one cross-thread hop per loop."""
     for loop, waiters in waiters_by_loop.items():
@@ -123,10 +135,7 @@ class _InflightInvocation:
         waiter: asyncio.Future[None] = loop.create_future()
         with self._mutex:
             if not self._settled:
-                waiters = self._waiters_by_loop.get(loop)
-                if waiters is None:
-                    waiters = self._waiters_by_loop[loop] = []
-                waiters.append(waiter)
+                _park(self._waiters_by_loop, loop, waiter)
                 self._waiter_count += 1
                 return waiter
         # Register-after-settle: the outcome is already published, so resolve here without any hop.
@@ -169,10 +178,7 @@ class _InflightInvocation:
                 parked: asyncio.Future[None] | None = None
                 if not fresh and not done:
                     parked = loop.create_future()
-                    readers = self._readers_by_loop.get(loop)
-                    if readers is None:
-                        readers = self._readers_by_loop[loop] = []
-                    readers.append(parked)
+                    _park(self._readers_by_loop, loop, parked)
             if fresh:
                 assert position is not None
                 position += len(fresh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -13,6 +14,7 @@ from strands.types.agent import ConcurrentInvocationMode
 from strands.types.exceptions import ConcurrencyException
 
 from .. import telemetry
+from .._events import result_of
 from ..idempotency._durable import durable_stream
 from ..idempotency.config import IdempotencyConfig
 from ..types.exceptions import IdempotencyAbortedError
@@ -159,22 +161,21 @@ class Agent(strands.Agent):
         events: AsyncGenerator[Any, None] | None = None
         try:
             if self.idempotency is not None and idempotency_token is not None:
-                callback_handler = kwargs.get("callback_handler") or self.callback_handler
                 events = durable_stream(
                     self.idempotency,
                     self._idempotency_scope,
                     idempotency_token,
                     prompt,
                     kwargs,
-                    callback_handler,
+                    self._callback_handler_for(kwargs),
                     lambda: self._upstream_stream(prompt, kwargs),
                 )
             else:
                 events = self._upstream_stream(prompt, kwargs)
             async for event in events:
-                candidate = event.get("result") if isinstance(event, dict) else None
-                if isinstance(candidate, AgentResult):
-                    result = candidate
+                event_result = result_of(event)
+                if event_result is not None:
+                    result = event_result
                     if token is not None:
                         gate.publish(token, result)
                 elif buffer is not None:
@@ -221,20 +222,24 @@ class Agent(strands.Agent):
                     yield event
             else:
                 await self._wait_for_primary(inflight)
-            try:
-                shared = inflight.outcome()
-            except IdempotencyAbortedError as e:
-                outcome, error = "aborted", e
-                raise
-            except BaseException as e:
-                outcome, error = "error", e
-                raise
+            shared = inflight.outcome()
             outcome = "result"
+        except IdempotencyAbortedError as e:
+            outcome, error = "aborted", e
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise  # this duplicate was cancelled or its stream closed: outcome stays "cancelled"
+        except BaseException as e:
+            outcome, error = "error", e
+            raise
         finally:
             telemetry.end_span(span, {"wait_seconds": time.monotonic() - started, "outcome": outcome}, error)
-        callback_handler = kwargs.get("callback_handler") or self.callback_handler
-        callback_handler(result=shared)
+        self._callback_handler_for(kwargs)(result=shared)
         yield {"result": shared}
+
+    def _callback_handler_for(self, kwargs: dict[str, Any]) -> Any:
+        """The call's ``callback_handler=`` keyword, else the agent's."""
+        return kwargs.get("callback_handler") or self.callback_handler
 
     async def _wait_for_primary(self, inflight: _InflightInvocation) -> None:
         """Wait, holding no thread, until the primary has settled.

@@ -14,6 +14,7 @@ from opentelemetry.trace import Span
 from strands.agent.agent_result import AgentResult
 
 from .. import telemetry
+from .._events import result_of
 from ..types.exceptions import IdempotencyKeyMismatchError, IdempotencyWaitTimeoutError
 from .config import IdempotencyConfig
 from .record import (
@@ -99,9 +100,9 @@ async def durable_stream(
     events = run_primary()
     try:
         async for event in events:
-            candidate = event.get("result") if isinstance(event, dict) else None
-            if isinstance(candidate, AgentResult):
-                result_seen = candidate
+            event_result = result_of(event)
+            if event_result is not None:
+                result_seen = event_result
             yield event
     finally:
         await events.aclose()

@@ -69,8 +69,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
     async def complete(self, record: IdempotencyRecord) -> bool:
         """See ``IdempotencyStore.complete``."""
         with self._mutex:
-            existing = self._records.get(record.key)
-            if existing is None or existing.owner != record.owner or existing.state is not RecordState.IN_PROGRESS:
+            if not self._owned_in_progress(record.key, record.owner):
                 return False
             self._records[record.key] = record
             return True
@@ -78,8 +77,12 @@ class InMemoryIdempotencyStore(IdempotencyStore):
     async def release(self, key: str, owner: str) -> bool:
         """See ``IdempotencyStore.release``."""
         with self._mutex:
-            existing = self._records.get(key)
-            if existing is None or existing.owner != owner or existing.state is not RecordState.IN_PROGRESS:
+            if not self._owned_in_progress(key, owner):
                 return False
             del self._records[key]
             return True
+
+    def _owned_in_progress(self, key: str, owner: str) -> bool:
+        """The fence of complete and release; the caller holds ``_mutex``."""
+        existing = self._records.get(key)
+        return existing is not None and existing.owner == owner and existing.state is RecordState.IN_PROGRESS

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -222,9 +224,6 @@ async def test_corrupt_record_is_a_clear_error_naming_the_key(store: Idempotency
 
 async def test_oversized_result_keeps_the_primary_and_blocks_reruns(store: IdempotencyStore) -> None:
     # Random text compresses badly: about 600 KB, over DynamoDB's 400 KB item limit even after zlib.
-    import base64
-    import os
-
     huge = base64.b64encode(os.urandom(450_000)).decode()
     small_limit = {"max_result_bytes": 1000} if isinstance(store, InMemoryIdempotencyStore) else {}
     if small_limit:
