@@ -25,7 +25,7 @@ from strands_py.idempotency import (
     InMemoryIdempotencyStore,
     RecordState,
 )
-from strands_py.idempotency.record import make_key
+from strands_py.idempotency.keys import make_key
 
 WAIT = 10.0
 TOKEN = "user-7731-order-secret"

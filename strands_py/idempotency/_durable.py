@@ -16,15 +16,10 @@ from strands.agent.agent_result import AgentResult
 from .. import telemetry
 from .._events import result_of
 from ..types.exceptions import IdempotencyKeyMismatchError, IdempotencyWaitTimeoutError
+from .codec import decode_result, encode_result
 from .config import IdempotencyConfig
-from .record import (
-    IdempotencyRecord,
-    RecordState,
-    decode_result,
-    encode_result,
-    make_key,
-    request_fingerprint,
-)
+from .keys import make_key, request_fingerprint
+from .record import IdempotencyRecord, RecordState
 
 logger = logging.getLogger(__name__)
 

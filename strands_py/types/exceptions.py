@@ -29,8 +29,42 @@ class IdempotencyTokenError(TypeError):
     """
 
 
+class ReentrantInvocationError(ConcurrencyException):
+    """A call ran inside the invocation it would have to wait for, so waiting would deadlock.
+
+    Raised at once when a tool, hook or ``callback_handler`` of a running primary calls an agent with the primary's
+    own idempotency token (the same agent, or, with durable idempotency, any agent sharing its store and scope). The
+    primary is unaffected. Subclasses strands' ``ConcurrencyException``.
+    """
+
+
 class IdempotencyError(Exception):
     """Base class of the durable idempotency layer's errors (``Agent(idempotency=IdempotencyConfig(...))``)."""
+
+
+class IdempotencyStoreError(IdempotencyError):
+    """The idempotency store could not be reached or answered with an error; nothing was decided.
+
+    The original error (botocore, redis-py, a timeout, ...) is chained as ``__cause__``. The call did not run the
+    agent; retrying later is safe (an HTTP layer answers 503 with ``Retry-After``).
+    """
+
+
+class IdempotencyLeaseLostError(IdempotencyError):
+    """A running primary lost its claim on the token, so it stopped before doing more and stored nothing.
+
+    Either another caller took the claim over (the renewal was fenced off), or no renewal succeeded for a whole
+    lease (the store was unreachable). The caller and the duplicates that were waiting on it get this error; the new
+    owner's outcome is the token's outcome, and a retry joins or replays it.
+
+    Attributes:
+        key: The record's key.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        """Create the error for ``key``."""
+        super().__init__(f"lost the claim on idempotency key {key}: {reason}")
+        self.key = key
 
 
 class IdempotencyKeyMismatchError(IdempotencyError):
@@ -98,8 +132,11 @@ __all__ = [
     "IdempotencyAbortedError",
     "IdempotencyError",
     "IdempotencyKeyMismatchError",
+    "IdempotencyLeaseLostError",
     "IdempotencyRecordCorruptedError",
     "IdempotencyResultTooLargeError",
+    "IdempotencyStoreError",
     "IdempotencyTokenError",
     "IdempotencyWaitTimeoutError",
+    "ReentrantInvocationError",
 ]

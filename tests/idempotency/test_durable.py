@@ -34,7 +34,8 @@ from strands_py.idempotency import (
     RecordState,
     ReplayedAgentResult,
 )
-from strands_py.idempotency.record import decode_result, encode_result, make_key
+from strands_py.idempotency.codec import decode_result, encode_result
+from strands_py.idempotency.keys import make_key
 
 WAIT = 10.0
 
