@@ -15,10 +15,13 @@ from .types.exceptions import (
     IdempotencyAbortedError,
     IdempotencyError,
     IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
     IdempotencyRecordCorruptedError,
     IdempotencyResultTooLargeError,
+    IdempotencyStoreError,
     IdempotencyTokenError,
     IdempotencyWaitTimeoutError,
+    ReentrantInvocationError,
 )
 
 __all__ = [
@@ -30,11 +33,14 @@ __all__ = [
     "IdempotencyConfig",
     "IdempotencyError",
     "IdempotencyKeyMismatchError",
+    "IdempotencyLeaseLostError",
     "IdempotencyRecordCorruptedError",
     "IdempotencyResultTooLargeError",
+    "IdempotencyStoreError",
     "IdempotencyTokenError",
     "IdempotencyWaitTimeoutError",
     "InMemoryIdempotencyStore",
+    "ReentrantInvocationError",
     "ReplayedAgentResult",
     "__version__",
 ]

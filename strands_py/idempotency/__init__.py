@@ -11,8 +11,10 @@ agent = Agent(model=model, idempotency=IdempotencyConfig(store=DynamoDBIdempoten
 from ..types.exceptions import (
     IdempotencyError,
     IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
     IdempotencyRecordCorruptedError,
     IdempotencyResultTooLargeError,
+    IdempotencyStoreError,
     IdempotencyWaitTimeoutError,
 )
 from .base import IdempotencyStore
@@ -26,10 +28,12 @@ __all__ = [
     "IdempotencyConfig",
     "IdempotencyError",
     "IdempotencyKeyMismatchError",
+    "IdempotencyLeaseLostError",
     "IdempotencyRecord",
     "IdempotencyRecordCorruptedError",
     "IdempotencyResultTooLargeError",
     "IdempotencyStore",
+    "IdempotencyStoreError",
     "IdempotencyWaitTimeoutError",
     "InMemoryIdempotencyStore",
     "RecordState",
