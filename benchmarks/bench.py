@@ -29,8 +29,8 @@ from strands.agent import _concurrency as upstream_concurrency
 
 from strands_py import Agent
 from strands_py._demo.storm import BlockingWaiterAgent, run_storm
-from strands_py._demo.stub import ScriptedBedrock
 from strands_py.agent._concurrency import _InflightInvocation
+from strands_py.testing.bedrock import ScriptedBedrock
 
 REPS = 5
 RESULTS = Path(__file__).parent / "results"

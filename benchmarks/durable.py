@@ -29,9 +29,9 @@ from aws_lambda_powertools.utilities.idempotency import (
 from moto.server import ThreadedMotoServer
 
 from strands_py import Agent
-from strands_py._demo.counting import CountingStore
-from strands_py._demo.stub import ScriptedBedrock
 from strands_py.idempotency import DynamoDBIdempotencyStore, IdempotencyConfig, InMemoryIdempotencyStore
+from strands_py.testing.bedrock import ScriptedBedrock
+from strands_py.testing.counting import CountingStore
 
 PROMPT = "What is the weather in Paris?"
 

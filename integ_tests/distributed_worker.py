@@ -8,9 +8,9 @@ from typing import Any
 import boto3
 
 from strands_py import Agent
-from strands_py._demo.counting import CountingStore
-from strands_py._demo.stub import ScriptedBedrock
 from strands_py.idempotency import DynamoDBIdempotencyStore, IdempotencyConfig
+from strands_py.testing.bedrock import ScriptedBedrock
+from strands_py.testing.counting import CountingStore
 
 TABLE = "agent-idempotency"
 SCOPE = "integ-weather-agent"

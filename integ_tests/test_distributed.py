@@ -18,8 +18,8 @@ import pytest
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
-from strands_py._demo.stub import STUB_ANSWER
 from strands_py.idempotency import IdempotencyWaitTimeoutError, ReplayedAgentResult
+from strands_py.testing.bedrock import STUB_ANSWER
 
 WAIT = 60.0
 SPAWN = multiprocessing.get_context("spawn")

@@ -19,7 +19,7 @@ from moto import mock_aws
 
 from strands_py import Agent, IdempotencyAbortedError
 from strands_py._demo.storm import BlockingWaiterAgent, _until, run_storm
-from strands_py._demo.stub import STUB_ANSWER, ScriptedBedrock
+from strands_py.testing.bedrock import STUB_ANSWER, ScriptedBedrock
 
 WAIT = 10.0
 

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from strands_py import Agent
-from strands_py._demo.stub import ScriptedBedrock
 from strands_py.agent._concurrency import _InflightInvocation
+from strands_py.testing.bedrock import ScriptedBedrock
 
 pytestmark = pytest.mark.soak
 

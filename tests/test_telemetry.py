@@ -16,7 +16,6 @@ from opentelemetry.trace import StatusCode
 
 from strands_py import Agent, IdempotencyAbortedError, telemetry
 from strands_py._demo.storm import _until
-from strands_py._demo.stub import ScriptedBedrock
 from strands_py.idempotency import (
     IdempotencyConfig,
     IdempotencyKeyMismatchError,
@@ -26,6 +25,7 @@ from strands_py.idempotency import (
     RecordState,
 )
 from strands_py.idempotency.keys import make_key
+from strands_py.testing.bedrock import ScriptedBedrock
 
 WAIT = 10.0
 TOKEN = "user-7731-order-secret"

@@ -19,7 +19,7 @@ import strands
 
 from ..agent._concurrency import _InflightInvocation
 from ..agent.agent import Agent
-from .stub import ScriptedBedrock
+from ..testing.bedrock import ScriptedBedrock
 
 STORM_TOKEN = "retry-storm-req-42"
 STORM_PROMPT = "What is the weather in Paris?"

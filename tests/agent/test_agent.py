@@ -14,7 +14,7 @@ from strands.types.agent import ConcurrentInvocationMode
 
 from strands_py import Agent, ConcurrencyException, IdempotencyAbortedError, IdempotencyTokenError
 from strands_py._demo.storm import _until
-from strands_py._demo.stub import ScriptedBedrock
+from strands_py.testing.bedrock import ScriptedBedrock
 
 WAIT = 5.0
 

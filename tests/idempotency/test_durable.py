@@ -19,9 +19,7 @@ from strands.telemetry.metrics import EventLoopMetrics
 from strands.types.agent import ConcurrentInvocationMode
 
 from strands_py import Agent, IdempotencyTokenError
-from strands_py._demo.counting import CountingStore
 from strands_py._demo.storm import _until
-from strands_py._demo.stub import ScriptedBedrock
 from strands_py.idempotency import (
     IdempotencyConfig,
     IdempotencyKeyMismatchError,
@@ -36,6 +34,8 @@ from strands_py.idempotency import (
 )
 from strands_py.idempotency.codec import decode_result, encode_result
 from strands_py.idempotency.keys import make_key
+from strands_py.testing.bedrock import ScriptedBedrock
+from strands_py.testing.counting import CountingStore
 
 WAIT = 10.0
 
