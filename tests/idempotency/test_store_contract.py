@@ -6,8 +6,11 @@ import asyncio
 import threading
 import time
 from typing import Any
+from unittest import mock
 
 import pytest
+from conftest import make_dynamodb_store
+from moto import mock_aws
 
 from strands_py.idempotency import IdempotencyRecord, IdempotencyStore, InMemoryIdempotencyStore, RecordState
 
@@ -33,7 +36,9 @@ async def test_first_claim_wins_and_others_see_it(store: IdempotencyStore) -> No
     assert await store.get("s#missing") is None
 
 
+@pytest.mark.racing
 def test_claim_race_sixteen_threads_one_owner(store: IdempotencyStore) -> None:
+    # The DynamoDB store's client is serialised (conftest.SerialisedClient): moto is not atomic under threads.
     start = threading.Barrier(16)
     winners: list[str] = []
     mutex = threading.Lock()
@@ -127,3 +132,53 @@ class _UnfencedStore(InMemoryIdempotencyStore):
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 async def test_negative_control_unfenced_store_lets_a_taken_over_primary_overwrite() -> None:
     await test_lease_takeover_fences_the_old_owner(_UnfencedStore())
+
+
+@pytest.mark.racing
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_unserialised_moto_lets_two_claims_win() -> None:
+    """Why the contract serialises moto: its backend checks a condition, then writes, with no lock between.
+
+    Deterministic interleaving: the first claim passes its condition check and waits inside moto until the second
+    claim (on another thread of the store's executor) has passed its own check and written; then the first writes
+    too. DynamoDB evaluates the condition and writes atomically, so it never has two winners.
+    """
+    import moto.dynamodb.models.table as moto_table
+
+    real_filter = moto_table.get_filter_expression
+    first_checked, second_done = threading.Event(), threading.Event()
+    entered = {"n": 0}
+
+    def pausing_filter(*args: Any, **kwargs: Any) -> Any:
+        op = real_filter(*args, **kwargs)
+        entered["n"] += 1
+        if entered["n"] != 1:
+            return op
+        real_expr = op.expr
+
+        def expr_then_wait(item: Any) -> Any:
+            passed = real_expr(item)
+            first_checked.set()
+            second_done.wait(WAIT)
+            return passed
+
+        op.expr = expr_then_wait
+        return op
+
+    async def race(store: IdempotencyStore) -> list[IdempotencyRecord | None]:
+        now = time.time()
+        first = asyncio.ensure_future(store.claim(_claim("s#race", "first", now=now), now))
+        assert await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, first_checked.wait, WAIT), WAIT)
+        try:
+            second = await asyncio.wait_for(store.claim(_claim("s#race", "second", now=now), now), WAIT)
+        finally:
+            second_done.set()
+        return [await asyncio.wait_for(first, WAIT), second]
+
+    with mock_aws(), mock.patch.object(moto_table, "get_filter_expression", pausing_filter):
+        store = make_dynamodb_store(serialised=False)
+        try:
+            outcomes = asyncio.run(race(store))
+        finally:
+            store.close()
+    assert [o is None for o in outcomes].count(True) == 1, "two claims won"
