@@ -1,0 +1,211 @@
+"""``AgentApp``: the ASGI app that serves idempotent agent invocations over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ..idempotency.config import IdempotencyConfig
+from ._options import ServingOptions
+from ._page import render_page
+from ._problems import KEY_MISSING, Problem, http_problem
+from ._protocol import (
+    MAX_KEY_LENGTH,
+    ProblemError,
+    parse_idempotency_key,
+    parse_invocation,
+    parse_last_event_id,
+    read_json_body,
+    wants_event_stream,
+)
+from ._service import AgentFactory, InvocationService, ScopeFunction
+
+logger = logging.getLogger(__name__)
+
+
+class AgentApp:
+    """An ASGI app serving idempotent invocations of agents, one agent per request.
+
+    Routes (relative to where it is mounted):
+
+    - ``POST /invocations``: body ``{"prompt": str | [content blocks]}`` (``application/json``), header
+      ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header; an sf-string, the bare form accepted too).
+      JSON result by default; ``Accept: text/event-stream`` streams Server-Sent Events, resumable with
+      ``Last-Event-ID``. A retry of a key joins its run (live, or finished a moment ago) or replays its stored
+      result, with ``Idempotent-Replayed: true``. Errors are ``application/problem+json`` (RFC 9457).
+    - ``GET /invocations/{key}/events``: the events of that key's invocation (in the caller's scope), for
+      ``EventSource``: live, resumed after ``Last-Event-ID``, or replayed from the store.
+    - ``GET /``: a small chat page (only with ``page=True``).
+
+    Every invocation is a *detached run* owned by the app: a client that disconnects stops following it, the run
+    carries on (at most ``run_timeout_seconds``) and its result is stored; a retry re-attaches. At shutdown, runs
+    get ``shutdown_grace_seconds`` to finish, then are cancelled, which releases their claims so that another
+    server can run them.
+
+    Lifespan: standalone (``uvicorn.run(app)``) the app runs its own lifespan. Mounted in FastAPI or Starlette
+    (``parent.mount("/agent", app)``) it gets none, because mounted apps receive no lifespan events: wire it into the
+    parent's, ``FastAPI(lifespan=app.lifespan)`` or ``async with app.lifespan(): ...`` inside your own, or call
+    ``await app.aclose()`` at shutdown. Without that, runs in flight at exit are simply lost with the process
+    (their claims lapse after the lease). Nothing needs starting: runs start on the serving loop on demand.
+
+    Servers wait for open responses before the lifespan shutdown, so under plain uvicorn open event streams
+    hold the shutdown until uvicorn's ``--timeout-graceful-shutdown``; ``strands_py.http.run`` (and
+    ``python -m strands_py serve``) drain the app first, so streams end with their run's last event.
+
+    Thread-safety: serve it from one event loop (any ASGI server does).
+    """
+
+    def __init__(
+        self,
+        agent_factory: AgentFactory,
+        idempotency: IdempotencyConfig | None = None,
+        *,
+        scope: ScopeFunction | None = None,
+        require_key: bool = True,
+        max_body_bytes: int = 1_000_000,
+        run_timeout_seconds: float = 900.0,
+        shutdown_grace_seconds: float = 10.0,
+        max_concurrent_runs: int = 1000,
+        max_buffered_events: int = 10_000,
+        retain_finished_runs: int = 256,
+        retain_finished_seconds: float = 60.0,
+        keepalive_seconds: float = 15.0,
+        retry_after_seconds: int = 1,
+        reconnect_millis: int = 1000,
+        page: bool = False,
+    ) -> None:
+        """Create the app.
+
+        Args:
+            agent_factory: ``factory(request) -> strands_py.Agent``, sync (run on a worker thread) or async; called
+                once per run, never for a request that joins a run. The app sets the agent's ``idempotency`` to
+                ``idempotency`` with the request's scope (an ``IdempotencyConfig`` the agent had is replaced).
+            idempotency: Store and policy of the durable layer (default: an in-memory store, this process only).
+                Its ``scope`` (default ``"invocations"``) names this service's keys.
+            scope: ``scope(request) -> str`` (sync or async): the tenant or principal; keys of different scopes
+                never meet (a key of one tenant can neither join nor replay another's). It may raise Starlette's
+                ``HTTPException`` (401, 403). Default: one scope for every request.
+            require_key: Refuse requests without ``Idempotency-Key`` (400). With False, such requests run
+                without deduplication and cannot be resumed.
+            max_body_bytes: Largest request body (413 beyond it, checked while reading).
+            run_timeout_seconds: A run is cancelled after this long (504; its claim is released, nothing stored).
+            shutdown_grace_seconds: How long shutdown waits for running invocations before cancelling them.
+            max_concurrent_runs: Runs in flight at once; beyond it new invocations get 503 with ``Retry-After``.
+            max_buffered_events: Events kept per run for followers and resumes; past it only ``message``,
+                ``result`` and ``error`` events are kept (followers then miss text chunks, never the result).
+            retain_finished_runs: Finished runs kept in memory, so that a reconnect resumes exactly.
+            retain_finished_seconds: How long a finished run is kept (at most the config's expiry).
+            keepalive_seconds: An idle event stream gets an SSE comment this often (keeps proxies from closing it).
+            retry_after_seconds: ``Retry-After`` of 409 and 503 answers.
+            reconnect_millis: The ``retry:`` sent at the start of each event stream (``EventSource`` reconnect delay).
+            page: Serve the chat page at ``GET /``.
+
+        Raises:
+            TypeError: ``idempotency`` is not an ``IdempotencyConfig``.
+            ValueError: An option is out of range.
+        """
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
+        options = ServingOptions(
+            require_key=require_key,
+            run_timeout_seconds=run_timeout_seconds,
+            shutdown_grace_seconds=shutdown_grace_seconds,
+            max_concurrent_runs=max_concurrent_runs,
+            max_buffered_events=max_buffered_events,
+            retain_finished_runs=retain_finished_runs,
+            retain_finished_seconds=retain_finished_seconds,
+            keepalive_seconds=keepalive_seconds,
+            retry_after_seconds=retry_after_seconds,
+            reconnect_millis=reconnect_millis,
+        )
+        self._service = InvocationService(agent_factory, idempotency or IdempotencyConfig(), scope, options)
+        self._max_body_bytes = max_body_bytes
+        routes = [
+            Route("/invocations", self._post_invocation, methods=["POST"]),
+            Route("/invocations/{key:path}/events", self._get_events, methods=["GET"]),
+        ]
+        if page:
+            routes.append(Route("/", self._get_page, methods=["GET"]))
+        self._app = Starlette(
+            routes=routes,
+            lifespan=self.lifespan,
+            exception_handlers={HTTPException: _http_error, ProblemError: _problem_error},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI entry point."""
+        await self._app(scope, receive, send)
+
+    @property
+    def running(self) -> int:
+        """Invocations running right now (their tasks, including ones storing a finished result)."""
+        return self._service.registry.active
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """The app's lifespan: accept invocations inside it; on exit, drain them (see ``aclose``).
+
+        Pass it as a parent's ``lifespan=`` (it takes the parent app as its argument, as Starlette does), or enter
+        it inside your own lifespan.
+        """
+        self._service.reopen()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Refuse new invocations (503), give running ones ``shutdown_grace_seconds``, then cancel the rest.
+
+        Cancelled runs release their claims (so another server can run their keys) and their followers get an
+        ``error`` event (503). Idempotent. Cancellation: cancelling ``aclose`` stops waiting only.
+        """
+        await self._service.aclose()
+
+    async def _post_invocation(self, request: Request) -> Response:
+        token = parse_idempotency_key(request.headers.getlist("idempotency-key"))
+        if token is None and self._service.options.require_key:
+            raise ProblemError(
+                Problem(
+                    400,
+                    KEY_MISSING,
+                    "Idempotency-Key required",
+                    'Send an Idempotency-Key header (a unique value per request, e.g. "<uuid>"); retries reuse it.',
+                )
+            )
+        invocation = parse_invocation(await read_json_body(request, self._max_body_bytes))
+        return await self._service.invoke(
+            request,
+            invocation,
+            token,
+            stream=wants_event_stream(request.headers.get("accept")),
+            last_event_id=parse_last_event_id(request.headers.get("last-event-id")),
+        )
+
+    async def _get_events(self, request: Request) -> Response:
+        key = request.path_params["key"]
+        if not (1 <= len(key) <= MAX_KEY_LENGTH and all(" " <= char <= "~" for char in key)):
+            raise HTTPException(404)
+        return await self._service.follow(request, key, parse_last_event_id(request.headers.get("last-event-id")))
+
+    async def _get_page(self, request: Request) -> Response:
+        return HTMLResponse(render_page(request.scope.get("root_path", "")), headers={"Cache-Control": "no-store"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return http_problem(exc).response(dict(exc.headers or {}))
+
+
+async def _problem_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProblemError)
+    return exc.problem.response()

@@ -1,0 +1,215 @@
+"""RFC 9457 problem details: every error the HTTP layer answers, and how exceptions map onto them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from strands.types.exceptions import ConcurrencyException
+
+from ..types.exceptions import (
+    IdempotencyAbortedError,
+    IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
+    IdempotencyRecordCorruptedError,
+    IdempotencyResultTooLargeError,
+    IdempotencyStoreError,
+    IdempotencyTokenError,
+    IdempotencyWaitTimeoutError,
+)
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+# Problem type URIs. Tag URIs (RFC 4151): stable identifiers that clients match on, never dereferenced.
+_TYPE_PREFIX = "tag:strands-py,2025:problem/"
+KEY_MISSING = _TYPE_PREFIX + "idempotency-key-missing"
+KEY_INVALID = _TYPE_PREFIX + "idempotency-key-invalid"
+KEY_MISMATCH = _TYPE_PREFIX + "idempotency-key-mismatch"
+IN_PROGRESS_ELSEWHERE = _TYPE_PREFIX + "invocation-in-progress"
+AGENT_BUSY = _TYPE_PREFIX + "agent-busy"
+LEASE_LOST = _TYPE_PREFIX + "lease-lost"
+NOT_REPLAYABLE = _TYPE_PREFIX + "result-not-replayable"
+RECORD_CORRUPTED = _TYPE_PREFIX + "record-corrupted"
+STORE_UNAVAILABLE = _TYPE_PREFIX + "store-unavailable"
+AGENT_FAILED = _TYPE_PREFIX + "agent-failed"
+ABORTED = _TYPE_PREFIX + "invocation-aborted"
+RUN_TIMEOUT = _TYPE_PREFIX + "invocation-timeout"
+SHUTTING_DOWN = _TYPE_PREFIX + "shutting-down"
+TOO_MANY_RUNS = _TYPE_PREFIX + "too-many-invocations"
+INVALID_BODY = _TYPE_PREFIX + "invalid-body"
+UNSUPPORTED_MEDIA_TYPE = _TYPE_PREFIX + "unsupported-media-type"
+BODY_TOO_LARGE = _TYPE_PREFIX + "body-too-large"
+NOT_FOUND = _TYPE_PREFIX + "invocation-not-found"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One RFC 9457 problem: ``type``, ``title``, ``status`` and ``detail``, plus ``Retry-After`` when retrying helps.
+
+    Details never contain the raw idempotency key, the prompt, or an exception's message (which may quote either).
+
+    Attributes:
+        status: The HTTP status code.
+        type: A tag URI naming the problem (``about:blank`` for plain HTTP errors).
+        title: Short summary of the problem type; the same for every occurrence.
+        detail: What happened in this occurrence and what the client can do.
+        retry_after: Seconds after which a retry may succeed (sent as ``Retry-After``, and as ``retry_after`` in the
+            body, which is all a Server-Sent Events client sees).
+    """
+
+    status: int
+    type: str
+    title: str
+    detail: str
+    retry_after: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The problem details object."""
+        body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
+
+    def json(self) -> str:
+        """The problem details object as compact JSON text."""
+        return json.dumps(self.body(), separators=(",", ":"))
+
+    def response(self, headers: dict[str, str] | None = None) -> Response:
+        """An ``application/problem+json`` response with this problem's status (and ``Retry-After``)."""
+        all_headers = dict(headers or {})
+        if self.retry_after is not None:
+            all_headers["Retry-After"] = str(self.retry_after)
+        return Response(self.json(), status_code=self.status, headers=all_headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def http_problem(exc: HTTPException) -> Problem:
+    """A plain HTTP error (404, 405, or an ``HTTPException`` raised by a scope function or agent factory)."""
+    try:
+        title = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        title = "Error"
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    return Problem(exc.status_code, "about:blank", title, detail)
+
+
+def problem_for(error: BaseException, retry_after: int) -> Problem:
+    """Map what an invocation raised onto the problem a client gets.
+
+    Args:
+        error: The exception of the agent, the agent factory, or the durable layer.
+        retry_after: Seconds to advertise where retrying later helps.
+    """
+    if isinstance(error, IdempotencyKeyMismatchError):
+        return Problem(
+            422,
+            KEY_MISMATCH,
+            "Idempotency-Key reused with a different request",
+            "This Idempotency-Key was already used with a different request body; use a new key for a new request.",
+        )
+    if isinstance(error, IdempotencyWaitTimeoutError):
+        return Problem(
+            409,
+            IN_PROGRESS_ELSEWHERE,
+            "Invocation still in progress",
+            "The invocation of this Idempotency-Key is running elsewhere and did not finish in time; retry later "
+            "with the same key to get its result.",
+            retry_after,
+        )
+    if isinstance(error, IdempotencyLeaseLostError):
+        return Problem(
+            409,
+            LEASE_LOST,
+            "Invocation continues elsewhere",
+            "This server lost its claim on the invocation, which continues elsewhere; retry with the same key to "
+            "get its result.",
+            retry_after,
+        )
+    if isinstance(error, IdempotencyStoreError):
+        return Problem(
+            503,
+            STORE_UNAVAILABLE,
+            "Idempotency store unavailable",
+            "The idempotency store could not be reached; nothing ran. Retry with the same key.",
+            retry_after,
+        )
+    if isinstance(error, IdempotencyResultTooLargeError):
+        return Problem(
+            410,
+            NOT_REPLAYABLE,
+            "Result cannot be replayed",
+            "The invocation of this Idempotency-Key completed, but its result was too large to store; it will not "
+            "run again.",
+        )
+    if isinstance(error, IdempotencyRecordCorruptedError):
+        return Problem(
+            500,
+            RECORD_CORRUPTED,
+            "Stored invocation record is corrupted",
+            "The stored record of this Idempotency-Key cannot be decoded.",
+        )
+    if isinstance(error, IdempotencyAbortedError):
+        return Problem(
+            503,
+            ABORTED,
+            "Invocation aborted",
+            "The invocation this request was following ended without a result; retry with the same key to run it.",
+            retry_after,
+        )
+    if isinstance(error, ConcurrencyException):
+        return Problem(
+            409,
+            AGENT_BUSY,
+            "Agent busy",
+            "The agent or its session is processing another request; retry when it has finished.",
+            retry_after,
+        )
+    if isinstance(error, IdempotencyTokenError):
+        return Problem(400, KEY_INVALID, "Invalid Idempotency-Key", "The Idempotency-Key cannot be used as a token.")
+    if isinstance(error, HTTPException):
+        return http_problem(error)
+    return Problem(
+        500,
+        AGENT_FAILED,
+        "Agent failed",
+        "The agent failed; nothing was stored, so a retry with the same key runs it again.",
+    )
+
+
+def aborted_problem(retry_after: int) -> Problem:
+    """The run's task was cancelled from outside (its event loop is closing): nothing was stored."""
+    return Problem(
+        503,
+        ABORTED,
+        "Invocation aborted",
+        "The invocation was aborted before it finished; nothing was stored, so a retry with the same key runs it.",
+        retry_after,
+    )
+
+
+def run_timeout_problem(seconds: float) -> Problem:
+    """The invocation ran longer than the app allows and was cancelled (its claim released)."""
+    return Problem(
+        504,
+        RUN_TIMEOUT,
+        "Invocation timed out",
+        f"The invocation ran longer than {seconds:g} seconds and was cancelled; nothing was stored, so a retry with "
+        "the same key runs it again.",
+    )
+
+
+def shutting_down_problem(retry_after: int) -> Problem:
+    """The server is shutting down: new invocations are refused, unfinished ones were cancelled (claims released)."""
+    return Problem(
+        503,
+        SHUTTING_DOWN,
+        "Server shutting down",
+        "This server is shutting down; retry with the same key (another server takes the invocation over).",
+        retry_after,
+    )

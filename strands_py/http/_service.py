@@ -1,0 +1,349 @@
+"""The invocation service behind every HTTP front (the ASGI app, the AgentCore adapter): keys, runs, responses."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..agent.agent import Agent
+from ..idempotency.codec import decode_result
+from ..idempotency.config import IdempotencyConfig
+from ..idempotency.keys import make_key, request_fingerprint
+from ..idempotency.record import RecordState
+from ..types.exceptions import (
+    IdempotencyError,
+    IdempotencyKeyMismatchError,
+    IdempotencyStoreError,
+    IdempotencyWaitTimeoutError,
+)
+from ._options import ServingOptions
+from ._problems import (
+    INVALID_BODY,
+    NOT_FOUND,
+    TOO_MANY_RUNS,
+    Problem,
+    problem_for,
+    run_timeout_problem,
+    shutting_down_problem,
+)
+from ._protocol import Invocation, ProblemError
+from ._responses import DeferredResponse, EventStreamResponse
+from ._runs import Run, RunRegistry
+
+logger = logging.getLogger(__name__)
+
+AgentFactory = Callable[[Request], "Agent | Awaitable[Agent]"]
+ScopeFunction = Callable[[Request], "str | Awaitable[str]"]
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+DEFAULT_SCOPE = "invocations"
+_POLL_FIRST_SECONDS = 0.05
+_POLL_MAX_SECONDS = 1.0
+_CANCEL_WAIT_SECONDS = 10.0
+_MAX_CACHED_CONFIGS = 1024
+
+
+class InvocationService:
+    """Maps requests onto runs: scope and key, join or start, then answer as JSON or Server-Sent Events.
+
+    Thread-safety: requests may arrive on any one event loop; followers of a run may read it from other loops (the
+    AgentCore adapter streams on its server's loop what runs on its worker loop).
+    """
+
+    def __init__(
+        self,
+        agent_factory: AgentFactory,
+        idempotency: IdempotencyConfig,
+        scope: ScopeFunction | None,
+        options: ServingOptions,
+    ) -> None:
+        """Serve the agents of ``agent_factory`` with ``idempotency``; see ``AgentApp``."""
+        if not isinstance(idempotency, IdempotencyConfig):
+            raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(idempotency).__name__}")
+        self._factory = agent_factory
+        self._factory_is_async = _is_async_callable(agent_factory)
+        self.config = idempotency
+        self._scope_function = scope
+        self._scope_is_async = scope is not None and _is_async_callable(scope)
+        self.options = options
+        retain = min(options.retain_finished_seconds, idempotency.expires_after_seconds)
+        self.registry = RunRegistry(options.retain_finished_runs, retain)
+        self._configs: dict[str, IdempotencyConfig] = {}
+        self.closing = False
+
+    # -- keys --------------------------------------------------------------------------------------------------
+
+    async def scope_of(self, request: Request) -> str:
+        """The request's scope: the config's scope (default ``invocations``), then ``/`` and the scope function's.
+
+        The scope function's part is escaped (``%`` and ``/``), so that two tenants can never compose one scope.
+
+        Raises:
+            HTTPException: As raised by the scope function (401, 403, ...).
+            ProblemError: 500, the scope function failed or returned something unusable.
+        """
+        base = self.config.scope or DEFAULT_SCOPE
+        if self._scope_function is None:
+            return base
+        try:
+            tenant: Any = self._scope_function(request)
+            if self._scope_is_async or inspect.isawaitable(tenant):
+                tenant = await tenant
+        except HTTPException:
+            raise
+        except Exception as e:
+            logger.exception("scope function failed")
+            raise ProblemError(problem_for(e, self.options.retry_after_seconds)) from e
+        if not isinstance(tenant, str) or not tenant or "#" in tenant:
+            logger.error("scope function returned %r; expected a non-empty str without '#'", type(tenant).__name__)
+            raise ProblemError(problem_for(TypeError("bad scope"), self.options.retry_after_seconds))
+        return f"{base}/{tenant.replace('%', '%25').replace('/', '%2F')}"
+
+    def durable_key(self, scope: str, token: str) -> str:
+        """The store's key of ``token`` in ``scope`` (the one the agent computes too)."""
+        return make_key(scope, token, _hmac_key(self.config))
+
+    def _config_for(self, scope: str) -> IdempotencyConfig:
+        """One config object per scope, so that agents of one scope share one configuration."""
+        config = self._configs.get(scope)
+        if config is None:
+            if len(self._configs) >= _MAX_CACHED_CONFIGS:
+                self._configs.clear()
+            config = self._configs[scope] = dataclasses.replace(self.config, scope=scope)
+        return config
+
+    # -- POST /invocations -------------------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        request: Request,
+        invocation: Invocation,
+        token: str | None,
+        *,
+        stream: bool,
+        last_event_id: tuple[str, int] | None,
+    ) -> Response:
+        """Join the key's run (same request) or start one, and answer when it has something to say.
+
+        Raises:
+            HTTPException: From the scope function.
+            ProblemError: 422 key reused with another request, 503 shutting down or too many runs, 500 scope.
+        """
+        scope = await self.scope_of(request)
+        key = self.durable_key(scope, token) if token is not None else None
+        fingerprint = self._fingerprint(scope, invocation) if key is not None else None
+        run = self.registry.find(key) if key is not None else None
+        joined = run is not None and (run.succeeded or not run.finished)
+        if run is not None and joined:
+            if fingerprint is not None and run.fingerprint is not None and fingerprint != run.fingerprint:
+                logger.debug("key=<%s> | key reused with another request", key)
+                raise ProblemError(problem_for(IdempotencyKeyMismatchError(str(key)), 0))
+            logger.debug("key=<%s> | joining the run of this key", key)
+        else:
+            run = self._start(request, scope, key, fingerprint, invocation, token)
+        return self.respond(run, stream=stream, joined=joined, last_event_id=last_event_id)
+
+    def _fingerprint(self, scope: str, invocation: Invocation) -> str | None:
+        if not self.config.validate_payload:
+            return None
+        try:
+            return request_fingerprint(scope, invocation.prompt, {}, _hmac_key(self.config))
+        except TypeError as e:
+            raise ProblemError(
+                Problem(400, INVALID_BODY, "Invalid request body", "The prompt cannot be fingerprinted (too deep).")
+            ) from e
+
+    def _start(
+        self,
+        request: Request,
+        scope: str,
+        key: str | None,
+        fingerprint: str | None,
+        invocation: Invocation,
+        token: str | None,
+    ) -> Run:
+        """Register and start a new run (no await between the lookup and this: one run per key)."""
+        options = self.options
+        if self.closing:
+            raise ProblemError(shutting_down_problem(options.retry_after_seconds))
+        if self.registry.active >= options.max_concurrent_runs:
+            raise ProblemError(
+                Problem(
+                    503,
+                    TOO_MANY_RUNS,
+                    "Too many invocations",
+                    "This server is running as many invocations as it allows; retry later with the same key.",
+                    options.retry_after_seconds,
+                )
+            )
+
+        async def open_stream() -> AsyncIterator[Any]:
+            agent = await self._make_agent(request)
+            agent.idempotency = self._config_for(scope)  # the agent keys its tokens with the config's scope
+            return agent.stream_async(invocation.prompt, idempotency_token=token)
+
+        run = Run(key, fingerprint, options.max_buffered_events)
+        self.registry.add(run)
+        run.start(
+            open_stream,
+            timeout_problem=run_timeout_problem(options.run_timeout_seconds),
+            timeout_seconds=options.run_timeout_seconds,
+            retry_after=options.retry_after_seconds,
+            on_settled=self.registry.settled,
+        )
+        logger.debug("key=<%s> | run started", key)
+        return run
+
+    async def _make_agent(self, request: Request) -> Agent:
+        if self._factory_is_async:
+            agent: Any = await cast(Awaitable[Agent], self._factory(request))
+        else:
+            agent = await run_in_threadpool(self._factory, request)
+            if inspect.isawaitable(agent):
+                agent = await agent
+        if not isinstance(agent, Agent):
+            raise TypeError(f"agent_factory must return a strands_py.Agent, got {type(agent).__name__}")
+        return agent
+
+    # -- answering ---------------------------------------------------------------------------------------------
+
+    def respond(
+        self, run: Run, *, stream: bool, joined: bool, last_event_id: tuple[str, int] | None = None
+    ) -> Response:
+        """The response for a follower of ``run``: JSON when it finished, or its event stream once it started."""
+
+        async def prepare() -> Response:
+            await run.wait(lambda r: r.decided if stream else r.finished)
+            return self._answer(run, stream=stream, joined=joined, last_event_id=last_event_id)
+
+        return DeferredResponse(prepare)
+
+    def _answer(self, run: Run, *, stream: bool, joined: bool, last_event_id: tuple[str, int] | None) -> Response:
+        headers = {REPLAYED_HEADER: "true"} if joined or run.replayed else {}
+        problem = run.problem
+        if problem is not None and (not stream or run.failed_before_start):
+            return problem.response(headers)
+        if not stream:
+            return Response(run.result_json, media_type="application/json", headers=headers)
+        start = run.start_index(last_event_id)
+        if run.at_end(start):
+            return Response(status_code=204, headers=headers)  # EventSource: nothing more, stop reconnecting
+        return EventStreamResponse(self._frames(run, start), headers)
+
+    async def _frames(self, run: Run, start: int) -> AsyncIterator[bytes]:
+        yield f"retry: {self.options.reconnect_millis}\n\n".encode()
+        async for frame in run.events(start, self.options.keepalive_seconds):
+            yield frame
+
+    # -- GET /invocations/{key}/events -------------------------------------------------------------------------
+
+    async def follow(self, request: Request, token: str, last_event_id: tuple[str, int] | None) -> Response:
+        """The event stream of the key's invocation: its run here, or its stored result (waiting while it runs).
+
+        Raises:
+            HTTPException: From the scope function.
+        """
+        scope = await self.scope_of(request)
+        key = self.durable_key(scope, token)
+
+        async def prepare() -> Response:
+            run = self.registry.find(key) or await self._stored_run(key)
+            await run.wait(lambda r: r.decided)
+            return self._answer(run, stream=True, joined=True, last_event_id=last_event_id)
+
+        return DeferredResponse(prepare)
+
+    async def _stored_run(self, key: str) -> Run:
+        """The key's run from the store: its replay when completed; while another server runs it, wait.
+
+        Raises:
+            ProblemError: 404 unknown (or ended without a result), 409 still running past the wait deadline,
+                410 not replayable, 500 corrupted, 503 store unavailable.
+        """
+        config, retry_after = self.config, self.options.retry_after_seconds
+        started = time.monotonic()
+        delay = _POLL_FIRST_SECONDS
+        while True:
+            try:
+                record = await config.store.get(key)
+                now = time.time()
+                if record is None or not record.is_live(now):
+                    raise ProblemError(
+                        Problem(404, NOT_FOUND, "Invocation not found", "No invocation with this Idempotency-Key.")
+                    )
+                if record.state is RecordState.COMPLETED:
+                    return Run.replay(key, decode_result(record, None))
+            except IdempotencyError as e:
+                raise ProblemError(problem_for(e, retry_after)) from e
+            except ProblemError:
+                raise
+            except Exception as e:  # a store that raises something else is a store outage too
+                raise ProblemError(problem_for(IdempotencyStoreError(str(key)), retry_after)) from e
+            live = self.registry.find(key)
+            if live is not None:  # a request to this app started it meanwhile
+                return live
+            waited = time.monotonic() - started
+            timeout = config.wait_timeout_seconds
+            if timeout is not None and waited >= timeout:
+                raise ProblemError(problem_for(IdempotencyWaitTimeoutError(key, waited), retry_after))
+            pause = random.uniform(delay / 2, delay)
+            if timeout is not None:
+                pause = min(pause, timeout - waited)
+            await asyncio.sleep(max(0.0, min(pause, record.lease_expires_at - now + 0.01)))
+            delay = min(delay * 2, _POLL_MAX_SECONDS)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def reopen(self) -> None:
+        """Accept new invocations again (a lifespan startup after a shutdown)."""
+        self.closing = False
+
+    async def aclose(self) -> None:
+        """Stop starting runs; give running ones ``shutdown_grace_seconds``, then cancel them (claims released).
+
+        Idempotent. Cancellation: cancelling ``aclose`` stops waiting; runs already cancelled stay cancelled.
+        """
+        self.closing = True
+        runs = self.registry.active_runs()
+        if runs:
+            logger.debug("runs=<%d> | shutting down, waiting for running invocations", len(runs))
+            if not await _settle(runs, self.options.shutdown_grace_seconds):
+                problem = shutting_down_problem(self.options.retry_after_seconds)
+                for run in runs:
+                    run.cancel(problem)
+                if not await _settle(runs, _CANCEL_WAIT_SECONDS):
+                    logger.warning("runs=<%d> | runs did not end after cancellation", self.registry.active)
+        self.registry.clear()
+
+
+async def _settle(runs: list[Run], timeout: float) -> bool:
+    """Wait until every run's task has ended, at most ``timeout`` seconds; whether they all did."""
+    waits = [asyncio.ensure_future(run.wait(lambda r: r.settled)) for run in runs]
+    try:
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    return not pending
+
+
+def _hmac_key(config: IdempotencyConfig) -> bytes | None:
+    """The config's HMAC key for keys and fingerprints, when the config has one."""
+    key = getattr(config, "hmac_key", None)
+    return key if isinstance(key, bytes) else None
+
+
+def _is_async_callable(function: Any) -> bool:
+    call = type(function).__call__ if callable(function) else None
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
