@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from ..types.exceptions import IdempotencyRecordCorruptedError
+from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
 from .base import IdempotencyStore
 from .record import IdempotencyRecord, RecordState
 
@@ -23,8 +24,32 @@ T = TypeVar("T")
 
 # DynamoDB's item limit is 400 KB including attribute names and the other attributes; keep a margin.
 _MAX_RESULT_BYTES = 350_000
-_LIVE_OR_ABSENT = "attribute_not_exists(#id) OR #expiration <= :now OR (#status = :in_progress AND #lease <= :now)"
+# Attributes: ``expires_at`` is the exact expiry (decimal seconds) every decision uses; ``expiration`` is the same
+# instant rounded up to whole seconds, only for DynamoDB's TTL sweeper. Items written before ``expires_at`` existed
+# carry ``expiration`` alone, and are judged by it.
+_NAMES = {
+    "#id": "id",
+    "#status": "status",
+    "#owner": "owner",
+    "#lease": "lease",
+    "#expires_at": "expires_at",
+    "#expiration": "expiration",
+}
+# Claimable: absent, expired, a lapsed claim, or our own claim (a retried PutItem whose first attempt landed).
+_CLAIMABLE = (
+    "attribute_not_exists(#id) OR #expires_at <= :now OR (attribute_not_exists(#expires_at) AND #expiration <= :now)"
+    " OR (#status = :in_progress AND (#lease <= :now OR #owner = :owner))"
+)
 _OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
+# renew, common case: the record already expires after the new lease, so only the lease (and checkpoint) change.
+_OWNED_EXPIRING_AFTER_LEASE = _OWNED_IN_PROGRESS + " AND #expires_at >= :lease"
+# renew, raising the expiry: compare-and-set against the expiry read back from the failed first attempt.
+_OWNED_EXPIRY_UNCHANGED = _OWNED_IN_PROGRESS + " AND #expires_at = :seen"
+_OWNED_LEGACY_EXPIRY_UNCHANGED = _OWNED_IN_PROGRESS + " AND attribute_not_exists(#expires_at) AND #expiration = :seen"
+# Each retry of renew's compare-and-set means the record changed between two writes while still ours, which only
+# a concurrent renewal by the same owner can do; a few attempts are plenty.
+_RENEW_ATTEMPTS = 3
+_IN_PROGRESS = {"S": RecordState.IN_PROGRESS.value}
 
 
 class DynamoDBIdempotencyStore(IdempotencyStore):
@@ -103,20 +128,19 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, **kwargs))
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        """See ``IdempotencyStore.claim``."""
+        """See ``IdempotencyStore.claim``: one conditional ``PutItem`` returning the old item on failure."""
         try:
             await self._call(
                 self._client.put_item,
                 TableName=self.table_name,
                 Item=_to_item(record),
-                ConditionExpression=_LIVE_OR_ABSENT,
-                ExpressionAttributeNames={
-                    "#id": "id",
-                    "#expiration": "expiration",
-                    "#status": "status",
-                    "#lease": "lease",
+                ConditionExpression=_CLAIMABLE,
+                ExpressionAttributeNames=_NAMES,
+                ExpressionAttributeValues={
+                    ":now": _n(now),
+                    ":in_progress": _IN_PROGRESS,
+                    ":owner": {"S": record.owner},
                 },
-                ExpressionAttributeValues={":now": _n(now), ":in_progress": {"S": RecordState.IN_PROGRESS.value}},
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
             return None
@@ -142,26 +166,101 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         return None if item is None else _from_item(item)
 
     async def complete(self, record: IdempotencyRecord) -> bool:
-        """See ``IdempotencyStore.complete``."""
+        """See ``IdempotencyStore.complete``: a ``PutItem`` conditional on owner and status."""
         return await self._fenced(
             self._client.put_item,
             TableName=self.table_name,
             Item=_to_item(record),
             ConditionExpression=_OWNED_IN_PROGRESS,
             ExpressionAttributeNames={"#owner": "owner", "#status": "status"},
-            ExpressionAttributeValues={":owner": {"S": record.owner}, ":in_progress": {"S": "IN_PROGRESS"}},
+            ExpressionAttributeValues={":owner": {"S": record.owner}, ":in_progress": _IN_PROGRESS},
         )
 
     async def release(self, key: str, owner: str) -> bool:
-        """See ``IdempotencyStore.release``."""
+        """See ``IdempotencyStore.release``: a ``DeleteItem`` conditional on owner and status."""
         return await self._fenced(
             self._client.delete_item,
             TableName=self.table_name,
             Key={"id": {"S": key}},
             ConditionExpression=_OWNED_IN_PROGRESS,
             ExpressionAttributeNames={"#owner": "owner", "#status": "status"},
-            ExpressionAttributeValues={":owner": {"S": owner}, ":in_progress": {"S": "IN_PROGRESS"}},
+            ExpressionAttributeValues={":owner": {"S": owner}, ":in_progress": _IN_PROGRESS},
         )
+
+    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status, usually.
+
+        DynamoDB has no ``max()`` in update expressions, so "raise the expiry to at least the lease, never lower it"
+        is done with conditions. First, the common case (the expiry is already past the new lease, as it is while
+        ``expires_after_seconds`` exceeds the lease): set the lease only, on condition that the record is ours and
+        expires after the lease. If that condition fails, the item returned with the failure tells why: not ours
+        any more (False), or it expires too early (or has no exact expiry yet, written by an older version). Then
+        compare-and-set: write ``max(seen expiry, lease)`` on condition that the expiry is still the one seen.
+        """
+        lease = _n(lease_expires_at)
+        update = "SET #lease = :lease"
+        values: dict[str, Any] = {":owner": {"S": owner}, ":in_progress": _IN_PROGRESS, ":lease": lease}
+        names = {"#owner": "owner", "#status": "status", "#lease": "lease", "#expires_at": "expires_at"}
+        if checkpoint is not None:
+            update += ", #checkpoint = :checkpoint"
+            values[":checkpoint"] = {"S": checkpoint}
+            names["#checkpoint"] = "checkpoint"
+        for _ in range(_RENEW_ATTEMPTS):
+            old = await self._update(key, update, _OWNED_EXPIRING_AFTER_LEASE, names, values)
+            if old is None:
+                return True
+            if not _owned_in_progress(old, owner):
+                return False
+            seen = old.get("expires_at")
+            new_expiry = max(_expiry_of(old), lease_expires_at)
+            raise_names = {**names, "#expiration": "expiration"}
+            raise_values = {
+                **values,
+                ":seen": seen if seen is not None else old["expiration"],
+                ":expires_at": _n(new_expiry),
+                ":expiration": _ttl(new_expiry),
+            }
+            old = await self._update(
+                key,
+                update + ", #expires_at = :expires_at, #expiration = :expiration",
+                _OWNED_EXPIRY_UNCHANGED if seen is not None else _OWNED_LEGACY_EXPIRY_UNCHANGED,
+                raise_names,
+                raise_values,
+            )
+            if old is None:
+                return True
+            if not _owned_in_progress(old, owner):
+                return False
+            logger.debug("key=<%s> | expiry changed during renewal, renewing again", key)
+        raise IdempotencyStoreError(f"renewal of idempotency key {key} kept racing another renewal by its owner")
+
+    async def _update(
+        self, key: str, update: str, condition: str, names: dict[str, str], values: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """A conditional ``UpdateItem``: None if written, else the item as it is (empty if absent)."""
+        try:
+            await self._call(
+                self._client.update_item,
+                TableName=self.table_name,
+                Key={"id": {"S": key}},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+            return None
+        except ClientError as e:
+            if not _is_condition_failure(e):
+                raise
+            old: dict[str, Any] | None = e.response.get("Item")
+        if old is None:
+            # Absent, or a DynamoDB-compatible server that does not return the old item: read it.
+            response = await self._call(
+                self._client.get_item, TableName=self.table_name, Key={"id": {"S": key}}, ConsistentRead=True
+            )
+            old = response.get("Item")
+        return old or {}
 
     async def _fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
         try:
@@ -199,7 +298,22 @@ def _is_condition_failure(error: ClientError) -> bool:
 
 
 def _n(value: float) -> dict[str, str]:
-    return {"N": repr(round(value, 6))}
+    # repr() is the shortest text that reads back as the same float: the exact value, never rounded.
+    return {"N": repr(float(value))}
+
+
+def _ttl(expires_at: float) -> dict[str, str]:
+    # DynamoDB TTL wants whole seconds since the epoch: round up, so the sweeper never deletes a live record.
+    return {"N": str(math.ceil(expires_at))}
+
+
+def _expiry_of(item: dict[str, Any]) -> float:
+    exact = item.get("expires_at")
+    return float((exact if exact is not None else item["expiration"])["N"])
+
+
+def _owned_in_progress(item: dict[str, Any], owner: str) -> bool:
+    return bool(item.get("owner", {}).get("S") == owner and item.get("status") == _IN_PROGRESS)
 
 
 def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
@@ -208,13 +322,15 @@ def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
         "status": {"S": record.state.value},
         "owner": {"S": record.owner},
         "lease": _n(record.lease_expires_at),
-        # DynamoDB TTL wants whole seconds since the epoch.
-        "expiration": {"N": str(int(record.expires_at) + 1)},
+        "expires_at": _n(record.expires_at),
+        "expiration": _ttl(record.expires_at),
     }
     if record.fingerprint is not None:
         item["fingerprint"] = {"S": record.fingerprint}
     if record.payload is not None:
         item["payload"] = {"B": record.payload}
+    if record.checkpoint is not None:
+        item["checkpoint"] = {"S": record.checkpoint}
     return item
 
 
@@ -226,9 +342,10 @@ def _from_item(item: dict[str, Any]) -> IdempotencyRecord:
             state=RecordState(item["status"]["S"]),
             owner=item["owner"]["S"],
             lease_expires_at=float(item["lease"]["N"]),
-            expires_at=float(item["expiration"]["N"]),
+            expires_at=_expiry_of(item),
             fingerprint=item["fingerprint"]["S"] if "fingerprint" in item else None,
             payload=bytes(item["payload"]["B"]) if "payload" in item else None,
+            checkpoint=item["checkpoint"]["S"] if "checkpoint" in item else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise IdempotencyRecordCorruptedError(key, f"malformed item: {type(e).__name__}: {e}") from e

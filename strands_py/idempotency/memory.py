@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -48,7 +49,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         """See ``IdempotencyStore.claim``."""
         with self._mutex:
             existing = self._records.get(record.key)
-            if existing is not None and existing.is_live(now):
+            if existing is not None and existing.is_live(now) and not _own_claim(existing, record.owner):
                 self._records.move_to_end(record.key)
                 return existing
             self._records[record.key] = record
@@ -82,7 +83,28 @@ class InMemoryIdempotencyStore(IdempotencyStore):
             del self._records[key]
             return True
 
+    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        """See ``IdempotencyStore.renew``."""
+        with self._mutex:
+            if not self._owned_in_progress(key, owner):
+                return False
+            self._records[key] = _renewed(self._records[key], lease_expires_at, checkpoint)
+            return True
+
     def _owned_in_progress(self, key: str, owner: str) -> bool:
         """The fence of complete and release; the caller holds ``_mutex``."""
         existing = self._records.get(key)
         return existing is not None and existing.owner == owner and existing.state is RecordState.IN_PROGRESS
+
+
+def _own_claim(existing: IdempotencyRecord, owner: str) -> bool:
+    return existing.state is RecordState.IN_PROGRESS and existing.owner == owner
+
+
+def _renewed(existing: IdempotencyRecord, lease_expires_at: float, checkpoint: str | None) -> IdempotencyRecord:
+    return dataclasses.replace(
+        existing,
+        lease_expires_at=lease_expires_at,
+        expires_at=max(existing.expires_at, lease_expires_at),
+        checkpoint=existing.checkpoint if checkpoint is None else checkpoint,
+    )

@@ -10,7 +10,7 @@ from ..idempotency.record import IdempotencyRecord
 
 
 class CountingStore(IdempotencyStore):
-    """Forwards to ``inner`` and counts each call in ``calls`` (``claim``, ``get``, ``complete``, ``release``).
+    """Forwards to ``inner`` and counts each call in ``calls`` by primitive name (``claim``, ``renew``, ...).
 
     ``on_claim`` runs after every claim (a multiprocessing counter, say). ``complete_result`` forces what
     ``complete`` reports (False simulates a fenced-off primary) while still forwarding the write.
@@ -53,3 +53,8 @@ class CountingStore(IdempotencyStore):
         """Count and forward."""
         self.calls["release"] += 1
         return await self.inner.release(key, owner)
+
+    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        """Count and forward."""
+        self.calls["renew"] += 1
+        return await self.inner.renew(key, owner, lease_expires_at, checkpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from strands_py.idempotency import (
     DynamoDBIdempotencyStore,
     IdempotencyRecord,
     IdempotencyRecordCorruptedError,
+    IdempotencyStoreError,
     RecordState,
 )
 
@@ -130,4 +132,129 @@ def test_create_table_is_idempotent_and_enables_ttl(aws: None) -> None:
     )
     with pytest.raises(ClientError):
         store.create_table()
+    store.close()
+
+
+def _legacy_item(key: str, owner: str, *, lease: float, expiration: int) -> dict[str, Any]:
+    """An item as the previous version wrote it: no exact ``expires_at``, only the rounded-up TTL attribute."""
+    return {
+        "id": {"S": key},
+        "status": {"S": "IN_PROGRESS"},
+        "owner": {"S": owner},
+        "lease": {"N": repr(lease)},
+        "expiration": {"N": str(expiration)},
+        "fingerprint": {"S": "fp"},
+    }
+
+
+async def test_renew_of_an_item_without_exact_expiry_raises_it_from_the_ttl_attribute(aws: None) -> None:
+    store = make_dynamodb_store()
+    now = time.time()
+    store._client.put_item(TableName=TABLE, Item=_legacy_item("s#old", "a", lease=now + 10, expiration=int(now) + 100))
+    # within the old expiry: the lease moves, the expiry is kept (and now written exactly)
+    assert await store.renew("s#old", "a", now + 50) is True
+    got = await store.get("s#old")
+    assert got is not None and got.lease_expires_at == now + 50 and got.expires_at == int(now) + 100
+    item = store._client.get_item(TableName=TABLE, Key={"id": {"S": "s#old"}})["Item"]
+    assert item["expires_at"] == {"N": repr(float(int(now) + 100))}
+    # past it: raised
+    store._client.put_item(TableName=TABLE, Item=_legacy_item("s#old2", "a", lease=now, expiration=int(now) + 5))
+    assert await store.renew("s#old2", "a", now + 50.5) is True
+    got = await store.get("s#old2")
+    assert got is not None and got.expires_at == now + 50.5
+    assert store._client.get_item(TableName=TABLE, Key={"id": {"S": "s#old2"}})["Item"]["expiration"] == {
+        "N": str(math.ceil(now + 50.5))
+    }
+    assert await store.renew("s#old2", "intruder", now + 60) is False
+    store.close()
+
+
+async def test_renew_compare_and_set_retries_when_the_expiry_moved_meanwhile(aws: None) -> None:
+    store = make_dynamodb_store()
+    now = time.time()
+    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
+    real_update = store._client.update_item
+    moved = {"n": 0}
+
+    def update_after_a_concurrent_renewal(**kwargs: Any) -> Any:
+        # Just before our compare-and-set, another renewal by the same owner raises the expiry.
+        if ":seen" in kwargs["ExpressionAttributeValues"] and moved["n"] == 0:
+            moved["n"] += 1
+            real_update(
+                TableName=TABLE,
+                Key={"id": {"S": "s#k"}},
+                UpdateExpression="SET expires_at = :e",
+                ExpressionAttributeValues={":e": {"N": repr(now + 40)}},
+            )
+        return real_update(**kwargs)
+
+    store._client.update_item = update_after_a_concurrent_renewal
+    assert await store.renew("s#k", "a", now + 30) is True
+    got = await store.get("s#k")
+    assert moved["n"] == 1 and got is not None and got.lease_expires_at == now + 30 and got.expires_at == now + 40
+    store.close()
+
+
+async def test_renew_gives_up_when_its_compare_and_set_keeps_losing(aws: None) -> None:
+    store = make_dynamodb_store()
+    now = time.time()
+    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
+    real_update = store._client.update_item
+    bump = {"n": 0}
+
+    def update_always_raced(**kwargs: Any) -> Any:
+        if ":seen" in kwargs["ExpressionAttributeValues"]:
+            bump["n"] += 1
+            real_update(
+                TableName=TABLE,
+                Key={"id": {"S": "s#k"}},
+                UpdateExpression="SET expires_at = :e",
+                ExpressionAttributeValues={":e": {"N": repr(now + 20 - bump["n"])}},
+            )
+        return real_update(**kwargs)
+
+    store._client.update_item = update_always_raced
+    with pytest.raises(IdempotencyStoreError, match="kept racing"):
+        await store.renew("s#k", "a", now + 30)
+    store.close()
+
+
+async def test_renew_fenced_after_the_compare_and_set_lost_to_a_takeover(aws: None) -> None:
+    store = make_dynamodb_store()
+    now = time.time()
+    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
+    real_update = store._client.update_item
+
+    def update_after_a_takeover(**kwargs: Any) -> Any:
+        if ":seen" in kwargs["ExpressionAttributeValues"]:
+            store._client.put_item(
+                TableName=TABLE,
+                Item={**_legacy_item("s#k", "b", lease=now + 60, expiration=int(now) + 99)},
+            )
+        return real_update(**kwargs)
+
+    store._client.update_item = update_after_a_takeover
+    assert await store.renew("s#k", "a", now + 30) is False
+    store.close()
+
+
+async def test_renew_reads_the_item_when_the_server_does_not_return_it(aws: None) -> None:
+    store = make_dynamodb_store()
+    now = time.time()
+    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
+    real_update = store._client.update_item
+
+    def update_without_old_item(**kwargs: Any) -> Any:
+        try:
+            return real_update(**kwargs)
+        except ClientError as e:
+            e.response.pop("Item", None)
+            raise
+
+    store._client.update_item = update_without_old_item
+    assert await store.renew("s#k", "a", now + 30) is True  # first attempt fails (expires too early): read, raise
+    assert await store.renew("s#k", "b", now + 30) is False
+    assert await store.renew("s#gone", "a", now + 30) is False
+    got = await store.get("s#k")
+    assert got is not None and got.expires_at == now + 30
     store.close()

@@ -115,6 +115,94 @@ async def test_keys_of_different_scopes_are_independent(store: IdempotencyStore)
     assert got_a is not None and got_b is not None and (got_a.owner, got_b.owner) == ("a", "b")
 
 
+async def test_renew_extends_the_lease_and_never_lowers_the_expiry(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now=now, lease=10, ttl=100), now)
+    # a lease still inside the expiry: the lease moves, the expiry stays
+    assert await store.renew("s#k", "a", now + 50) is True
+    got = await store.get("s#k")
+    assert got is not None and got.lease_expires_at == now + 50 and got.expires_at == now + 110
+    # a lease past the expiry: the expiry is raised to the lease
+    assert await store.renew("s#k", "a", now + 500.25) is True
+    got = await store.get("s#k")
+    assert got is not None and got.lease_expires_at == now + 500.25 and got.expires_at == now + 500.25
+    # a shorter lease again: the expiry is not lowered
+    assert await store.renew("s#k", "a", now + 20) is True
+    got = await store.get("s#k")
+    assert got is not None and got.lease_expires_at == now + 20 and got.expires_at == now + 500.25
+    assert got.state is RecordState.IN_PROGRESS and got.owner == "a" and got.fingerprint == "fp"
+
+
+async def test_renew_stores_the_checkpoint_and_none_keeps_it(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now=now), now)
+    assert await store.renew("s#k", "a", now + 60, checkpoint="messages=3") is True
+    got = await store.get("s#k")
+    assert got is not None and got.checkpoint == "messages=3"
+    assert await store.renew("s#k", "a", now + 90) is True
+    got = await store.get("s#k")
+    assert got is not None and got.checkpoint == "messages=3" and got.lease_expires_at == now + 90
+    assert await store.renew("s#k", "a", now + 90, checkpoint="") is True
+    got = await store.get("s#k")
+    assert got is not None and got.checkpoint == ""
+
+
+async def test_renew_is_fenced_on_owner_and_in_progress(store: IdempotencyStore) -> None:
+    now = time.time()
+    assert await store.renew("s#missing", "a", now + 60) is False
+    await store.claim(_claim("s#k", "a", now=now - 10, lease=5), now - 10)
+    assert await store.renew("s#k", "intruder", now + 60) is False
+    # taken over after the lease lapsed: the old owner's heartbeat is fenced off, the new owner's is not
+    assert await store.claim(_claim("s#k", "b", now=now), now) is None
+    assert await store.renew("s#k", "a", now + 600, checkpoint="stale") is False
+    got = await store.get("s#k")
+    assert got is not None and got.owner == "b" and got.checkpoint is None and got.lease_expires_at == now + 60
+    assert await store.renew("s#k", "b", now + 120) is True
+    # completed: nothing to renew
+    assert await store.complete(_completed("s#k", "b", now=now)) is True
+    assert await store.renew("s#k", "b", now + 180) is False
+    done = await store.get("s#k")
+    assert done is not None and done.state is RecordState.COMPLETED and done.lease_expires_at == now
+    # released: gone
+    await store.claim(_claim("s#other", "c", now=now), now)
+    assert await store.release("s#other", "c") is True
+    assert await store.renew("s#other", "c", now + 60) is False
+
+
+async def test_a_renewed_lease_keeps_others_out_until_it_lapses(store: IdempotencyStore) -> None:
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now=now - 10, lease=5), now - 10)
+    # lapsed 5 s ago but not taken over yet: the owner's heartbeat catches up and the claim is live again
+    assert await store.renew("s#k", "a", now + 30) is True
+    existing = await store.claim(_claim("s#k", "b", now=now), now)
+    assert existing is not None and existing.owner == "a"
+    assert await store.claim(_claim("s#k", "b", now=now + 31), now + 31) is None
+
+
+async def test_a_claim_by_its_own_owner_is_its_own(store: IdempotencyStore) -> None:
+    """A retried claim whose first attempt landed (its response lost) must not wait for itself."""
+    now = time.time()
+    assert await store.claim(_claim("s#k", "a", now=now), now) is None
+    assert await store.claim(_claim("s#k", "a", now=now + 1), now + 1) is None
+    got = await store.get("s#k")
+    assert got is not None and got.owner == "a" and got.lease_expires_at == now + 61
+    # but a completed record is never re-claimed, not even by the owner that completed it
+    assert await store.complete(_completed("s#k", "a", now=now)) is True
+    existing = await store.claim(_claim("s#k", "a", now=now), now)
+    assert existing is not None and existing.state is RecordState.COMPLETED
+
+
+async def test_checkpoint_and_payload_round_trip(store: IdempotencyStore) -> None:
+    now = time.time()
+    claim = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 60, now + 3600, None, None, "cp-1")
+    assert await store.claim(claim, now) is None
+    assert await store.get("s#k") == claim
+    payload = bytes(range(256)) * 4
+    done = IdempotencyRecord("s#k", RecordState.COMPLETED, "a", now, now + 3600.125, "fp", payload, None)
+    assert await store.complete(done) is True
+    assert await store.get("s#k") == done
+
+
 class _UnfencedStore(InMemoryIdempotencyStore):
     """Negative control: completes and releases without checking the owner."""
 
