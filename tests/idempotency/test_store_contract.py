@@ -208,12 +208,12 @@ class _UnfencedStore(InMemoryIdempotencyStore):
 
     async def complete(self, record: IdempotencyRecord) -> bool:
         with self._mutex:
-            self._records[record.key] = record
+            self._put(record)
         return True
 
     async def release(self, key: str, owner: str) -> bool:
         with self._mutex:
-            self._records.pop(key, None)
+            self._remove(key)
         return True
 
 
