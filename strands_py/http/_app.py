@@ -40,8 +40,9 @@ class AgentApp:
     - ``POST /invocations``: body ``{"prompt": str | [content blocks]}`` (``application/json``), header
       ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header; an sf-string, the bare form accepted too).
       JSON result by default; ``Accept: text/event-stream`` streams Server-Sent Events, resumable with
-      ``Last-Event-ID``. A retry of a key joins its run (live, or finished a moment ago) or replays its stored
-      result, with ``Idempotent-Replayed: true``. Errors are ``application/problem+json`` (RFC 9457).
+      ``Last-Event-ID``; it starts with the run's first event (a failure before it is a status code). A retry
+      of a key joins its run (live, or finished a moment ago) or replays its stored result, with
+      ``Idempotent-Replayed: true``. Errors are ``application/problem+json`` (RFC 9457).
     - ``GET /invocations/{key}/events``: the events of that key's invocation (in the caller's scope), for
       ``EventSource``: live, resumed after ``Last-Event-ID``, or replayed from the store.
     - ``GET /``: a small chat page (only with ``page=True``).

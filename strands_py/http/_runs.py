@@ -114,13 +114,15 @@ class Run:
             stream = await open_stream()
             async with aclosing(stream):  # type: ignore[type-var]
                 async for event in stream:
-                    result = result_of(event)
-                    if not self.decided:
+                    wire = list(translator.translate(event))
+                    if wire and not self.decided:
+                        # Decided by the first event a client would see: until then a failure is a status code.
+                        result = result_of(event)
                         self._decide(replayed=isinstance(result, ReplayedAgentResult))
                         if result is not None:
                             # A replay has no events of its own: its sequence is the stored message, then the result.
                             self._append("message", {"message": result.message})
-                    for name, data in translator.translate(event):
+                    for name, data in wire:
                         if name == "result":
                             self._finish_ok(data)
                         else:
