@@ -8,11 +8,11 @@ import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
 from .base import IdempotencyStore
@@ -56,17 +56,24 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
     """Idempotency records in a DynamoDB table, so retries are deduplicated across processes and hosts.
 
     The table needs a string partition key ``id`` and, to have expired records deleted, DynamoDB TTL on the
-    ``expiration`` attribute (expiry is also checked on every read: TTL deletion lags by up to days). Claims are one
-    conditional ``PutItem``; completes (``PutItem``) and releases (``DeleteItem``) are conditional on the owner, so
-    a primary whose lease was taken over cannot overwrite or delete the new owner's record. Throttling and
-    transient errors are retried by botocore (``standard`` retry mode) unless you pass your own client or config.
+    ``expiration`` attribute. Every decision uses the exact expiry kept in ``expires_at`` (decimal seconds);
+    ``expiration`` is that instant rounded up to whole seconds, for the TTL sweeper only, which lags by up to days.
+    Items written by versions before ``expires_at`` existed are judged by ``expiration``.
 
-    IAM actions needed on the table: ``dynamodb:PutItem``, ``dynamodb:GetItem``, ``dynamodb:DeleteItem``
-    (and ``dynamodb:CreateTable``, ``dynamodb:DescribeTable``, ``dynamodb:UpdateTimeToLive`` for ``create_table``).
+    Claims are one conditional ``PutItem`` that returns the live record when its condition fails (no extra read);
+    completes (``PutItem``), releases (``DeleteItem``) and renewals (``UpdateItem``) are conditional on the owner
+    and the ``IN_PROGRESS`` status, so a primary whose lease was taken over cannot overwrite, delete or extend the
+    new owner's record. Throttling and transient errors are retried by botocore (``standard`` retry mode) unless
+    you pass your own client or config; what still fails (and any error but a failed condition) raises
+    ``IdempotencyStoreError`` with the botocore error chained.
+
+    IAM actions needed on the table: ``dynamodb:PutItem``, ``dynamodb:GetItem``, ``dynamodb:DeleteItem``,
+    ``dynamodb:UpdateItem`` (and ``dynamodb:CreateTable``, ``dynamodb:DescribeTable``,
+    ``dynamodb:DescribeTimeToLive``, ``dynamodb:UpdateTimeToLive`` for ``create_table``).
 
     Thread-safety: safe from any thread and event loop. All boto3 calls run on a small executor owned by the store,
     never on the event loop's default executor. Call ``close()`` (or use the store as a context manager) to stop
-    its threads.
+    its threads. Cancellation: cancelling a call stops the caller waiting; the boto3 call finishes on its thread.
     """
 
     def __init__(
@@ -111,9 +118,11 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             client = session.client("dynamodb", region_name=region_name, endpoint_url=endpoint_url, config=config)
         self._client = client
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency")
+        self._closed = False
 
     def close(self) -> None:
-        """Stop the store's executor threads (waiting for calls in progress)."""
+        """Stop the store's executor threads (waiting for calls in progress); later calls raise."""
+        self._closed = True
         self._executor.shutdown(wait=True)
 
     def __enter__(self) -> DynamoDBIdempotencyStore:
@@ -125,7 +134,30 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         self.close()
 
     async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, **kwargs))
+        """Run one boto3 call on the store's executor; every failure but a failed condition is an outage."""
+        try:
+            result, error = await asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(_outcome, fn, kwargs)
+            )
+        except RuntimeError as e:
+            if not self._closed:
+                raise
+            raise IdempotencyStoreError(f"the DynamoDB idempotency store of table {self.table_name} is closed") from e
+        if error is None:
+            return cast(T, result)
+        try:
+            raise error
+        except ClientError as e:
+            if _is_condition_failure(e):
+                raise
+            raise self._outage(e) from e
+        except BotoCoreError as e:  # no answer at all: connection refused, timeouts, bad credentials, ...
+            raise self._outage(e) from e
+
+    def _outage(self, error: Exception) -> IdempotencyStoreError:
+        return IdempotencyStoreError(
+            f"DynamoDB table {self.table_name} could not be used: {type(error).__name__}: {error}"
+        )
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``: one conditional ``PutItem`` returning the old item on failure."""
@@ -144,9 +176,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
             return None
-        except ClientError as e:
-            if not _is_condition_failure(e):
-                raise
+        except ClientError as e:  # only a failed condition reaches here (see _call)
             old = e.response.get("Item")
         if old is not None:
             return _from_item(old)
@@ -250,9 +280,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
             return None
-        except ClientError as e:
-            if not _is_condition_failure(e):
-                raise
+        except ClientError as e:  # only a failed condition reaches here (see _call)
             old: dict[str, Any] | None = e.response.get("Item")
         if old is None:
             # Absent, or a DynamoDB-compatible server that does not return the old item: read it.
@@ -266,15 +294,19 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         try:
             await self._call(fn, **kwargs)
             return True
-        except ClientError as e:
-            if _is_condition_failure(e):
-                return False
-            raise
+        except ClientError:  # only a failed condition reaches here (see _call)
+            return False
 
     def create_table(self) -> None:
-        """Create the table (on-demand capacity) with TTL on ``expiration``, if it does not exist. Blocking.
+        """Create the table (on-demand capacity) with TTL on ``expiration``, unless it exists. Blocking.
 
-        Meant for local development and tests; production tables belong in infrastructure code (see README).
+        Safe to call again on an existing table: TTL is enabled only if it is not already (DynamoDB refuses to
+        enable it twice). Meant for local development and tests; production tables belong in infrastructure code
+        (see README).
+
+        Raises:
+            ValueError: The table has TTL enabled on another attribute.
+            botocore.exceptions.ClientError: DynamoDB refused a call (permissions, limits).
         """
         try:
             self._client.create_table(
@@ -288,9 +320,31 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 raise
             logger.debug("table=<%s> | table exists already", self.table_name)
         self._client.get_waiter("table_exists").wait(TableName=self.table_name)
+        ttl = self._client.describe_time_to_live(TableName=self.table_name).get("TimeToLiveDescription", {})
+        if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
+            if ttl.get("AttributeName") != "expiration":
+                raise ValueError(
+                    f"table {self.table_name} has TTL on {ttl.get('AttributeName')!r}; the store needs it on "
+                    "'expiration'"
+                )
+            logger.debug("table=<%s> | time to live is enabled already", self.table_name)
+            return
         self._client.update_time_to_live(
             TableName=self.table_name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expiration"}
         )
+
+
+def _outcome(fn: Callable[..., T], kwargs: dict[str, Any]) -> tuple[T | None, Exception | None]:
+    """Run ``fn`` on a worker thread and hand back its error as a value instead of raising it across the await.
+
+    An exception crossing the await reaches the awaiting coroutines through ``throw()``, and on Python 3.11 a frame
+    resumed by ``throw()`` emits no trace ``call`` event, so coverage loses every line after the await. Re-raising
+    on the event loop's side keeps those lines measured; the error object (and its traceback) is the same.
+    """
+    try:
+        return fn(**kwargs), None
+    except Exception as e:
+        return None, e
 
 
 def _is_condition_failure(error: ClientError) -> bool:

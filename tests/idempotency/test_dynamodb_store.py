@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,8 +13,10 @@ from unittest import mock
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
-from conftest import TABLE, make_dynamodb_store
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.stub import Stubber
+from conftest import TABLE, make_dynamodb_store, moto_client
 from moto import mock_aws
 
 from strands_py.idempotency import (
@@ -22,6 +26,9 @@ from strands_py.idempotency import (
     IdempotencyStoreError,
     RecordState,
 )
+from strands_py.idempotency import dynamodb as dynamodb_module
+
+WAIT = 10.0
 
 
 @pytest.fixture
@@ -64,17 +71,93 @@ async def test_store_io_runs_on_the_stores_own_threads(aws: None) -> None:
     store.close()
 
 
-async def test_errors_other_than_a_failed_condition_propagate(aws: None) -> None:
-    store = make_dynamodb_store()
-    denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "PutItem")
-    store._client.put_item = mock.Mock(side_effect=denied)
-    store._client.delete_item = mock.Mock(side_effect=denied)
+def _stubbed_store() -> tuple[DynamoDBIdempotencyStore, Stubber]:
+    client = boto3.client(
+        "dynamodb", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    return DynamoDBIdempotencyStore(TABLE, client=client), Stubber(client)
+
+
+async def _every_primitive(store: DynamoDBIdempotencyStore) -> list[Any]:
+    """Call each primitive once; returns the exceptions (one per primitive)."""
     now = time.time()
-    with pytest.raises(ClientError):
-        await store.claim(_claim("s#k", "a", now), now)
-    with pytest.raises(ClientError):
-        await store.release("s#k", "a")
+    calls = [
+        store.claim(_claim("s#k", "a", now), now),
+        store.get("s#k"),
+        store.complete(IdempotencyRecord("s#k", RecordState.COMPLETED, "a", now, now + 60, None, b"z")),
+        store.release("s#k", "a"),
+        store.renew("s#k", "a", now + 60),
+    ]
+    errors = []
+    for call in calls:
+        with pytest.raises(IdempotencyStoreError) as raised:
+            await asyncio.wait_for(call, WAIT)
+        errors.append(raised.value)
+    return errors
+
+
+OPERATIONS = ["put_item", "get_item", "put_item", "delete_item", "update_item"]
+
+
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        ("ProvisionedThroughputExceededException", 400),
+        ("AccessDeniedException", 400),
+        ("ResourceNotFoundException", 400),
+        ("InternalServerError", 500),
+    ],
+)
+async def test_service_errors_from_every_primitive_are_store_errors(aws: None, code: str, status: int) -> None:
+    store, stubber = _stubbed_store()
+    for operation in OPERATIONS:
+        stubber.add_client_error(operation, service_error_code=code, http_status_code=status)
+    with stubber:
+        errors = await _every_primitive(store)
+        stubber.assert_no_pending_responses()
+    for error in errors:
+        assert isinstance(error.__cause__, ClientError) and error.__cause__.response["Error"]["Code"] == code
+        assert TABLE in str(error) and code in str(error)
     store.close()
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_an_unreachable_endpoint_is_a_store_error_from_every_primitive() -> None:
+    # No moto here: a real client, pointed at a loopback port nobody listens on, one attempt, short timeouts.
+    config = Config(retries={"total_max_attempts": 1}, connect_timeout=1, read_timeout=1)
+    client = boto3.client(
+        "dynamodb",
+        region_name="us-east-1",
+        endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=config,
+    )
+    with DynamoDBIdempotencyStore(TABLE, client=client) as store:
+        errors = await _every_primitive(store)
+    assert all(isinstance(e.__cause__, BotoCoreError) for e in errors), [repr(e.__cause__) for e in errors]
+
+
+async def test_a_closed_store_raises_a_store_error(aws: None) -> None:
+    store = make_dynamodb_store()
+    store.close()
+    with pytest.raises(IdempotencyStoreError, match="closed"):
+        await store.get("s#k")
+
+
+async def test_other_runtime_errors_are_not_mistaken_for_a_closed_store(aws: None) -> None:
+    store = make_dynamodb_store()
+    store._client.get_item = mock.Mock(side_effect=RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        await store.get("s#k")
+    store._executor.shutdown()  # behind the store's back: not a closed store, a bug of the caller
+    with pytest.raises(RuntimeError, match="shutdown"):
+        await store.get("s#k")
 
 
 async def test_claim_reads_the_record_when_the_server_does_not_return_it(aws: None) -> None:
@@ -122,16 +205,136 @@ async def test_malformed_item_is_a_corrupt_record_naming_the_key(aws: None) -> N
     store.close()
 
 
-def test_create_table_is_idempotent_and_enables_ttl(aws: None) -> None:
-    store = make_dynamodb_store()
+class StrictTtlClient:
+    """A moto client that refuses to enable TTL twice, as real DynamoDB does (moto does not check)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.ttl_updates = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def update_time_to_live(self, **kwargs: Any) -> Any:
+        current = self._client.describe_time_to_live(TableName=kwargs["TableName"])["TimeToLiveDescription"]
+        if current["TimeToLiveStatus"] in ("ENABLED", "ENABLING"):
+            raise ClientError(
+                {"Error": {"Code": "ValidationException", "Message": "TimeToLive is already enabled"}},
+                "UpdateTimeToLive",
+            )
+        self.ttl_updates += 1
+        return self._client.update_time_to_live(**kwargs)
+
+
+def test_create_table_twice_enables_ttl_once(aws: None) -> None:
+    client = StrictTtlClient(moto_client())
+    store = DynamoDBIdempotencyStore(TABLE, client=client)
     store.create_table()
-    ttl = store._client.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    store.create_table()  # on real DynamoDB, enabling TTL again raises ValidationException
+    ttl = client.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
     assert ttl["AttributeName"] == "expiration" and ttl["TimeToLiveStatus"] == "ENABLED"
+    assert client.ttl_updates == 1
+    store.close()
+
+
+class _OldCreateTable(DynamoDBIdempotencyStore):
+    """Negative control: the previous create_table, which enabled TTL unconditionally."""
+
+    def create_table(self) -> None:
+        try:
+            self._client.create_table(
+                TableName=self.table_name,
+                AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except ClientError:
+            pass
+        self._client.update_time_to_live(
+            TableName=self.table_name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expiration"}
+        )
+
+
+@pytest.mark.xfail(strict=True, raises=ClientError)
+def test_negative_control_enabling_ttl_unconditionally_fails_the_second_time(aws: None) -> None:
+    store = _OldCreateTable(TABLE, client=StrictTtlClient(moto_client()))
+    store.create_table()
+    store.create_table()
+
+
+def test_create_table_refuses_ttl_on_another_attribute(aws: None) -> None:
+    client = moto_client()
+    client.create_table(
+        TableName=TABLE,
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    client.update_time_to_live(TableName=TABLE, TimeToLiveSpecification={"Enabled": True, "AttributeName": "ttl"})
+    with DynamoDBIdempotencyStore(TABLE, client=client) as store, pytest.raises(ValueError, match="'ttl'"):
+        store.create_table()
+
+
+def test_create_table_propagates_other_errors(aws: None) -> None:
+    store = make_dynamodb_store()
     store._client.create_table = mock.Mock(
         side_effect=ClientError({"Error": {"Code": "LimitExceededException", "Message": "no"}}, "CreateTable")
     )
     with pytest.raises(ClientError):
         store.create_table()
+    store.close()
+
+
+async def test_expiry_decisions_use_the_exact_expiry_not_the_ttl_attribute(aws: None) -> None:
+    """Issue 8 §3: the TTL attribute is rounded up to whole seconds; replaying until then was up to 1 s late."""
+    await _expired_at_the_exact_instant()
+
+
+async def _expired_at_the_exact_instant() -> None:
+    store = make_dynamodb_store()
+    second = math.floor(time.time())
+    expires = second + 0.25  # the TTL attribute says second + 1
+    await store.claim(_claim("s#k", "a", second - 10), second - 10)
+    await store.complete(IdempotencyRecord("s#k", RecordState.COMPLETED, "a", second, expires, "fp", b"z"))
+    item = store._client.get_item(TableName=TABLE, Key={"id": {"S": "s#k"}})["Item"]
+    assert item["expiration"] == {"N": str(second + 1)}
+    got = await store.get("s#k")
+    assert got is not None and got.expires_at == expires
+    # just before the exact expiry: replayed; just after: claimable, though the TTL attribute is still ahead
+    before = await store.claim(_claim("s#k", "b", second + 0.2), second + 0.2)
+    assert before is not None and before.state is RecordState.COMPLETED
+    assert await store.claim(_claim("s#k", "b", second + 0.5), second + 0.5) is None
+    store.close()
+
+
+_to_item = dynamodb_module._to_item
+
+
+def _old_to_item(record: IdempotencyRecord) -> dict[str, Any]:
+    item = _to_item(record)
+    del item["expires_at"]
+    item["expiration"] = {"N": str(int(record.expires_at) + 1)}
+    return item
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_deciding_by_the_ttl_attribute_replays_past_the_expiry(aws: None) -> None:
+    with mock.patch.object(dynamodb_module, "_to_item", _old_to_item):
+        await _expired_at_the_exact_instant()
+
+
+async def test_items_without_exact_expiry_are_judged_by_the_ttl_attribute(aws: None) -> None:
+    store = make_dynamodb_store()
+    second = math.floor(time.time())
+    item = {**_legacy_item("s#old", "a", lease=second - 100, expiration=second + 1)}
+    item["status"] = {"S": "COMPLETED"}
+    item["payload"] = {"B": b"z"}
+    store._client.put_item(TableName=TABLE, Item=item)
+    got = await store.get("s#old")
+    assert got is not None and got.expires_at == second + 1 and got.state is RecordState.COMPLETED
+    blocked = await store.claim(_claim("s#old", "b", second + 0.5), second + 0.5)
+    assert blocked is not None and blocked.owner == "a"
+    assert await store.claim(_claim("s#old", "b", second + 1), second + 1) is None
     store.close()
 
 
