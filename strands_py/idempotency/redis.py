@@ -1,0 +1,395 @@
+"""``RedisIdempotencyStore``: records in Redis (or Valkey), shared by every process and host.
+
+Needs redis-py: ``pip install 'strands-py[redis]'``. Importing this module without it raises ``ImportError`` with
+that hint; ``strands_py`` and ``strands_py.idempotency`` import without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar, cast
+
+try:
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import RedisError, ResponseError
+    from redis.retry import Retry
+except ImportError as e:  # pragma: no cover - exercised by the packaging test without the extra
+    raise ImportError("RedisIdempotencyStore needs redis-py: pip install 'strands-py[redis]'") from e
+
+from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
+from .base import IdempotencyStore
+from .record import IdempotencyRecord, RecordState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A replay returns the whole value in one reply, and Redis serves every client from one thread: results of many
+# megabytes slow down everyone sharing the server. 8 MiB holds any conversation's final message with room to
+# spare (images included); Redis itself refuses values over 512 MiB.
+_DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
+_REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
+
+# Data layout: one hash per record, at key_prefix + record.key, with the record's expiry on the key itself
+# (PEXPIREAT), so Redis deletes a record when it stops counting. Fields (all text but payload, which is bytes):
+#   status       IN_PROGRESS | COMPLETED
+#   owner        the claim's owner id
+#   lease        lease_expires_at, seconds since the epoch (Python repr of the float: exact when read back)
+#   expires_at   expires_at, same format; every decision uses it (the key's TTL is only its ceiling in ms)
+#   fingerprint, payload, checkpoint   present only when not None
+# A hash rather than one encoded string: the scripts compare status, owner, lease and expiry without decoding
+# anything (no cjson/cmsgpack in Lua), renew rewrites three small fields instead of the whole payload, and the
+# record is readable with redis-cli (HGETALL).
+#
+# The scripts take the caller's clock (``now``) as an argument, like the other stores: records' times are the
+# callers' time.time(), comparable across hosts; the server's clock only drives deletion of expired keys.
+
+# claim: store the claim unless a live record holds the key. One atomic step on one key (Redis Cluster safe).
+#   KEYS[1]   the record's key
+#   ARGV[1]   now: the caller's clock, seconds since the epoch
+#   ARGV[2]   the claiming owner
+#   ARGV[3]   PEXPIREAT of the claim: its expires_at in milliseconds, rounded up
+#   ARGV[4..] the claim's hash fields, as name, value, name, value, ...
+#   returns   nil if the claim was stored (the caller owns the key), else the live record (HGETALL's flat list)
+# Not live, so replaced: past its expires_at, or IN_PROGRESS with its lease lapsed, or IN_PROGRESS of the same
+# owner (a claim retried after its first attempt landed). A record whose lease or expiry is not a number is kept
+# and returned: the caller reports it as corrupted instead of overwriting what it cannot read.
+_CLAIM = """
+local unpack = unpack or table.unpack
+local status = redis.call('HGET', KEYS[1], 'status')
+if status then
+    local now = tonumber(ARGV[1])
+    local expires_at = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
+    local lease = tonumber(redis.call('HGET', KEYS[1], 'lease'))
+    local live = true
+    if expires_at ~= nil and lease ~= nil then
+        if expires_at <= now then
+            live = false
+        elseif status == 'IN_PROGRESS' then
+            live = lease > now and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]
+        end
+    end
+    if live then
+        return redis.call('HGETALL', KEYS[1])
+    end
+    redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+return nil
+"""
+
+# complete: replace the owner's IN_PROGRESS record with the completed record, fenced on owner and status.
+#   KEYS[1]   the record's key
+#   ARGV[1]   the owner
+#   ARGV[2]   PEXPIREAT of the completed record (milliseconds, rounded up)
+#   ARGV[3..] the completed record's hash fields, as name, value, ...
+#   returns   1 if written, 0 if fenced off (taken over, completed, or gone)
+_COMPLETE = """
+local unpack = unpack or table.unpack
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+"""
+
+# release: delete the owner's IN_PROGRESS record, fenced on owner and status.
+#   KEYS[1]   the record's key
+#   ARGV[1]   the owner
+#   returns   1 if deleted, 0 if fenced off
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# renew: extend the owner's lease, fenced on owner and status; the expiry is raised to the lease, never lowered.
+#   KEYS[1]   the record's key
+#   ARGV[1]   the owner
+#   ARGV[2]   the new lease_expires_at (seconds, same format as the hash field)
+#   ARGV[3]   PEXPIREAT for the new lease (milliseconds, rounded up), used only when the expiry is raised
+#   ARGV[4]   '1' to store ARGV[5] as the checkpoint, '0' to keep the stored one
+#   ARGV[5]   the checkpoint
+#   returns   1 if renewed, 0 if fenced off
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
+    return 0
+end
+redis.call('HSET', KEYS[1], 'lease', ARGV[2])
+local expires_at = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
+if expires_at == nil or expires_at < tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
+    redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+end
+if ARGV[4] == '1' then
+    redis.call('HSET', KEYS[1], 'checkpoint', ARGV[5])
+end
+return 1
+"""
+
+
+class RedisIdempotencyStore(IdempotencyStore):
+    """Idempotency records in Redis or Valkey, so retries are deduplicated across processes and hosts.
+
+    One hash per record, its expiry on the key (see the data layout above the scripts in this module). Each
+    primitive is one Lua script on one key, so one round trip and one atomic step, and Redis Cluster works:
+    ``claim`` stores the claim or returns the live record; ``complete``, ``release`` and ``renew`` are fenced on
+    the owner and the ``IN_PROGRESS`` status, so a primary whose lease was taken over cannot overwrite, delete or
+    extend the new owner's record. Scripts are sent by SHA (``EVALSHA``, via redis-py's ``register_script``) and
+    loaded again when the server does not know them (after a restart or ``SCRIPT FLUSH``).
+
+    Durability is the server's: a Redis without persistence (no AOF, no snapshots) forgets every record when it
+    restarts, claims of running invocations included, and their retries run again. Give the server
+    ``appendonly yes`` to keep them.
+
+    Errors: a server that cannot be reached, times out or answers with an error raises ``IdempotencyStoreError``
+    (the redis-py error chained); a key holding something else than a record raises
+    ``IdempotencyRecordCorruptedError``.
+
+    Thread-safety: safe from any thread and event loop. strands' sync ``agent(...)`` runs each call on a new event
+    loop in a new thread, and redis-py's asyncio connections belong to the loop that made them, so the store uses
+    the sync client (thread-safe, with its connection pool) on a small executor of its own, never on the event
+    loop's default executor. Cancellation: cancelling a call stops the caller waiting; the script runs to its end
+    on the server. Call ``close()`` (or use the store as a context manager) to stop its threads.
+
+    Attributes:
+        key_prefix: Prepended to every record's key (namespacing the store inside a shared Redis).
+        max_result_bytes: Largest encoded result stored.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        key_prefix: str = "strands-py:idempotency:",
+        max_result_bytes: int | None = _DEFAULT_MAX_RESULT_BYTES,
+        max_workers: int = 4,
+        close_client: bool = False,
+    ) -> None:
+        """Create a store over a sync redis-py client of yours (``from_url`` builds one).
+
+        Args:
+            client: A ``redis.Redis`` client, created with ``decode_responses=False`` (the default): results are
+                bytes. Its timeouts and retry policy apply as configured.
+            key_prefix: Prepended to every key.
+            max_result_bytes: Largest encoded result stored (default 8 MiB); None for Redis's own limit, 512 MiB.
+            max_workers: Threads of the store's own executor.
+            close_client: Whether ``close()`` closes ``client`` too.
+
+        Raises:
+            ValueError: ``client`` decodes responses, ``max_workers`` is not positive, or ``max_result_bytes`` is
+                not in 1..512 MiB.
+        """
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        if max_result_bytes is not None and not 0 < max_result_bytes <= _REDIS_MAX_VALUE_BYTES:
+            raise ValueError(f"max_result_bytes must be in 1..{_REDIS_MAX_VALUE_BYTES}, got {max_result_bytes}")
+        if client.get_encoder().decode_responses:
+            raise ValueError("the redis client must be created with decode_responses=False: results are bytes")
+        self.key_prefix = key_prefix
+        self.max_result_bytes = max_result_bytes if max_result_bytes is not None else _REDIS_MAX_VALUE_BYTES
+        self._client = client
+        self._close_client = close_client
+        self._claim = client.register_script(_CLAIM)
+        self._complete = client.register_script(_COMPLETE)
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency-redis")
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        key_prefix: str = "strands-py:idempotency:",
+        max_result_bytes: int | None = _DEFAULT_MAX_RESULT_BYTES,
+        max_workers: int = 4,
+        socket_timeout: float = 5.0,
+        socket_connect_timeout: float = 5.0,
+        retries: int = 3,
+        **client_kwargs: Any,
+    ) -> RedisIdempotencyStore:
+        """Create a store with a client of its own, closed by ``close()``.
+
+        Args:
+            url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS (certificate options as
+                ``ssl_*`` keyword arguments), or ``unix://path``.
+            key_prefix: Prepended to every key.
+            max_result_bytes: Largest encoded result stored (default 8 MiB); None for Redis's own limit.
+            max_workers: Threads of the store's own executor.
+            socket_timeout: Seconds to wait for a reply.
+            socket_connect_timeout: Seconds to wait for a connection.
+            retries: Retries of a command after a connection error or timeout (exponential backoff from 50 ms,
+                capped at 1 s), so an outage fails within seconds. Retrying is safe: a claim retried after its
+                first attempt landed is still the caller's own.
+            **client_kwargs: More ``redis.Redis`` arguments (``ssl_ca_certs``, ``username``, ...).
+
+        Raises:
+            ValueError: An argument is out of range, or ``decode_responses=True`` was passed.
+        """
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+            **client_kwargs,
+        )
+        try:
+            return cls(
+                client,
+                key_prefix=key_prefix,
+                max_result_bytes=max_result_bytes,
+                max_workers=max_workers,
+                close_client=True,
+            )
+        except BaseException:
+            client.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the store's executor threads (waiting for calls in progress), and close its own client."""
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        if self._close_client:
+            self._client.close()
+
+    def __enter__(self) -> RedisIdempotencyStore:
+        """Use the store as a context manager; ``close()`` on exit."""
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Close the store."""
+        self.close()
+
+    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.claim``: one script, one round trip."""
+        args = [repr(float(now)), record.owner, _pexpireat(record.expires_at), *_fields(record)]
+        existing = await self._run(record.key, self._claim, args)
+        if existing is None:
+            return None
+        return _from_fields(record.key, _pairs(existing))
+
+    async def get(self, key: str) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.get``: one ``HGETALL``; Redis has deleted an expired record already."""
+        fields = await self._run(key, self._client.hgetall, None)
+        return _from_fields(key, fields) if fields else None
+
+    async def complete(self, record: IdempotencyRecord) -> bool:
+        """See ``IdempotencyStore.complete``: one script, fenced on owner and status."""
+        args = [record.owner, _pexpireat(record.expires_at), *_fields(record)]
+        return bool(await self._run(record.key, self._complete, args))
+
+    async def release(self, key: str, owner: str) -> bool:
+        """See ``IdempotencyStore.release``: one script, fenced on owner and status."""
+        return bool(await self._run(key, self._release, [owner]))
+
+    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        """See ``IdempotencyStore.renew``: one script, fenced on owner and status."""
+        args = [
+            owner,
+            repr(float(lease_expires_at)),
+            _pexpireat(lease_expires_at),
+            "0" if checkpoint is None else "1",
+            checkpoint or "",
+        ]
+        return bool(await self._run(key, self._renew, args))
+
+    async def _run(self, key: str, command: Callable[..., Any], args: Sequence[Any] | None) -> Any:
+        """Run a script (``args`` given) or a one-key command on the store's executor; map errors."""
+        redis_key = self.key_prefix + key
+        call = (
+            functools.partial(command, keys=[redis_key], args=args)
+            if args is not None
+            else functools.partial(command, redis_key)
+        )
+        try:
+            result, error = await asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(_outcome, call)
+            )
+        except RuntimeError as e:
+            if not self._closed:
+                raise
+            raise IdempotencyStoreError("the Redis idempotency store is closed") from e
+        if error is None:
+            return result
+        if isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE"):
+            raise IdempotencyRecordCorruptedError(key, f"the Redis key holds another type: {error}") from error
+        if isinstance(error, RedisError | OSError):
+            logger.debug("key=<%s>, error=<%s> | redis call failed", key, type(error).__name__)
+            raise IdempotencyStoreError(f"Redis could not be used: {type(error).__name__}: {error}") from error
+        raise error
+
+
+def _outcome(call: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """Run ``call`` on a worker thread and hand back its error as a value instead of raising it across the await.
+
+    An exception crossing the await reaches the awaiting coroutines through ``throw()``, and on Python 3.11 a frame
+    resumed by ``throw()`` emits no trace ``call`` event, so coverage loses every line after the await.
+    """
+    try:
+        return call(), None
+    except Exception as e:
+        return None, e
+
+
+def _pexpireat(expires_at: float) -> int:
+    # Milliseconds, rounded up (the + 1 absorbs the float product's rounding): Redis never deletes a live record.
+    return math.floor(expires_at * 1000) + 1
+
+
+def _fields(record: IdempotencyRecord) -> list[str | bytes]:
+    fields: list[str | bytes] = [
+        "status",
+        record.state.value,
+        "owner",
+        record.owner,
+        "lease",
+        repr(float(record.lease_expires_at)),
+        "expires_at",
+        repr(float(record.expires_at)),
+    ]
+    if record.fingerprint is not None:
+        fields += ["fingerprint", record.fingerprint]
+    if record.payload is not None:
+        fields += ["payload", record.payload]
+    if record.checkpoint is not None:
+        fields += ["checkpoint", record.checkpoint]
+    return fields
+
+
+def _pairs(flat: Any) -> dict[bytes, bytes]:
+    items = cast(list[bytes], flat)
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
+    value = fields.get(name)
+    return None if value is None else value.decode()
+
+
+def _from_fields(key: str, fields: Mapping[bytes, bytes]) -> IdempotencyRecord:
+    try:
+        return IdempotencyRecord(
+            key=key,
+            state=RecordState(fields[b"status"].decode()),
+            owner=fields[b"owner"].decode(),
+            lease_expires_at=float(fields[b"lease"]),
+            expires_at=float(fields[b"expires_at"]),
+            fingerprint=_text(fields, b"fingerprint"),
+            payload=fields.get(b"payload"),
+            checkpoint=_text(fields, b"checkpoint"),
+        )
+    except (KeyError, TypeError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise IdempotencyRecordCorruptedError(key, f"malformed record: {type(e).__name__}: {e}") from e
