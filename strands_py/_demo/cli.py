@@ -1,4 +1,4 @@
-"""``python -m strands_py demo``: a retry storm, the old blocking waiter against strands-py, side by side."""
+"""``python -m strands_py``: ``demo`` (a retry storm, the old blocking waiter against strands-py) and ``serve``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--timeout", type=float, default=5.0, help="seconds after which a storm counts as hung (default 5)"
     )
+    try:
+        from ..http import _cli as http_cli
+    except ImportError:  # without the http extra there is no serve command
+        commands.add_parser("serve", help="serve an agent over HTTP (needs: pip install 'strands-py[http]')")
+    else:
+        http_cli.add_parser(commands)
     return parser
 
 
@@ -93,8 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.command == "serve":
+        try:
+            from ..http import _cli as http_cli
+        except ImportError as e:
+            parser.error(f"serve needs the http extra (pip install 'strands-py[http]'): {e}")
+        return http_cli.serve(args)
     return _demo(args.duplicates, args.workers, args.timeout)
 
 

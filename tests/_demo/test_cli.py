@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import argparse
+import sys
+from typing import Any
 from unittest import mock
 
 import pytest
 
+from strands_py import Agent
 from strands_py._demo import cli
 from strands_py._demo.storm import StormReport
+from strands_py.http import AgentApp
+from strands_py.http import _cli as http_cli
+from strands_py.idempotency import DynamoDBIdempotencyStore, InMemoryIdempotencyStore
+from strands_py.testing import ScriptedBedrock
 
 
 def test_demo_prints_table_with_control_hung_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,3 +41,67 @@ def test_bad_arguments_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(argv)
     assert exited.value.code == 2
+
+
+# -- serve ----------------------------------------------------------------------------------------------------------
+
+SCRIPT = ScriptedBedrock()
+
+
+def make_agent() -> Agent:
+    return Agent(model=SCRIPT.model(), tools=SCRIPT.tools(), callback_handler=None)
+
+
+def make_agent_for(request: object) -> Agent:
+    return make_agent()
+
+
+SHARED = Agent(callback_handler=None)
+
+
+def test_serve_store_urls() -> None:
+    assert isinstance(http_cli.store_from_url("memory"), InMemoryIdempotencyStore)
+    dynamodb = http_cli.store_from_url("dynamodb://agent-table?region=eu-west-1&endpoint_url=http://127.0.0.1:1")
+    assert isinstance(dynamodb, DynamoDBIdempotencyStore) and dynamodb.table_name == "agent-table"
+    dynamodb.close()
+    redis = http_cli.store_from_url("redis://127.0.0.1:1/0")
+    assert type(redis).__name__ == "RedisIdempotencyStore"
+    redis.close()  # type: ignore[attr-defined]
+    for bad in ["dynamodb://", "dynamodb://t?region=x&color=blue", "postgres://db", "memory:"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            http_cli.store_from_url(bad)
+
+
+def test_serve_agent_factories() -> None:
+    wrapped = http_cli.load_factory(f"{__name__}:make_agent")
+    assert isinstance(wrapped(object()), Agent)  # a factory without parameters is called without the request
+    assert http_cli.load_factory(f"{__name__}:make_agent_for") is make_agent_for
+    for bad in [f"{__name__}:SHARED", f"{__name__}:SCRIPT.answer", "no_such_module_x:f", f"{__name__}:nope", "x"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            http_cli.load_factory(bad)
+
+
+def test_serve_builds_the_app_runs_it_and_closes_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    served: list[Any] = []
+
+    def run(server: Any) -> None:
+        served.append(server)
+
+    monkeypatch.setattr(http_cli._AnnouncingServer, "run", run)
+    store = mock.MagicMock(spec=DynamoDBIdempotencyStore)
+    monkeypatch.setattr(http_cli, "store_from_url", lambda url: store)
+    assert cli.main(["serve", "--agent", f"{__name__}:make_agent_for", "--port", "0", "--store", "x"]) == 0
+    (server,) = served
+    assert isinstance(server.config.app, AgentApp) and server.config.port == 0 and server.config.host == "127.0.0.1"
+    assert server.config.access_log is False
+    store.close.assert_called_once()
+
+
+def test_serve_without_the_http_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "strands_py.http", None)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve"])
+    assert exited.value.code == 2
+    assert "strands-py[http]" in capsys.readouterr().err

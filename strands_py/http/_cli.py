@@ -1,0 +1,136 @@
+"""``python -m strands_py serve``: an ``AgentApp`` under uvicorn, the scripted demo agent by default."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import uvicorn
+from starlette.requests import Request
+
+from ..agent.agent import Agent
+from ..idempotency.base import IdempotencyStore
+from ..idempotency.config import IdempotencyConfig
+from ..idempotency.memory import InMemoryIdempotencyStore
+from ._app import AgentApp
+from ._demo import demo_agent_factory
+from ._server import Server
+
+STORE_HELP = (
+    "where idempotency records live: memory (default; this process only), "
+    "dynamodb://TABLE?region=REGION&endpoint_url=URL, or redis://HOST:PORT/DB (rediss:// for TLS)"
+)
+
+
+def add_parser(commands: Any) -> None:
+    """Add the ``serve`` command to the subparsers ``commands``."""
+    serve = commands.add_parser(
+        "serve",
+        help="serve an agent over HTTP (Idempotency-Key, Server-Sent Events, a chat page at /)",
+        description=(
+            "Serve agents over HTTP with strands_py.http.AgentApp under uvicorn: POST /invocations with an "
+            "Idempotency-Key, GET /invocations/{key}/events, and a chat page at /. Without --agent it serves a "
+            "scripted demo agent (a real BedrockModel whose boto3 client answers locally): no AWS account needed."
+        ),
+    )
+    serve.add_argument("--agent", metavar="MODULE:FACTORY", help="factory(request) -> strands_py.Agent to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to bind, 0 for any free one (default 8080)")
+    serve.add_argument("--store", default="memory", type=store_from_url, help=STORE_HELP)
+    serve.add_argument("--scope", default=None, help="scope of the keys (default: invocations)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (paths of GET /invocations/{key}/events hold keys)"
+    )
+
+
+def store_from_url(url: str) -> IdempotencyStore:
+    """The store a ``--store`` URL names.
+
+    Raises:
+        argparse.ArgumentTypeError: Not one of the forms in ``STORE_HELP``.
+    """
+    if url == "memory":
+        return InMemoryIdempotencyStore()
+    parts = urlsplit(url)
+    if parts.scheme == "dynamodb":
+        options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        unknown = sorted(set(options) - {"region", "endpoint_url"})
+        table = parts.netloc + parts.path.rstrip("/")
+        if not table or unknown:
+            raise argparse.ArgumentTypeError(f"expected dynamodb://TABLE?region=...&endpoint_url=..., got {url!r}")
+        from ..idempotency.dynamodb import DynamoDBIdempotencyStore
+
+        return DynamoDBIdempotencyStore(
+            table, region_name=options.get("region"), endpoint_url=options.get("endpoint_url")
+        )
+    if parts.scheme in ("redis", "rediss", "unix"):
+        from ..idempotency.redis import RedisIdempotencyStore
+
+        return RedisIdempotencyStore.from_url(url)
+    raise argparse.ArgumentTypeError(f"unknown store {url!r}: {STORE_HELP}")
+
+
+def load_factory(spec: str) -> Callable[[Request], Any]:
+    """The agent factory ``module:attribute`` names (as uvicorn finds apps, relative to the working directory).
+
+    A factory may take the request or nothing.
+
+    Raises:
+        argparse.ArgumentTypeError: The spec is malformed, cannot be imported, or names an ``Agent`` instance (one
+            agent would serve every request: pass a function that builds one).
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise argparse.ArgumentTypeError(f"--agent takes MODULE:FACTORY, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+        for name in attribute.split("."):
+            target = getattr(target, name)
+    except (ImportError, AttributeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot load {spec!r}: {e}") from e
+    if isinstance(target, Agent) or not callable(target):
+        raise argparse.ArgumentTypeError(f"{spec!r} must be a function returning a strands_py.Agent (one per request)")
+    try:
+        takes_request = bool(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        takes_request = True
+    if takes_request:
+        return target  # type: ignore[no-any-return]
+    return lambda request: target()
+
+
+class _AnnouncingServer(Server):
+    """Prints where it listens once it does (the actual port, with ``--port 0``)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                url = f"http://{host}:{port}"
+                print(f"strands-py: serving on {url}  (page {url}/, API POST {url}/invocations)", flush=True)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run ``serve`` until SIGINT or SIGTERM; a draining shutdown. Returns the exit status."""
+    factory = load_factory(args.agent) if args.agent else demo_agent_factory()
+    store: IdempotencyStore = args.store
+    app = AgentApp(factory, IdempotencyConfig(store=store, scope=args.scope), page=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    try:
+        _AnnouncingServer(config, [app]).run()
+    finally:
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+    return 0
