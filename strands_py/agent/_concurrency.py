@@ -13,9 +13,10 @@ default executor and the primary could no longer get a worker for its own model 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,29 @@ if TYPE_CHECKING:
     from strands.agent.agent_result import AgentResult
 
 logger = logging.getLogger(__name__)
+
+# The invocations whose primary is running code in this context right now (its model call, tools, hooks and
+# callback handlers run inside it, and tasks and threads they start copy it). A call that would wait for one of them
+# would wait for itself.
+_running: contextvars.ContextVar[tuple[_InflightInvocation, ...]] = contextvars.ContextVar(
+    "strands_py_running_invocations", default=()
+)
+
+
+def _waits_for_itself(inflight: _InflightInvocation) -> bool:
+    """Whether following ``inflight`` from the current context would deadlock (a re-entrant call)."""
+    running = _running.get()
+    if not running:
+        return False
+    followed: _InflightInvocation | None = inflight
+    while followed is not None:
+        # A settled invocation answers at once: following it cannot wait for anything.
+        if followed.settled:
+            return False
+        if followed in running:
+            return True
+        followed = followed.follows
+    return False
 
 
 def _wake_waiters(waiters: list[asyncio.Future[None]]) -> None:
@@ -82,6 +106,9 @@ class _InflightInvocation:
     __slots__ = (
         "result",
         "error",
+        "key",
+        "fingerprint",
+        "follows",
         "_error_traceback",
         "_mutex",
         "_settled",
@@ -93,12 +120,19 @@ class _InflightInvocation:
         "_readers_by_loop",
     )
 
-    def __init__(self, max_buffered_events: int = 0) -> None:
+    def __init__(self, max_buffered_events: int = 0, *, key: str | None = None, fingerprint: str | None = None) -> None:
         """Create an unsettled invocation with no waiters.
 
         Args:
             max_buffered_events: How many of the primary's events are kept for streaming duplicates (0: none).
+            key: The durable key of the invocation, when it has one (for errors and the in-process registry).
+            fingerprint: The request fingerprint, when payloads are validated: a duplicate whose request has
+                another fingerprint must not receive this invocation's outcome.
         """
+        self.key = key
+        self.fingerprint = fingerprint
+        # The invocation this one relays, when its primary follows another agent's primary of the same durable key.
+        self.follows: _InflightInvocation | None = None
         self.result: AgentResult | None = None
         self.error: BaseException | None = None
         self._error_traceback: TracebackType | None = None
@@ -159,7 +193,7 @@ class _InflightInvocation:
             readers_by_loop, self._readers_by_loop = self._readers_by_loop, {}
         _hop_to_loops(readers_by_loop)
 
-    async def stream_events(self) -> AsyncIterator[Any]:
+    async def stream_events(self) -> AsyncGenerator[Any, None]:
         """Yield the primary's buffered events, then its live ones, until it settles; then take ``outcome()``.
 
         A reader that starts after the buffer filled up gets no events (only the outcome); one that started before
@@ -250,6 +284,7 @@ class _BeginResult:
     waiting_on: _InflightInvocation | None
     registered_token: Any
     lock_acquired: bool
+    registered: _InflightInvocation | None = None
 
 
 def _tokens_match(token: Any, inflight_token: Any) -> bool:
@@ -308,11 +343,13 @@ class _ConcurrencyController:
         """The invocation registered under a token right now, if any."""
         return self._inflight
 
-    def begin(self, idempotency_token: Any) -> _BeginResult:
+    def begin(self, idempotency_token: Any, *, key: str | None = None, fingerprint: str | None = None) -> _BeginResult:
         """Decide whether this call is the primary, a duplicate, or refused. Never blocks.
 
         Args:
             idempotency_token: The caller's token, or None. Matched against the token in flight by ``==``.
+            key: The call's durable key, kept on the invocation a primary registers.
+            fingerprint: The call's request fingerprint, kept on the invocation a primary registers.
 
         Returns:
             A ``_BeginResult``; see its docstring for the three paths.
@@ -327,7 +364,7 @@ class _ConcurrencyController:
             with self._mutex:
                 inflight, inflight_token = self._inflight, self._inflight_token
                 if idempotency_token is None or inflight is None:
-                    return self._acquire_locked(idempotency_token)
+                    return self._acquire_locked(idempotency_token, key, fingerprint)
             # The user's __eq__ runs outside the mutex: it may be slow, raise, or even call back into the agent.
             is_duplicate = _tokens_match(idempotency_token, inflight_token)
             with self._mutex:
@@ -336,17 +373,19 @@ class _ConcurrencyController:
                     continue
                 if is_duplicate:
                     return _BeginResult(waiting_on=inflight, registered_token=None, lock_acquired=False)
-                return self._acquire_locked(idempotency_token)
+                return self._acquire_locked(idempotency_token, key, fingerprint)
 
-    def _acquire_locked(self, idempotency_token: Any) -> _BeginResult:
+    def _acquire_locked(self, idempotency_token: Any, key: str | None, fingerprint: str | None) -> _BeginResult:
         """Take the lock and register the token as in flight; the caller holds ``_mutex``."""
         if self._busy:
             return _BeginResult(waiting_on=None, registered_token=None, lock_acquired=False)
         self._busy = True
         if idempotency_token is not None:
             self._inflight_token = idempotency_token
-            self._inflight = _InflightInvocation(self._max_buffered_events)
-        return _BeginResult(waiting_on=None, registered_token=idempotency_token, lock_acquired=True)
+            self._inflight = _InflightInvocation(self._max_buffered_events, key=key, fingerprint=fingerprint)
+        return _BeginResult(
+            waiting_on=None, registered_token=idempotency_token, lock_acquired=True, registered=self._inflight
+        )
 
     def publish(self, registered_token: Any, result: AgentResult) -> None:
         """Wake the duplicates with the primary's result while the primary still holds the agent.

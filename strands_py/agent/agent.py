@@ -5,44 +5,62 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, cast
 
 import strands
 from strands.agent.agent_result import AgentResult
+from strands.hooks import BeforeToolCallEvent
 from strands.types.agent import ConcurrentInvocationMode
 from strands.types.exceptions import ConcurrencyException
 
 from .. import telemetry
 from .._events import result_of
-from ..idempotency._durable import durable_stream
+from ..idempotency._context import STATE_KEY, _RunContext, run_context_of
+from ..idempotency._durable import DurableCall, durable_stream
+from ..idempotency._registry import registry_for
 from ..idempotency.config import IdempotencyConfig
-from ..types.exceptions import IdempotencyAbortedError
-from ._concurrency import _ConcurrencyController, _InflightInvocation
+from ..idempotency.keys import make_key, request_fingerprint
+from ..types.exceptions import (
+    IdempotencyAbortedError,
+    IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
+    ReentrantInvocationError,
+)
+from ._concurrency import _ConcurrencyController, _InflightInvocation, _running, _waits_for_itself
 
 logger = logging.getLogger(__name__)
 
 # Events kept per invocation for streaming duplicates: a long streamed answer is a few thousand events.
 DEFAULT_MAX_BUFFERED_EVENTS = 10_000
 
+_BUSY = "Agent is already processing a request. Concurrent invocations are not supported."
+
 
 class Agent(strands.Agent):
     """A drop-in ``strands.Agent`` whose invocations are idempotent per ``idempotency_token``.
 
     ``agent(prompt, idempotency_token=T)``, ``await agent.invoke_async(prompt, idempotency_token=T)`` and
-    ``agent.stream_async(prompt, idempotency_token=T)`` all pass the gate in ``stream_async``. In THROW mode (the
-    default) a call whose token ``==`` the in-flight invocation's token is a duplicate: it does not run the agent,
-    it waits for the primary and receives the primary's ``AgentResult`` (``stream_async`` yields one final
-    ``{"result": ...}`` event) and its ``callback_handler`` fires once with ``result=``. If the primary raises,
-    every duplicate raises the same exception; if the primary ends without a result (cancelled, stream closed,
-    ``KeyboardInterrupt``), duplicates raise ``IdempotencyAbortedError``. A call with another token, or none, while
-    an invocation is in flight raises ``ConcurrencyException`` at once. The token is forgotten when the invocation
-    ends. ``ConcurrentInvocationMode.UNSAFE_REENTRANT`` ignores tokens. Calls without a token behave exactly like
-    ``strands.Agent``.
+    ``agent.stream_async(prompt, idempotency_token=T)`` all pass one gate. In THROW mode (the default) a call whose
+    token ``==`` the in-flight invocation's token is a duplicate: it does not run the agent, it waits for the primary
+    and receives the primary's ``AgentResult`` (``stream_async``: the primary's events, then the result event) and its
+    ``callback_handler`` fires once with ``result=``. If the primary raises, every duplicate raises the same
+    exception; if the primary ends without a result (cancelled, stream closed, ``KeyboardInterrupt``), duplicates
+    raise ``IdempotencyAbortedError``. A call with another token, or none, while an invocation is in flight raises
+    ``ConcurrencyException`` at once; a call that would wait for the very invocation it runs inside (a tool calling
+    its own agent with the same token) raises ``ReentrantInvocationError``. The token is forgotten when the
+    invocation ends. ``ConcurrentInvocationMode.UNSAFE_REENTRANT`` ignores tokens in-process. Calls without a token
+    behave exactly like ``strands.Agent``.
+
+    With ``idempotency=IdempotencyConfig(...)``, tokens are durable: completed results are replayed, other processes
+    wait or replay, and every Agent instance of this process given the same store (and scope) joins a running
+    invocation of the same key in-process, without touching the store.
 
     Thread-safety: calls may come from any threads and event loops (each sync call runs its own loop); waiting
     duplicates hold no thread. Cancellation: cancelling a waiting duplicate affects only that duplicate; cancelling
-    the primary aborts its duplicates and leaves the agent usable.
+    the primary (or closing its stream) aborts its duplicates, releases its durable claim, and leaves the agent
+    usable as soon as the cancellation (or ``aclose()``) returns.
     """
 
     def __init__(
@@ -72,15 +90,34 @@ class Agent(strands.Agent):
         gate = _ConcurrencyController(
             kwargs.get("concurrent_invocation_mode", ConcurrentInvocationMode.THROW), max_buffered_events
         )
-        if idempotency is not None and not isinstance(idempotency, IdempotencyConfig):
-            raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(idempotency).__name__}")
+        _check_config(idempotency)
         super().__init__(*args, **kwargs)
         # Not `_concurrency`: strands-agents >= 1.45 keeps its own controller under that name.
         self._idempotency_gate = gate
-        self.idempotency = idempotency
-        self._idempotency_scope = (idempotency.scope if idempotency else None) or (
-            f"{self.name}/{self.agent_id}".replace("#", "_")
-        )
+        self._max_buffered_events = max_buffered_events
+        self._idempotency: IdempotencyConfig | None = idempotency
+        self.hooks.add_callback(BeforeToolCallEvent, self._before_tool_call)
+
+    @property
+    def idempotency(self) -> IdempotencyConfig | None:
+        """The durable idempotency configuration (None: tokens are forgotten when their invocation ends).
+
+        May be replaced between invocations (an HTTP layer gives each request's agent its tenant's scope).
+        """
+        return self._idempotency
+
+    @idempotency.setter
+    def idempotency(self, config: IdempotencyConfig | None) -> None:
+        _check_config(config)
+        self._idempotency = config
+
+    @property
+    def _idempotency_scope(self) -> str:
+        """The durable scope: the configuration's, else derived from the agent's name and id."""
+        config = self._idempotency
+        if config is not None and config.scope is not None:
+            return config.scope
+        return f"{self.name}/{self.agent_id}".replace("#", "_")
 
     async def stream_async(
         self,
@@ -89,11 +126,12 @@ class Agent(strands.Agent):
         idempotency_token: Any = None,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
-        """Run the agent and yield its events; a duplicate of the in-flight token yields only the result event.
+        """Run the agent and yield its events; a duplicate of the in-flight token yields the primary's events.
 
         Args:
             prompt: As for ``strands.Agent.stream_async``.
-            idempotency_token: Deduplication token (THROW mode only), matched by ``==``; need not be hashable.
+            idempotency_token: Deduplication token (THROW mode only, unless durable), matched by ``==``; need not be
+                hashable (durable tokens: str, bytes or JSON).
             **kwargs: Every other keyword of ``strands.Agent.stream_async`` (``invocation_state``,
                 ``structured_output_model``, ``callback_handler``, ...), passed through unchanged.
 
@@ -104,19 +142,24 @@ class Agent(strands.Agent):
 
         Raises:
             ConcurrencyException: Another invocation (other token, or none) is in flight on this agent.
+            ReentrantInvocationError: The call runs inside the invocation it would wait for.
             IdempotencyAbortedError: Duplicate of a primary that ended without a result.
             IdempotencyTokenError: The token could not be compared with the token in flight (or, with
-                ``idempotency=``, is not str, bytes or JSON-serializable).
+                ``idempotency=``, is not str, bytes or JSON).
             IdempotencyKeyMismatchError: With ``idempotency=``: the token was used for a different request.
             IdempotencyWaitTimeoutError: With ``idempotency=``: another process's invocation of the token did not
                 finish within ``wait_timeout_seconds``.
+            IdempotencyStoreError: With ``idempotency=``: the store failed; nothing ran.
+            IdempotencyLeaseLostError: With ``idempotency=``: the primary lost its claim while running.
             IdempotencyRecordCorruptedError: With ``idempotency=``: the token's stored record cannot be decoded.
             IdempotencyResultTooLargeError: With ``idempotency=``: the token completed, but its result was too large
                 to store and replay.
             Exception: Whatever the primary raised (for a duplicate: the primary's exception object).
         """
-        async for event in self._gate(prompt, idempotency_token, kwargs, stream_duplicate=True):
-            yield event
+        # aclosing: closing this stream closes the gate now, in this task, not when the garbage collector finds it.
+        async with aclosing(self._gate(prompt, idempotency_token, kwargs, stream_duplicate=True)) as events:
+            async for event in events:
+                yield event
 
     async def invoke_async(self, prompt: Any = None, *, idempotency_token: Any = None, **kwargs: Any) -> AgentResult:
         """Run the agent and return its result; a duplicate of the in-flight token returns the primary's result.
@@ -133,76 +176,173 @@ class Agent(strands.Agent):
             The primary's ``AgentResult`` (a ``ReplayedAgentResult`` when replayed from the durable store).
         """
         last: Any = None
-        async for event in self._gate(prompt, idempotency_token, kwargs, stream_duplicate=False):
-            last = event
+        async with aclosing(self._gate(prompt, idempotency_token, kwargs, stream_duplicate=False)) as events:
+            async for event in events:
+                last = event
         return cast(AgentResult, last["result"])
 
     async def _gate(
         self, prompt: Any, idempotency_token: Any, kwargs: dict[str, Any], *, stream_duplicate: bool
     ) -> AsyncGenerator[Any, None]:
         """The one gate every invocation passes; see ``stream_async``."""
+        # Everything that can reject the call (an unusable token, an unfingerprintable prompt) runs before the gate.
+        call = self._durable_call(prompt, idempotency_token, kwargs)
         gate = self._idempotency_gate
-        begin = gate.begin(idempotency_token)
+        begin = gate.begin(
+            idempotency_token,
+            key=call.key if call is not None else None,
+            fingerprint=call.fingerprint if call is not None else None,
+        )
 
         if begin.waiting_on is not None:
-            async for event in self._follow_primary(begin.waiting_on, kwargs, stream_duplicate):
-                yield event
+            _check_joinable(begin.waiting_on, call)
+            async with aclosing(self._follow_primary(begin.waiting_on, kwargs, stream_duplicate)) as followed:
+                async for event in followed:
+                    yield event
             return
 
         if not begin.lock_acquired:
-            raise ConcurrencyException(
-                "Agent is already processing a request. Concurrent invocations are not supported."
-            )
+            raise ConcurrencyException(_BUSY)
 
-        token = begin.registered_token
-        buffer = gate.inflight if token is not None else None
+        # The invocation duplicates follow: the per-agent one, or (UNSAFE_REENTRANT, durable) one of our own that
+        # only agents sharing the store can find.
+        inflight = begin.registered
+        if inflight is None and call is not None:
+            inflight = _InflightInvocation(self._max_buffered_events, key=call.key, fingerprint=call.fingerprint)
+        registry = registry_for(call.config.store) if call is not None else None
+        registered = False
         result: AgentResult | None = None
         error: BaseException | None = None
         events: AsyncGenerator[Any, None] | None = None
         try:
-            if self.idempotency is not None and idempotency_token is not None:
-                events = durable_stream(
-                    self.idempotency,
-                    self._idempotency_scope,
-                    idempotency_token,
-                    prompt,
-                    kwargs,
-                    self._callback_handler_for(kwargs),
-                    lambda: self._upstream_stream(prompt, kwargs),
-                )
+            if call is not None and registry is not None and inflight is not None:
+                other = registry.begin(call.key, inflight)
+                registered = other is None
+                if other is not None:
+                    # Another Agent instance of this process runs this key: relay its invocation.
+                    _check_joinable(other, call)
+                    inflight.follows = other
+                    events = self._follow_primary(other, kwargs, stream_duplicate=True)
+                else:
+                    events = durable_stream(
+                        call,
+                        self._callback_handler_for(kwargs),
+                        lambda context: self._upstream_stream(prompt, kwargs, context),
+                        self._on_lease_lost,
+                    )
             else:
-                events = self._upstream_stream(prompt, kwargs)
-            async for event in events:
+                events = self._upstream_stream(prompt, kwargs, None)
+            while True:
+                # Code running inside this primary (tools, hooks, callback handlers, tasks they start) is marked, so
+                # that a call of theirs that would wait for this very invocation fails instead of deadlocking.
+                marker = _running.set((*_running.get(), inflight)) if inflight is not None else None
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if marker is not None:
+                        _running.reset(marker)
                 event_result = result_of(event)
                 if event_result is not None:
                     result = event_result
-                    if token is not None:
-                        gate.publish(token, result)
-                elif buffer is not None:
-                    buffer.append_event(event)
+                    if begin.registered is not None:
+                        gate.publish(begin.registered_token, result)
+                    elif inflight is not None:
+                        inflight.settle(result, None)
+                elif inflight is not None:
+                    inflight.append_event(event)
                 yield event
         except Exception as e:
             error = e
             raise
         finally:
             try:
-                # Close upstream's stream now, not at garbage collection: it holds upstream's own lock until then.
+                # Close the inner streams now, in this task: upstream holds its own lock until its generator ends,
+                # and a store claim must be handed back before this call returns.
                 if events is not None:
                     await events.aclose()
             finally:
-                if token is not None:
+                if registered and call is not None and registry is not None and inflight is not None:
+                    registry.end(call.key, inflight)
+                if begin.registered is not None:
                     # Neither result nor error (cancelled, closed early, BaseException) aborts the duplicates.
-                    gate.complete(token, result=result, error=error)
+                    gate.complete(begin.registered_token, result=result, error=error)
                 else:
                     gate.release_lock()
+                    if inflight is not None:
+                        inflight.settle(result, error)
 
-    def _upstream_stream(self, prompt: Any, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
+    def _durable_call(self, prompt: Any, token: Any, kwargs: dict[str, Any]) -> DurableCall | None:
+        """The durable identity of this call (key, fingerprint), or None when it is not durable."""
+        config = self._idempotency
+        if config is None or token is None:
+            return None
+        scope = self._idempotency_scope
+        structured_model = kwargs.get("structured_output_model") or self._default_structured_output_model
+        fingerprint = None
+        if config.validate_payload:
+            options = {
+                "structured_output_model": structured_model,
+                "structured_output_prompt": kwargs.get("structured_output_prompt") or self._structured_output_prompt,
+            }
+            fingerprint = request_fingerprint(scope, prompt, options, config.hmac_key)
+        return DurableCall(
+            config=config,
+            key=make_key(scope, token, config.hmac_key),
+            fingerprint=fingerprint,
+            structured_output_model=structured_model,
+        )
+
+    def _upstream_stream(
+        self, prompt: Any, kwargs: dict[str, Any], context: _RunContext | None
+    ) -> AsyncGenerator[Any, None]:
         """``strands.Agent.stream_async`` for this call; the token is never passed on.
 
-        strands-agents < 1.45 does not know ``idempotency_token``; newer ones would deduplicate a second time.
+        strands-agents < 1.45 does not know ``idempotency_token``; newer ones would deduplicate a second time. A
+        durable run's context travels in ``invocation_state``, which strands hands to hooks and tools.
         """
-        # Annotated upstream as an AsyncIterator, but it is an async generator: we need its aclose().
-        return cast(AsyncGenerator[Any, None], super().stream_async(prompt, **kwargs))
+        if context is None:
+            # Annotated upstream as an AsyncIterator, but it is an async generator: we need its aclose().
+            return cast(AsyncGenerator[Any, None], super().stream_async(prompt, **kwargs))
+        return self._upstream_stream_with_context(prompt, kwargs, context)
+
+    async def _upstream_stream_with_context(
+        self, prompt: Any, kwargs: dict[str, Any], context: _RunContext
+    ) -> AsyncGenerator[Any, None]:
+        # The caller's own invocation_state object is passed on (as upstream does, tools may write to it for the
+        # caller to read), with our entry in it for the duration of the run.
+        state = kwargs.get("invocation_state")
+        if state is None:
+            state = {}
+        state[STATE_KEY] = context
+        upstream = cast(
+            AsyncGenerator[Any, None], super().stream_async(prompt, **{**kwargs, "invocation_state": state})
+        )
+        try:
+            async with aclosing(upstream):
+                async for event in upstream:
+                    yield event
+        finally:
+            if state.get(STATE_KEY) is context:
+                del state[STATE_KEY]
+
+    def _before_tool_call(self, event: BeforeToolCallEvent) -> None:
+        """Give the tool call its idempotency key; refuse to start it once this primary's lease is lost."""
+        context = run_context_of(event.invocation_state)
+        if context is None:
+            return
+        context.key_for(event.tool_use)
+        lease = context.lease
+        if lease is not None and (lease.lost is not None or lease.expired_locally()):
+            # Another caller may already be running this token: this tool must not run a second time.
+            event.cancel_tool = "cancelled: this invocation lost its idempotency lease to another caller"
+            self.cancel()
+
+    def _on_lease_lost(self, error: IdempotencyLeaseLostError) -> None:
+        """Stop the run at its next cancellation point (model stream, before tools)."""
+        logger.debug("key=<%s> | lease lost, cancelling the run", error.key)
+        self.cancel()
 
     async def _follow_primary(
         self, inflight: _InflightInvocation, kwargs: dict[str, Any], stream_duplicate: bool
@@ -218,8 +358,9 @@ class Agent(strands.Agent):
         error: BaseException | None = None
         try:
             if stream_duplicate:
-                async for event in inflight.stream_events():
-                    yield event
+                async with aclosing(inflight.stream_events()) as events:
+                    async for event in events:
+                        yield event
             else:
                 await self._wait_for_primary(inflight)
             shared = inflight.outcome()
@@ -234,12 +375,16 @@ class Agent(strands.Agent):
             raise
         finally:
             telemetry.end_span(span, {"wait_seconds": time.monotonic() - started, "outcome": outcome}, error)
-        self._callback_handler_for(kwargs)(result=shared)
+        handler = self._callback_handler_for(kwargs)
+        if handler is not None:
+            handler(result=shared)
         yield {"result": shared}
 
-    def _callback_handler_for(self, kwargs: dict[str, Any]) -> Any:
-        """The call's ``callback_handler=`` keyword, else the agent's."""
-        return kwargs.get("callback_handler") or self.callback_handler
+    def _callback_handler_for(self, kwargs: dict[str, Any]) -> Callable[..., Any] | None:
+        """The call's ``callback_handler=`` keyword whenever it was passed (even a falsy one), else the agent's."""
+        if "callback_handler" in kwargs:
+            return cast(Callable[..., Any] | None, kwargs["callback_handler"])
+        return cast(Callable[..., Any], self.callback_handler)
 
     async def _wait_for_primary(self, inflight: _InflightInvocation) -> None:
         """Wait, holding no thread, until the primary has settled.
@@ -247,3 +392,24 @@ class Agent(strands.Agent):
         Cancellation: cancels only this duplicate's own future.
         """
         await inflight.register_waiter()
+
+
+def _check_config(config: IdempotencyConfig | None) -> None:
+    if config is not None and not isinstance(config, IdempotencyConfig):
+        raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(config).__name__}")
+
+
+def _check_joinable(inflight: _InflightInvocation, call: DurableCall | None) -> None:
+    """Refuse to follow an invocation of another request, or one the caller itself runs inside."""
+    if (
+        call is not None
+        and call.fingerprint is not None
+        and inflight.fingerprint is not None
+        and call.fingerprint != inflight.fingerprint
+    ):
+        raise IdempotencyKeyMismatchError(call.key)
+    if _waits_for_itself(inflight):
+        raise ReentrantInvocationError(
+            "this call runs inside the invocation of the same idempotency token (a tool, hook or callback handler "
+            "of that invocation called the agent again with its token); waiting for it would deadlock"
+        )

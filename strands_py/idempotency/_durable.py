@@ -1,4 +1,9 @@
-"""The durable pass of an in-process primary: claim, or wait for another process and replay, then complete."""
+"""The durable pass of an in-process primary: claim, or wait for another process and replay; run under a lease.
+
+Policy lives here, storage in the stores: how a claim is taken (and handed back when its caller gave up while it was
+in flight), how another owner is waited for, when a result is stored (never a failure, an abort or a cancelled run),
+and what a primary does when it loses its lease.
+"""
 
 from __future__ import annotations
 
@@ -7,68 +12,102 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from opentelemetry.trace import Span
+from pydantic import BaseModel
 from strands.agent.agent_result import AgentResult
 
 from .. import telemetry
 from .._events import result_of
-from ..types.exceptions import IdempotencyKeyMismatchError, IdempotencyWaitTimeoutError
+from ..types.exceptions import (
+    IdempotencyError,
+    IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
+    IdempotencyStoreError,
+    IdempotencyWaitTimeoutError,
+)
+from ._context import _RunContext
+from ._heartbeat import _Lease
 from .codec import decode_result, encode_result
 from .config import IdempotencyConfig
-from .keys import make_key, request_fingerprint
 from .record import IdempotencyRecord, RecordState
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Polling another process's invocation: capped exponential backoff with jitter, never a parked thread.
 _POLL_FIRST_SECONDS = 0.05
 _POLL_MAX_SECONDS = 1.0
 
+# Cleanup tasks that hand back a claim whose caller gave up while it was being written; referenced until done.
+_background: set[asyncio.Task[None]] = set()
 
-def _answer_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call options that change the answer, for the request fingerprint."""
-    return {
-        "structured_output_model": kwargs.get("structured_output_model"),
-        "structured_output_prompt": kwargs.get("structured_output_prompt"),
-    }
+
+@dataclass
+class DurableCall:
+    """One call's durable identity: what the gate computed before deciding anything.
+
+    Attributes:
+        config: The agent's idempotency configuration.
+        key: The durable key (scope and keyed digest of the token).
+        fingerprint: The request fingerprint, or None when payloads are not validated.
+        structured_output_model: The model a replay rebuilds ``structured_output`` with (the call's, else the
+            agent's default).
+        owner: A fresh random owner id for this call's claim.
+    """
+
+    config: IdempotencyConfig
+    key: str
+    fingerprint: str | None
+    structured_output_model: type[BaseModel] | None
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+async def _store(call: Awaitable[T]) -> T:
+    """Await a store primitive; anything but our own errors becomes ``IdempotencyStoreError`` (cause chained)."""
+    try:
+        return await call
+    except (IdempotencyError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        raise IdempotencyStoreError(f"idempotency store failed: {type(e).__name__}: {e}") from e
 
 
 async def durable_stream(
-    config: IdempotencyConfig,
-    scope: str,
-    token: Any,
-    prompt: Any,
-    kwargs: dict[str, Any],
-    callback_handler: Callable[..., Any],
-    run_primary: Callable[[], AsyncGenerator[Any, None]],
+    call: DurableCall,
+    callback_handler: Callable[..., Any] | None,
+    run_primary: Callable[[_RunContext], AsyncGenerator[Any, None]],
+    on_lease_lost: Callable[[IdempotencyLeaseLostError], None],
 ) -> AsyncGenerator[Any, None]:
-    """Run ``run_primary`` at most once per token and window, across every process sharing ``config.store``.
+    """Run ``run_primary`` at most once per token and window, across every process sharing ``call.config.store``.
 
     Yields the primary's events, or for a replay one ``{"result": ReplayedAgentResult}`` event (after firing
-    ``callback_handler(result=...)`` once).
+    ``callback_handler(result=...)`` once). The primary's result is stored *before* its result event is yielded,
+    so whoever sees the result sees the token's result.
 
     Raises:
         IdempotencyKeyMismatchError: The token's record has a different request fingerprint.
         IdempotencyWaitTimeoutError: Another process's invocation did not finish within ``wait_timeout_seconds``.
         IdempotencyRecordCorruptedError: The completed record cannot be decoded.
         IdempotencyResultTooLargeError: The completed result was too large to store.
+        IdempotencyStoreError: The store failed before anything ran.
+        IdempotencyLeaseLostError: The primary lost its claim while running; nothing was stored.
     """
-    key = make_key(scope, token)
-    fingerprint = request_fingerprint(prompt, _answer_options(kwargs)) if config.validate_payload else None
-    owner = uuid.uuid4().hex
+    config, key = call.config, call.key
     span = telemetry.start_span(telemetry.SPAN_CLAIM, {"key": key})
     started = time.monotonic()
     decision = "error"
     error: BaseException | None = None
     try:
-        completed = await _claim_or_wait(config, key, owner, fingerprint, span)
+        completed, claimed_at = await _claim_or_wait(call, span)
         if completed is None:
             decision = "claimed"
         else:
-            result = decode_result(completed, kwargs.get("structured_output_model"))
+            result = decode_result(completed, call.structured_output_model)
             decision = "replayed"
             telemetry.add_event(span, telemetry.EVENT_RESULT_REPLAYED, {"key": key})
     except IdempotencyKeyMismatchError as e:
@@ -87,36 +126,86 @@ async def durable_stream(
 
     if completed is not None:
         logger.debug("key=<%s> | completed within the window, replaying stored result", key)
-        callback_handler(result=result)
+        if callback_handler is not None:
+            callback_handler(result=result)
         yield {"result": result}
         return
 
-    result_seen: AgentResult | None = None
-    events = run_primary()
+    lease = _Lease(config.store, key, call.owner, config.lease_seconds, claimed_at=claimed_at, on_lost=on_lease_lost)
+    context = _RunContext(key=key, hmac_key=config.hmac_key, lease=lease)
+    settled = False  # the claim was completed or released on the way: nothing is left to hand back
+    events: AsyncGenerator[Any, None] | None = None
+    lease.start()
     try:
+        events = run_primary(context)
         async for event in events:
-            event_result = result_of(event)
-            if event_result is not None:
-                result_seen = event_result
+            result_seen = result_of(event)
+            if result_seen is None:
+                lease.check()
+                yield event
+                continue
+            await lease.stop()
+            lease.check()
+            settled = True
+            if result_seen.stop_reason == "cancelled":
+                # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's answer.
+                # Release the claim so that a retry runs; this caller still gets what upstream returned.
+                logger.debug("key=<%s> | run was cancelled, releasing the claim instead of storing it", key)
+                await _release(config, key, call.owner)
+            else:
+                await _complete(call, result_seen)
             yield event
     finally:
-        await events.aclose()
-        if result_seen is not None:
-            await _complete(config, key, owner, fingerprint, result_seen)
-        else:
-            # Failed or aborted: failures are not stored, so the next retry runs.
-            await _release(config, key, owner)
+        try:
+            await lease.stop()
+        finally:
+            try:
+                if events is not None:
+                    await events.aclose()
+            finally:
+                # Failed, aborted, closed early, lease lost, or cleanup raised: nothing stored; hand the claim back
+                # (fenced: a claim already taken over is not touched) so that the next retry runs at once.
+                if not settled:
+                    await _release(config, key, call.owner)
 
 
-async def _claim_or_wait(
-    config: IdempotencyConfig, key: str, owner: str, fingerprint: str | None, span: Span
-) -> IdempotencyRecord | None:
-    """Claim the key (returns None) or return its completed record, waiting while another process runs it."""
-    store = config.store
+async def _claim(call: DurableCall, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+    """``store.claim``, handing the claim back if our caller gives up while the write may still land."""
+    store = call.config.store
+    attempt = asyncio.ensure_future(_store(store.claim(record, now)))
+    try:
+        return await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        # The write was sent and may land after our caller stopped waiting: an orphaned IN_PROGRESS record would
+        # block every retry for a whole lease although nothing runs. Hand it back (fenced) once the write is done.
+        cleanup = asyncio.ensure_future(_release_when_landed(call, attempt))
+        _background.add(cleanup)
+        cleanup.add_done_callback(_background.discard)
+        raise
+
+
+async def _release_when_landed(call: DurableCall, attempt: asyncio.Future[IdempotencyRecord | None]) -> None:
+    try:
+        existing = await attempt
+    except BaseException:  # noqa: BLE001 - the claim failed or was torn down: nothing of ours to release
+        return
+    if existing is None or existing.owner == call.owner:
+        logger.debug("key=<%s> | caller gave up during its claim, handing the claim back", call.key)
+        await _release(call.config, call.key, call.owner)
+
+
+async def _claim_or_wait(call: DurableCall, span: Span) -> tuple[IdempotencyRecord | None, float]:
+    """Claim the key (returns None) or return its completed record, waiting while another owner runs it.
+
+    Returns:
+        The completed record (or None when we claimed it), and the monotonic time our claim was sent.
+    """
+    config, key, owner, fingerprint = call.config, call.key, call.owner, call.fingerprint
     started = time.monotonic()
     delay = _POLL_FIRST_SECONDS
     while True:
         now = time.time()
+        claimed_at = time.monotonic()
         claim = IdempotencyRecord(
             key=key,
             state=RecordState.IN_PROGRESS,
@@ -125,10 +214,14 @@ async def _claim_or_wait(
             expires_at=now + config.lease_seconds + config.expires_after_seconds,
             fingerprint=fingerprint,
         )
-        existing = await store.claim(claim, now)
+        existing = await _claim(call, claim, now)
         if existing is None:
             logger.debug("key=<%s> | claimed", key)
-            return None
+            return None, claimed_at
+        if existing.owner == owner and existing.state is RecordState.IN_PROGRESS:
+            # Our own claim: the write landed, its response was lost, and the client's retry met our record.
+            logger.debug("key=<%s> | claim found our own record (a retried write), it is ours", key)
+            return None, claimed_at
         logger.debug("key=<%s>, state=<%s> | token already claimed", key, existing.state.value)
         if existing.state is RecordState.IN_PROGRESS:
             telemetry.add_event(span, telemetry.EVENT_WAITING_FOR_OWNER, {"key": key})
@@ -136,7 +229,7 @@ async def _claim_or_wait(
             if fingerprint is not None and existing.fingerprint is not None and existing.fingerprint != fingerprint:
                 raise IdempotencyKeyMismatchError(key)
             if existing.state is RecordState.COMPLETED:
-                return existing
+                return existing, claimed_at
             waited = time.monotonic() - started
             timeout = config.wait_timeout_seconds
             if timeout is not None and waited >= timeout:
@@ -148,7 +241,7 @@ async def _claim_or_wait(
             pause = max(0.0, min(pause, existing.lease_expires_at - time.time() + 0.01))
             await asyncio.sleep(pause)
             delay = min(delay * 2, _POLL_MAX_SECONDS)
-            current = await store.get(key)
+            current = await _store(config.store.get(key))
             if current is None or not current.is_live(time.time()):
                 # Completed-and-expired, released after a failure, or the owner's lease lapsed: claim it ourselves.
                 if current is not None and current.state is RecordState.IN_PROGRESS:
@@ -158,34 +251,47 @@ async def _claim_or_wait(
             existing = current
 
 
-async def _complete(
-    config: IdempotencyConfig, key: str, owner: str, fingerprint: str | None, result: AgentResult
-) -> None:
-    """Store the result for replay. Never raises: the primary's caller gets its result whatever happens here."""
+async def _complete(call: DurableCall, result: AgentResult) -> None:
+    """Store the result for replay.
+
+    Raises:
+        IdempotencyLeaseLostError: The claim is no longer ours: another owner took it over, so this result is not
+            the token's result (the new owner's will be).
+
+    A store failure is logged and the claim handed back; the caller still gets its result.
+    """
+    config, key, owner = call.config, call.key, call.owner
     try:
         now = time.time()
-        payload = encode_result(result, config.store.max_result_bytes)
         record = IdempotencyRecord(
             key=key,
             state=RecordState.COMPLETED,
             owner=owner,
             lease_expires_at=now,
             expires_at=now + config.expires_after_seconds,
-            fingerprint=fingerprint,
-            payload=payload,
+            fingerprint=call.fingerprint,
+            payload=encode_result(result, config.store.max_result_bytes),
         )
-        if not await config.store.complete(record):
-            logger.warning("key=<%s> | claim was taken over by another owner, result not stored", key)
+        if await _store(config.store.complete(record)):
+            return
+        current = await _store(config.store.get(key))
+    except IdempotencyLeaseLostError:
+        raise
     except Exception:
-        # The claim stays until its lease lapses; a retry after that runs again. Better than failing the caller.
+        # The claim stays until its lease lapses (about one lease); a retry after that runs again.
         logger.exception("key=<%s> | could not store the result; releasing the claim", key)
         await _release(config, key, owner)
+        return
+    if current is not None and current.owner == owner and current.state is RecordState.COMPLETED:
+        # Our own complete, retried by the client after its response was lost, met the record it had written.
+        return
+    raise IdempotencyLeaseLostError(key, "the claim was taken over before the result could be stored")
 
 
 async def _release(config: IdempotencyConfig, key: str, owner: str) -> None:
     """Delete our claim so that a retry runs. Never raises (a lapsed lease frees it anyway)."""
     try:
         if not await config.store.release(key, owner):
-            logger.warning("key=<%s> | claim was taken over by another owner before release", key)
+            logger.debug("key=<%s> | claim was no longer ours to release", key)
     except Exception:
         logger.exception("key=<%s> | could not release the claim; it frees itself when its lease lapses", key)

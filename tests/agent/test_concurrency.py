@@ -63,7 +63,7 @@ class _CheckThenAct(_ConcurrencyController):
         super().__init__()
         self._between = between
 
-    def begin(self, idempotency_token: Any) -> Any:
+    def begin(self, idempotency_token: Any, **_: Any) -> Any:
         with self._mutex:
             inflight = self._inflight
         self._between()
@@ -71,7 +71,7 @@ class _CheckThenAct(_ConcurrencyController):
             return _BeginResult(waiting_on=inflight, registered_token=None, lock_acquired=False)
         with self._mutex:
             self._busy = False  # the broken variant trusts its stale read
-            return self._acquire_locked(idempotency_token)
+            return self._acquire_locked(idempotency_token, None, None)
 
 
 def _in_thread_loop(coro_fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

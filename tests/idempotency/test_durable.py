@@ -23,6 +23,7 @@ from strands_py._demo.storm import _until
 from strands_py.idempotency import (
     IdempotencyConfig,
     IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
     IdempotencyRecord,
     IdempotencyRecordCorruptedError,
     IdempotencyResultTooLargeError,
@@ -183,13 +184,27 @@ async def test_lapsed_lease_is_taken_over_and_runs_once(store: IdempotencyStore)
     assert stored is not None and stored.state is RecordState.COMPLETED and stored.owner != "crashed"
 
 
-async def test_fenced_complete_warns_and_the_caller_keeps_its_result(caplog: pytest.LogCaptureFixture) -> None:
-    script = ScriptedBedrock()
-    agent = _agent(script, store=CountingStore(InMemoryIdempotencyStore(), complete_result=False))
-    with caplog.at_level(logging.WARNING):
-        result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
-    assert result.stop_reason == "end_turn"
-    assert any("taken over" in r.getMessage() for r in caplog.records)
+async def test_a_primary_whose_claim_was_taken_over_stores_nothing_and_raises_lease_lost() -> None:
+    gate = threading.Event()
+    script = ScriptedBedrock(gate=gate, gate_timeout=WAIT)
+    store = InMemoryIdempotencyStore()
+    agent = _agent(script, store=store, lease_seconds=60)
+    primary = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="req-1"))
+    await _until(script.entered.is_set, WAIT, "the primary's model call")
+    dup = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="req-1"))
+    inflight = agent._idempotency_gate.inflight
+    assert inflight is not None
+    await _until(lambda: inflight.waiter_count >= 1, WAIT, "the duplicate")
+    # another process took the claim over (as if our lease had lapsed): its claim is judged at a later "now"
+    key = make_key(agent._idempotency_scope, "req-1")
+    later = time.time() + 120
+    usurper = IdempotencyRecord(key, RecordState.IN_PROGRESS, "usurper", later + 60, later + 3600)
+    assert await store.claim(usurper, later) is None
+    gate.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(primary, dup, return_exceptions=True), WAIT)
+    assert all(isinstance(o, IdempotencyLeaseLostError) for o in outcomes), outcomes
+    stored = await store.get(key)
+    assert stored is not None and stored.owner == "usurper" and stored.state is RecordState.IN_PROGRESS
 
 
 async def test_store_failure_on_complete_never_fails_the_caller(caplog: pytest.LogCaptureFixture) -> None:
@@ -332,8 +347,3 @@ def test_in_memory_store_bounds_and_validation() -> None:
         InMemoryIdempotencyStore(max_entries=0)
     with pytest.raises(ValueError):
         InMemoryIdempotencyStore(max_result_bytes=0)
-    store = InMemoryIdempotencyStore(max_entries=2)
-    now = time.time()
-    for key in ("s#1", "s#2", "s#3"):
-        asyncio.run(store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "o", now + 60, now + 60), now))
-    assert len(store) == 2 and asyncio.run(store.get("s#1")) is None
