@@ -233,3 +233,24 @@ def text_of(events: list[Event]) -> str:
 def client(url: str, **options: Any) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
     return httpx.AsyncClient(base_url=url, timeout=WAIT, limits=limits, **options)
+
+
+class SerialMotoServer:
+    """moto's DynamoDB on 127.0.0.1, one request at a time (moto's backend is not atomic under threads)."""
+
+    def __init__(self) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", 0, app, threaded=False, request_handler=MotoRequestHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="moto-server", daemon=True)
+
+    def __enter__(self) -> SerialMotoServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._thread.join(WAIT)
