@@ -19,8 +19,8 @@ from ._options import ServingOptions
 from ._page import render_page
 from ._problems import KEY_MISSING, Problem, http_problem
 from ._protocol import (
-    MAX_KEY_LENGTH,
     ProblemError,
+    is_valid_key,
     parse_idempotency_key,
     parse_invocation,
     parse_last_event_id,
@@ -194,7 +194,7 @@ class AgentApp:
 
     async def _get_events(self, request: Request) -> Response:
         key = request.path_params["key"]
-        if not (1 <= len(key) <= MAX_KEY_LENGTH and all(" " <= char <= "~" for char in key)):
+        if not is_valid_key(key):
             raise HTTPException(404)
         return await self._service.follow(request, key, parse_last_event_id(request.headers.get("last-event-id")))
 

@@ -56,6 +56,11 @@ def parse_idempotency_key(values: list[str]) -> str | None:
     return key
 
 
+def is_valid_key(key: object) -> bool:
+    """Whether ``key`` is an idempotency key: a string of 1 to 255 printable ASCII characters (space included)."""
+    return isinstance(key, str) and 1 <= len(key) <= MAX_KEY_LENGTH and all(" " <= char <= "~" for char in key)
+
+
 def _parse_sf_string(value: str) -> str:
     """RFC 8941 section 4.2.5: a quoted string of printable ASCII, with a backslash escaping a quote or itself."""
     chars: list[str] = []

@@ -67,8 +67,12 @@ class InvocationService:
         idempotency: IdempotencyConfig,
         scope: ScopeFunction | None,
         options: ServingOptions,
+        on_run: Callable[[Run, bool], None] | None = None,
     ) -> None:
-        """Serve the agents of ``agent_factory`` with ``idempotency``; see ``AgentApp``."""
+        """Serve the agents of ``agent_factory`` with ``idempotency``; see ``AgentApp``.
+
+        ``on_run(run, started)`` is told when a run starts (True) and when its task ends (False).
+        """
         if not isinstance(idempotency, IdempotencyConfig):
             raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(idempotency).__name__}")
         self._factory = agent_factory
@@ -80,6 +84,7 @@ class InvocationService:
         retain = min(options.retain_finished_seconds, idempotency.expires_after_seconds)
         self.registry = RunRegistry(options.retain_finished_runs, retain)
         self._configs: dict[str, IdempotencyConfig] = {}
+        self._on_run = on_run
         self.closing = False
 
     # -- keys --------------------------------------------------------------------------------------------------
@@ -195,15 +200,22 @@ class InvocationService:
 
         run = Run(key, fingerprint, options.max_buffered_events)
         self.registry.add(run)
+        if self._on_run is not None:
+            self._on_run(run, True)
         run.start(
             open_stream,
             timeout_problem=run_timeout_problem(options.run_timeout_seconds),
             timeout_seconds=options.run_timeout_seconds,
             retry_after=options.retry_after_seconds,
-            on_settled=self.registry.settled,
+            on_settled=self._settled,
         )
         logger.debug("key=<%s> | run started", key)
         return run
+
+    def _settled(self, run: Run) -> None:
+        self.registry.settled(run)
+        if self._on_run is not None:
+            self._on_run(run, False)
 
     async def _make_agent(self, request: Request) -> Agent:
         if self._factory_is_async:
