@@ -10,6 +10,7 @@ from .idempotency import (
     InMemoryIdempotencyStore,
     ReplayedAgentResult,
 )
+from .idempotency._context import tool_idempotency_key
 from .types.exceptions import (
     ConcurrencyException,
     IdempotencyAbortedError,
@@ -43,4 +44,5 @@ __all__ = [
     "ReentrantInvocationError",
     "ReplayedAgentResult",
     "__version__",
+    "tool_idempotency_key",
 ]

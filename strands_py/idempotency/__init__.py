@@ -17,6 +17,7 @@ from ..types.exceptions import (
     IdempotencyStoreError,
     IdempotencyWaitTimeoutError,
 )
+from ._context import tool_idempotency_key
 from .base import IdempotencyStore
 from .config import IdempotencyConfig
 from .dynamodb import DynamoDBIdempotencyStore
@@ -38,4 +39,5 @@ __all__ = [
     "InMemoryIdempotencyStore",
     "RecordState",
     "ReplayedAgentResult",
+    "tool_idempotency_key",
 ]
