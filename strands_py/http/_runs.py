@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import secrets
 import threading
@@ -264,10 +265,9 @@ class Run:
         try:
             await future
         finally:
-            if not future.done():
-                with self._lock:
-                    if (loop, future) in self._waiters:
-                        self._waiters.remove((loop, future))
+            with self._lock:  # cancelled (or timed out): leave no waiter behind; notified: already gone
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((loop, future))
 
     async def wait(self, condition: Callable[[Run], bool]) -> None:
         """Wait until ``condition(run)`` holds (``decided``, ``finished``, ``settled``).
