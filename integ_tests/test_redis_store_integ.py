@@ -18,13 +18,16 @@ import redis_worker as worker
 from _servers import RedisServer, running_redis
 
 from strands_py.idempotency import (
+    IdempotencyStore,
     IdempotencyStoreError,
     IdempotencyWaitTimeoutError,
     RecordState,
     ReplayedAgentResult,
 )
 from strands_py.idempotency.keys import make_key
+from strands_py.idempotency.redis import RedisIdempotencyStore
 from strands_py.testing.bedrock import STUB_ANSWER
+from strands_py.testing.store_contract import StoreContract
 
 WAIT = 60.0
 SPAWN = multiprocessing.get_context("spawn")
@@ -44,6 +47,15 @@ def url(server: RedisServer) -> Iterator[str]:
     client.flushall()
     client.close()
     yield server.url
+
+
+class TestRealRedisContract(StoreContract):
+    """The store contract on a real redis-server (the claim race included: the server is atomic)."""
+
+    @pytest.fixture
+    def store(self, url: str) -> Iterator[IdempotencyStore]:
+        with RedisIdempotencyStore.from_url(url) as store:
+            yield store
 
 
 def _wait_for(predicate: Any, what: str) -> None:

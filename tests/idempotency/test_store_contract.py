@@ -1,210 +1,83 @@
-"""The storage contract, run against InMemoryIdempotencyStore and DynamoDBIdempotencyStore (moto)."""
+"""The store contract (``strands_py.testing.store_contract``) on every store of ours, and its negative controls.
+
+In-memory, DynamoDB (moto) and Redis (fakeredis with Lua) here; real Redis in
+``integ_tests/test_redis_store_integ.py``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
+import fakeredis
 import pytest
-from conftest import make_dynamodb_store
+from conftest import TABLE, make_dynamodb_store
 from moto import mock_aws
 
-from strands_py.idempotency import IdempotencyRecord, IdempotencyStore, InMemoryIdempotencyStore, RecordState
+from strands_py.idempotency import (
+    DynamoDBIdempotencyStore,
+    IdempotencyRecord,
+    IdempotencyStore,
+    InMemoryIdempotencyStore,
+    RecordState,
+)
+from strands_py.idempotency.redis import RedisIdempotencyStore
+from strands_py.testing.store_contract import SerialisedCalls, StoreContract
 
 WAIT = 10.0
 
 
-def _claim(key: str, owner: str, *, now: float, lease: float = 60.0, ttl: float = 3600.0, fp: str = "fp") -> Any:
-    return IdempotencyRecord(key, RecordState.IN_PROGRESS, owner, now + lease, now + lease + ttl, fp)
+class TestInMemoryStore(StoreContract):
+    @pytest.fixture
+    def store(self) -> IdempotencyStore:
+        return InMemoryIdempotencyStore()
 
 
-def _completed(key: str, owner: str, *, now: float, ttl: float = 3600.0, payload: bytes = b"z") -> Any:
-    return IdempotencyRecord(key, RecordState.COMPLETED, owner, now, now + ttl, "fp", payload)
+class TestDynamoDBStore(StoreContract):
+    @pytest.fixture
+    def store(self) -> Iterator[IdempotencyStore]:
+        with mock_aws():
+            store = make_dynamodb_store(serialised=False)
+            yield store
+            store.close()
+
+    @pytest.fixture
+    def racing_store(self, store: IdempotencyStore) -> Iterator[IdempotencyStore]:
+        """moto's backend is not atomic under threads: each boto3 call runs alone, as DynamoDB's items would."""
+        assert isinstance(store, DynamoDBIdempotencyStore)
+        serialised = DynamoDBIdempotencyStore(TABLE, client=SerialisedCalls(store._client))
+        yield serialised
+        serialised.close()
 
 
-async def test_first_claim_wins_and_others_see_it(store: IdempotencyStore) -> None:
-    now = time.time()
-    assert await store.claim(_claim("s#k", "a", now=now), now) is None
-    existing = await store.claim(_claim("s#k", "b", now=now), now)
-    assert existing is not None and existing.owner == "a" and existing.state is RecordState.IN_PROGRESS
-    assert existing.fingerprint == "fp"
-    got = await store.get("s#k")
-    assert got is not None and got.owner == "a"
-    assert await store.get("s#missing") is None
+class TestFakeRedisStore(StoreContract):
+    """fakeredis runs each command (a whole script included) under one server lock: the race stays real."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[IdempotencyStore]:
+        with RedisIdempotencyStore(fakeredis.FakeRedis(server=fakeredis.FakeServer())) as store:
+            yield store
 
 
-@pytest.mark.racing
-def test_claim_race_sixteen_threads_one_owner(store: IdempotencyStore) -> None:
-    # The DynamoDB store's client is serialised (conftest.SerialisedClient): moto is not atomic under threads.
-    start = threading.Barrier(16)
-    winners: list[str] = []
-    mutex = threading.Lock()
-
-    def contender(owner: str) -> None:
-        start.wait(WAIT)
-        now = time.time()
-        if asyncio.run(store.claim(_claim("s#race", owner, now=now), now)) is None:
-            with mutex:
-                winners.append(owner)
-
-    threads = [threading.Thread(target=contender, args=(f"owner-{i}",)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-    assert len(winners) == 1
+def test_a_subclass_must_override_the_store_fixture() -> None:
+    base_fixture = StoreContract.__dict__["store"].__wrapped__
+    with pytest.raises(NotImplementedError, match="TestForgetful must override the `store` fixture"):
+        base_fixture(type("TestForgetful", (StoreContract,), {})())
 
 
-async def test_complete_and_release_are_fenced_on_the_owner(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now=now), now)
-    assert await store.complete(_completed("s#k", "intruder", now=now)) is False
-    assert await store.release("s#k", "intruder") is False
-    got = await store.get("s#k")
-    assert got is not None and got.owner == "a" and got.state is RecordState.IN_PROGRESS
-    assert await store.complete(_completed("s#k", "a", now=now, payload=b"zdata")) is True
-    done = await store.get("s#k")
-    assert done is not None and done.state is RecordState.COMPLETED and done.payload == b"zdata"
-    # a completed record is no longer releasable, not even by its owner
-    assert await store.release("s#k", "a") is False
-    assert await store.complete(_completed("s#k", "a", now=now)) is False
+# Negative controls: broken stores that the contract must catch.
 
-
-async def test_release_lets_the_next_claim_run(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now=now), now)
-    assert await store.release("s#k", "a") is True
-    assert await store.get("s#k") is None
-    assert await store.claim(_claim("s#k", "b", now=now), now) is None
-
-
-async def test_lease_takeover_fences_the_old_owner(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "crashed", now=now - 10, lease=5), now - 10)
-    # the lease lapsed 5 s ago: the claim is not live any more and is taken over
-    assert await store.claim(_claim("s#k", "new", now=now), now) is None
-    assert await store.complete(_completed("s#k", "crashed", now=now)) is False
-    assert await store.release("s#k", "crashed") is False
-    got = await store.get("s#k")
-    assert got is not None and got.owner == "new"
-
-
-async def test_expired_completed_record_is_replaced(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now=now - 100), now - 100)
-    await store.complete(_completed("s#k", "a", now=now - 100, ttl=10))
-    assert await store.claim(_claim("s#k", "b", now=now), now) is None
-
-
-async def test_live_completed_record_blocks_claims(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now=now), now)
-    await store.complete(_completed("s#k", "a", now=now))
-    existing = await store.claim(_claim("s#k", "b", now=now), now)
-    assert existing is not None and existing.state is RecordState.COMPLETED
-
-
-async def test_keys_of_different_scopes_are_independent(store: IdempotencyStore) -> None:
-    now = time.time()
-    assert await store.claim(_claim("tenant-a#same-hash", "a", now=now), now) is None
-    assert await store.claim(_claim("tenant-b#same-hash", "b", now=now), now) is None
-    got_a, got_b = await store.get("tenant-a#same-hash"), await store.get("tenant-b#same-hash")
-    assert got_a is not None and got_b is not None and (got_a.owner, got_b.owner) == ("a", "b")
-
-
-async def test_renew_extends_the_lease_and_never_lowers_the_expiry(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now=now, lease=10, ttl=100), now)
-    # a lease still inside the expiry: the lease moves, the expiry stays
-    assert await store.renew("s#k", "a", now + 50) is True
-    got = await store.get("s#k")
-    assert got is not None and got.lease_expires_at == now + 50 and got.expires_at == now + 110
-    # a lease past the expiry: the expiry is raised to the lease
-    assert await store.renew("s#k", "a", now + 500.25) is True
-    got = await store.get("s#k")
-    assert got is not None and got.lease_expires_at == now + 500.25 and got.expires_at == now + 500.25
-    # a shorter lease again: the expiry is not lowered
-    assert await store.renew("s#k", "a", now + 20) is True
-    got = await store.get("s#k")
-    assert got is not None and got.lease_expires_at == now + 20 and got.expires_at == now + 500.25
-    assert got.state is RecordState.IN_PROGRESS and got.owner == "a" and got.fingerprint == "fp"
-
-
-async def test_renew_stores_the_checkpoint_and_none_keeps_it(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now=now), now)
-    assert await store.renew("s#k", "a", now + 60, checkpoint="messages=3") is True
-    got = await store.get("s#k")
-    assert got is not None and got.checkpoint == "messages=3"
-    assert await store.renew("s#k", "a", now + 90) is True
-    got = await store.get("s#k")
-    assert got is not None and got.checkpoint == "messages=3" and got.lease_expires_at == now + 90
-    assert await store.renew("s#k", "a", now + 90, checkpoint="") is True
-    got = await store.get("s#k")
-    assert got is not None and got.checkpoint == ""
-
-
-async def test_renew_is_fenced_on_owner_and_in_progress(store: IdempotencyStore) -> None:
-    now = time.time()
-    assert await store.renew("s#missing", "a", now + 60) is False
-    await store.claim(_claim("s#k", "a", now=now - 10, lease=5), now - 10)
-    assert await store.renew("s#k", "intruder", now + 60) is False
-    # taken over after the lease lapsed: the old owner's heartbeat is fenced off, the new owner's is not
-    assert await store.claim(_claim("s#k", "b", now=now), now) is None
-    assert await store.renew("s#k", "a", now + 600, checkpoint="stale") is False
-    got = await store.get("s#k")
-    assert got is not None and got.owner == "b" and got.checkpoint is None and got.lease_expires_at == now + 60
-    assert await store.renew("s#k", "b", now + 120) is True
-    # completed: nothing to renew
-    assert await store.complete(_completed("s#k", "b", now=now)) is True
-    assert await store.renew("s#k", "b", now + 180) is False
-    done = await store.get("s#k")
-    assert done is not None and done.state is RecordState.COMPLETED and done.lease_expires_at == now
-    # released: gone
-    await store.claim(_claim("s#other", "c", now=now), now)
-    assert await store.release("s#other", "c") is True
-    assert await store.renew("s#other", "c", now + 60) is False
-
-
-async def test_a_renewed_lease_keeps_others_out_until_it_lapses(store: IdempotencyStore) -> None:
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now=now - 10, lease=5), now - 10)
-    # lapsed 5 s ago but not taken over yet: the owner's heartbeat catches up and the claim is live again
-    assert await store.renew("s#k", "a", now + 30) is True
-    existing = await store.claim(_claim("s#k", "b", now=now), now)
-    assert existing is not None and existing.owner == "a"
-    assert await store.claim(_claim("s#k", "b", now=now + 31), now + 31) is None
-
-
-async def test_a_claim_by_its_own_owner_is_its_own(store: IdempotencyStore) -> None:
-    """A retried claim whose first attempt landed (its response lost) must not wait for itself."""
-    now = time.time()
-    assert await store.claim(_claim("s#k", "a", now=now), now) is None
-    assert await store.claim(_claim("s#k", "a", now=now + 1), now + 1) is None
-    got = await store.get("s#k")
-    assert got is not None and got.owner == "a" and got.lease_expires_at == now + 61
-    # but a completed record is never re-claimed, not even by the owner that completed it
-    assert await store.complete(_completed("s#k", "a", now=now)) is True
-    existing = await store.claim(_claim("s#k", "a", now=now), now)
-    assert existing is not None and existing.state is RecordState.COMPLETED
-
-
-async def test_checkpoint_and_payload_round_trip(store: IdempotencyStore) -> None:
-    now = time.time()
-    claim = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 60, now + 3600, None, None, "cp-1")
-    assert await store.claim(claim, now) is None
-    assert await store.get("s#k") == claim
-    payload = bytes(range(256)) * 4
-    done = IdempotencyRecord("s#k", RecordState.COMPLETED, "a", now, now + 3600.125, "fp", payload, None)
-    assert await store.complete(done) is True
-    assert await store.get("s#k") == done
+CONTRACT = StoreContract()
 
 
 class _UnfencedStore(InMemoryIdempotencyStore):
-    """Negative control: completes and releases without checking the owner."""
+    """Completes, releases and renews without checking the owner."""
 
     async def complete(self, record: IdempotencyRecord) -> bool:
         with self._mutex:
@@ -218,14 +91,55 @@ class _UnfencedStore(InMemoryIdempotencyStore):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
-async def test_negative_control_unfenced_store_lets_a_taken_over_primary_overwrite() -> None:
-    await test_lease_takeover_fences_the_old_owner(_UnfencedStore())
+def test_negative_control_unfenced_store_lets_a_taken_over_primary_overwrite() -> None:
+    CONTRACT.test_lease_takeover_fences_the_old_owner(_UnfencedStore())
+
+
+class _CheckThenActStore(InMemoryIdempotencyStore):
+    """Checks under the lock, then writes under it again: every contender passes the check before anyone writes."""
+
+    def __init__(self, contenders: int) -> None:
+        super().__init__()
+        self._all_checked = threading.Barrier(contenders)
+
+    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        with self._mutex:
+            existing = self._lookup(record.key)
+        if existing is not None and existing.is_live(now):
+            return existing
+        self._all_checked.wait(WAIT)  # deterministic interleaving: nobody writes before everyone has checked
+        with self._mutex:
+            self._put(record)
+        return None
+
+
+@pytest.mark.racing
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_check_then_act_claims_have_many_winners() -> None:
+    CONTRACT.test_claim_race_has_one_winner(_CheckThenActStore(CONTRACT.race_contenders))
+
+
+class _RenewLowersExpiry(InMemoryIdempotencyStore):
+    """Renews by setting the expiry to the lease, lowering it."""
+
+    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        with self._mutex:
+            if not self._owned_in_progress(key, owner):
+                return False
+            record = self._claims[key]
+            self._put(IdempotencyRecord(key, record.state, owner, lease_expires_at, lease_expires_at))
+            return True
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_a_renewal_that_lowers_the_expiry() -> None:
+    CONTRACT.test_renew_extends_the_lease_and_never_lowers_the_expiry(_RenewLowersExpiry())
 
 
 @pytest.mark.racing
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 def test_negative_control_unserialised_moto_lets_two_claims_win() -> None:
-    """Why the contract serialises moto: its backend checks a condition, then writes, with no lock between.
+    """Why the DynamoDB race is serialised: moto checks a condition, then writes, with no lock between.
 
     Deterministic interleaving: the first claim passes its condition check and waits inside moto until the second
     claim (on another thread of the store's executor) has passed its own check and written; then the first writes
@@ -253,12 +167,15 @@ def test_negative_control_unserialised_moto_lets_two_claims_win() -> None:
         op.expr = expr_then_wait
         return op
 
+    def claim(owner: str, now: float) -> IdempotencyRecord:
+        return IdempotencyRecord("s#race", RecordState.IN_PROGRESS, owner, now + 60, now + 3600, "fp")
+
     async def race(store: IdempotencyStore) -> list[IdempotencyRecord | None]:
         now = time.time()
-        first = asyncio.ensure_future(store.claim(_claim("s#race", "first", now=now), now))
+        first = asyncio.ensure_future(store.claim(claim("first", now), now))
         assert await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, first_checked.wait, WAIT), WAIT)
         try:
-            second = await asyncio.wait_for(store.claim(_claim("s#race", "second", now=now), now), WAIT)
+            second = await asyncio.wait_for(store.claim(claim("second", now), now), WAIT)
         finally:
             second_done.set()
         return [await asyncio.wait_for(first, WAIT), second]
@@ -270,3 +187,16 @@ def test_negative_control_unserialised_moto_lets_two_claims_win() -> None:
         finally:
             store.close()
     assert [o is None for o in outcomes].count(True) == 1, "two claims won"
+
+
+def test_strands_py_testing_imports_without_pytest() -> None:
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "import strands_py.testing\n"
+        "try:\n"
+        "    import strands_py.testing.store_contract\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "store_contract needs pytest: pip install pytest" in out.stdout, out.stderr

@@ -1,0 +1,417 @@
+"""The idempotency store contract, as a pytest suite you run against a store of your own.
+
+Subclass ``StoreContract`` in a test module (its name must start with ``Test``) and override the ``store``
+fixture; every ``test_*`` method then runs against your store:
+
+```python
+import pytest
+from strands_py.testing.store_contract import StoreContract
+
+class TestMyStore(StoreContract):
+    @pytest.fixture
+    def store(self):
+        with MyIdempotencyStore(...) as store:  # empty, or at least without the keys the tests use ("contract#...")
+            yield store
+```
+
+The tests are plain (synchronous) test methods that run the store's coroutines with ``asyncio.run``, each on an
+event loop of its own, so no asyncio plugin is needed, and a store that only works on the loop that created it
+fails, as it would under strands' sync ``agent(...)``. They use the real clock (``time.time()``) with offsets of
+seconds, since a server's own expiry (Redis TTLs) follows the real clock.
+
+The threaded claim race carries the ``racing`` mark: register it (``markers = ["racing: ..."]``) if you run
+pytest with ``--strict-markers``. A test double that is not atomic under threads (moto's DynamoDB backend, say)
+cannot pass it; override the ``racing_store`` fixture to serialise access to it (``SerialisedCalls``), as the
+real server's per-item atomicity would, rather than accept a flaky suite.
+
+This module needs pytest; ``strands_py.testing`` itself imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+try:
+    import pytest
+except ImportError as e:  # pragma: no cover - exercised without pytest only
+    raise ImportError("strands_py.testing.store_contract needs pytest: pip install pytest") from e
+
+from ..idempotency.base import IdempotencyStore
+from ..idempotency.record import IdempotencyRecord, RecordState
+
+T = TypeVar("T")
+
+
+class SerialisedCalls:
+    """Wraps an object (a boto3 client, say) so that its method calls run one at a time, under one lock.
+
+    For a test double that is not atomic under threads: moto's DynamoDB backend checks a condition and then writes
+    with nothing in between to stop another thread, so two conditional writes can both pass, which DynamoDB never
+    allows. Serialising every call gives the store under test the guarantee the real server gives. Attributes that
+    are not callable (``meta``, ...) pass through unchanged.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        """Wrap ``inner``."""
+        self._inner = inner
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        """``inner``'s attribute; a callable one runs under the lock."""
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def serialised(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return serialised
+
+
+def _claim(
+    key: str,
+    owner: str,
+    *,
+    now: float,
+    lease: float = 60.0,
+    ttl: float = 3600.0,
+    fingerprint: str | None = "fp",
+) -> IdempotencyRecord:
+    return IdempotencyRecord(key, RecordState.IN_PROGRESS, owner, now + lease, now + lease + ttl, fingerprint)
+
+
+def _completed(key: str, owner: str, *, now: float, ttl: float = 3600.0, payload: bytes = b"z") -> IdempotencyRecord:
+    return IdempotencyRecord(key, RecordState.COMPLETED, owner, now, now + ttl, "fp", payload)
+
+
+class StoreContract:
+    """What every ``IdempotencyStore`` must do; subclass it as ``TestYourStore`` and override ``store``.
+
+    Attributes:
+        timeout_seconds: Bound on each test's store calls (a hung store fails instead of hanging the suite).
+        race_contenders: Threads racing for one key in ``test_claim_race_has_one_winner``.
+    """
+
+    timeout_seconds: float = 30.0
+    race_contenders: int = 16
+
+    @pytest.fixture
+    def store(self) -> IdempotencyStore:
+        """The store under test, without records under the ``contract`` keys. Override it (a generator is fine)."""
+        raise NotImplementedError(f"{type(self).__name__} must override the `store` fixture")
+
+    @pytest.fixture
+    def racing_store(self, store: IdempotencyStore) -> IdempotencyStore:
+        """The store the threaded claim race uses: ``store`` itself unless overridden.
+
+        Override it to serialise calls to a test double that is not atomic under threads (see ``SerialisedCalls``),
+        never for a real server: there, the race is the point.
+        """
+        return store
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on a new event loop, bounded by ``timeout_seconds``."""
+        return asyncio.run(asyncio.wait_for(coroutine, self.timeout_seconds))
+
+    # claim and get
+
+    def test_first_claim_wins_and_others_see_it(self, store: IdempotencyStore) -> None:
+        """The first claim stores the record; a second owner's claim gets the live record instead; get reads it."""
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.get("contract#k") is None
+            assert await store.claim(_claim("contract#k", "a", now=now), now) is None
+            existing = await store.claim(_claim("contract#k", "b", now=now), now)
+            assert existing is not None, "a second owner's claim succeeded while the first claim was live"
+            assert existing.owner == "a" and existing.state is RecordState.IN_PROGRESS
+            assert existing.fingerprint == "fp" and existing.lease_expires_at == now + 60
+            got = await store.get("contract#k")
+            assert got is not None and got.owner == "a"
+
+        self.run(scenario())
+
+    @pytest.mark.racing
+    def test_claim_race_has_one_winner(self, racing_store: IdempotencyStore) -> None:
+        """Many threads, each with its own event loop, claim one key at once: exactly one wins."""
+        store = racing_store
+        contenders = self.race_contenders
+        start = threading.Barrier(contenders)
+        outcomes: dict[str, IdempotencyRecord | None] = {}
+        errors: list[BaseException] = []
+        mutex = threading.Lock()
+
+        def contender(owner: str) -> None:
+            try:
+                start.wait(self.timeout_seconds)
+                now = time.time()
+                outcome = self.run(store.claim(_claim("contract#race", owner, now=now), now))
+                with mutex:
+                    outcomes[owner] = outcome
+            except BaseException as e:  # reported below, on the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=contender, args=(f"owner-{i}",)) for i in range(contenders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.timeout_seconds * 2)
+        assert not errors, errors
+        assert len(outcomes) == contenders
+        winners = [owner for owner, outcome in outcomes.items() if outcome is None]
+        assert len(winners) == 1, f"{len(winners)} claims won: {sorted(winners)}"
+        assert all(o is None or o.owner == winners[0] for o in outcomes.values()), "a loser saw another owner"
+
+    def test_keys_of_different_scopes_are_independent(self, store: IdempotencyStore) -> None:
+        """Keys that differ only in their scope are different records."""
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.claim(_claim("contract-a#same", "a", now=now), now) is None
+            assert await store.claim(_claim("contract-b#same", "b", now=now), now) is None
+            got_a, got_b = await store.get("contract-a#same"), await store.get("contract-b#same")
+            assert got_a is not None and got_b is not None and (got_a.owner, got_b.owner) == ("a", "b")
+
+        self.run(scenario())
+
+    def test_a_claim_by_its_own_owner_is_its_own(self, store: IdempotencyStore) -> None:
+        """A claim retried after its first attempt landed (its response lost) must not wait for itself."""
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.claim(_claim("contract#k", "a", now=now), now) is None
+            assert await store.claim(_claim("contract#k", "a", now=now + 1), now + 1) is None
+            got = await store.get("contract#k")
+            assert got is not None and got.owner == "a" and got.lease_expires_at == now + 61
+            # but a completed record is never claimed again, not even by the owner that completed it
+            assert await store.complete(_completed("contract#k", "a", now=now)) is True
+            existing = await store.claim(_claim("contract#k", "a", now=now), now)
+            assert existing is not None and existing.state is RecordState.COMPLETED
+
+        self.run(scenario())
+
+    # expiry and takeover
+
+    def test_lease_takeover_fences_the_old_owner(self, store: IdempotencyStore) -> None:
+        """A claim whose lease lapsed is taken over; its old owner's complete, release and renew are fenced off."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "crashed", now=now - 10, lease=5), now - 10)
+            # the lease lapsed 5 s ago: the claim is not live any more and is taken over
+            assert await store.claim(_claim("contract#k", "new", now=now), now) is None
+            assert await store.complete(_completed("contract#k", "crashed", now=now)) is False
+            assert await store.release("contract#k", "crashed") is False
+            assert await store.renew("contract#k", "crashed", now + 600) is False
+            got = await store.get("contract#k")
+            assert got is not None and got.owner == "new" and got.lease_expires_at == now + 60
+
+        self.run(scenario())
+
+    def test_a_claim_within_its_lease_is_not_taken_over(self, store: IdempotencyStore) -> None:
+        """A claim is live until the instant its lease lapses, and not after."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now, lease=5), now)
+            existing = await store.claim(_claim("contract#k", "b", now=now + 4.9), now + 4.9)
+            assert existing is not None and existing.owner == "a"
+            assert await store.claim(_claim("contract#k", "b", now=now + 5), now + 5) is None
+
+        self.run(scenario())
+
+    def test_expired_records_are_replaced(self, store: IdempotencyStore) -> None:
+        """A record past its ``expires_at`` (completed, or a claim whatever its lease) no longer blocks claims."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#done", "a", now=now - 100), now - 100)
+            assert await store.complete(_completed("contract#done", "a", now=now - 100, ttl=10)) is True
+            assert await store.claim(_claim("contract#done", "b", now=now), now) is None
+            # an IN_PROGRESS claim past its expiry, whatever its lease says
+            expired = IdempotencyRecord("contract#claim", RecordState.IN_PROGRESS, "a", now + 60, now - 1, "fp")
+            await store.claim(expired, now - 2)
+            assert await store.claim(_claim("contract#claim", "b", now=now), now) is None
+            got = await store.get("contract#claim")
+            assert got is not None and got.owner == "b"
+
+        self.run(scenario())
+
+    def test_live_completed_record_blocks_claims(self, store: IdempotencyStore) -> None:
+        """A completed record blocks claims until it expires; its stored result comes back with the failed claim."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now, lease=1), now)
+            await store.complete(_completed("contract#k", "a", now=now))
+            # long after the claim's lease: a completed record has no lease, only its expiry
+            existing = await store.claim(_claim("contract#k", "b", now=now + 600), now + 600)
+            assert existing is not None and existing.state is RecordState.COMPLETED and existing.payload == b"z"
+
+        self.run(scenario())
+
+    # complete and release
+
+    def test_complete_and_release_are_fenced_on_the_owner(self, store: IdempotencyStore) -> None:
+        """Only the owner of an ``IN_PROGRESS`` record completes or releases it, once."""
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.complete(_completed("contract#missing", "a", now=now)) is False
+            assert await store.release("contract#missing", "a") is False
+            assert await store.get("contract#missing") is None
+            await store.claim(_claim("contract#k", "a", now=now), now)
+            assert await store.complete(_completed("contract#k", "intruder", now=now)) is False
+            assert await store.release("contract#k", "intruder") is False
+            got = await store.get("contract#k")
+            assert got is not None and got.owner == "a" and got.state is RecordState.IN_PROGRESS
+            assert await store.complete(_completed("contract#k", "a", now=now, payload=b"zdata")) is True
+            done = await store.get("contract#k")
+            assert done is not None and done.state is RecordState.COMPLETED and done.payload == b"zdata"
+            # a completed record is no longer releasable or completable, not even by its owner
+            assert await store.release("contract#k", "a") is False
+            assert await store.complete(_completed("contract#k", "a", now=now)) is False
+
+        self.run(scenario())
+
+    def test_release_lets_the_next_claim_run(self, store: IdempotencyStore) -> None:
+        """A released claim is gone: the next claim runs."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now), now)
+            assert await store.release("contract#k", "a") is True
+            assert await store.get("contract#k") is None
+            assert await store.claim(_claim("contract#k", "b", now=now), now) is None
+
+        self.run(scenario())
+
+    # renew
+
+    def test_renew_extends_the_lease_and_never_lowers_the_expiry(self, store: IdempotencyStore) -> None:
+        """``renew`` sets the lease and raises the expiry to at least the lease, never lowering it."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now, lease=10, ttl=100), now)
+            # a lease still inside the expiry: the lease moves, the expiry stays
+            assert await store.renew("contract#k", "a", now + 50) is True
+            got = await store.get("contract#k")
+            assert got is not None and got.lease_expires_at == now + 50 and got.expires_at == now + 110
+            # a lease past the expiry: the expiry is raised to the lease
+            assert await store.renew("contract#k", "a", now + 500.25) is True
+            got = await store.get("contract#k")
+            assert got is not None and got.lease_expires_at == now + 500.25 and got.expires_at == now + 500.25
+            # a shorter lease again: the lease follows, the expiry is not lowered
+            assert await store.renew("contract#k", "a", now + 20) is True
+            got = await store.get("contract#k")
+            assert got is not None and got.lease_expires_at == now + 20 and got.expires_at == now + 500.25
+            assert got.state is RecordState.IN_PROGRESS and got.owner == "a" and got.fingerprint == "fp"
+
+        self.run(scenario())
+
+    def test_renew_stores_the_checkpoint_and_none_keeps_it(self, store: IdempotencyStore) -> None:
+        """``renew`` stores a given checkpoint (the empty string too); None keeps the stored one."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now), now)
+            assert await store.renew("contract#k", "a", now + 60, checkpoint="messages=3") is True
+            got = await store.get("contract#k")
+            assert got is not None and got.checkpoint == "messages=3"
+            assert await store.renew("contract#k", "a", now + 90) is True
+            got = await store.get("contract#k")
+            assert got is not None and got.checkpoint == "messages=3" and got.lease_expires_at == now + 90
+            assert await store.renew("contract#k", "a", now + 90, checkpoint="") is True
+            got = await store.get("contract#k")
+            assert got is not None and got.checkpoint == ""
+
+        self.run(scenario())
+
+    def test_renew_is_fenced_on_owner_and_in_progress(self, store: IdempotencyStore) -> None:
+        """``renew`` is fenced like ``complete``: not after a takeover, a completion, or a release."""
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.renew("contract#missing", "a", now + 60) is False
+            await store.claim(_claim("contract#k", "a", now=now - 10, lease=5), now - 10)
+            assert await store.renew("contract#k", "intruder", now + 60) is False
+            # taken over after the lease lapsed: the old owner's heartbeat is fenced off, the new owner's is not
+            assert await store.claim(_claim("contract#k", "b", now=now), now) is None
+            assert await store.renew("contract#k", "a", now + 600, checkpoint="stale") is False
+            got = await store.get("contract#k")
+            assert got is not None and got.owner == "b" and got.checkpoint is None and got.lease_expires_at == now + 60
+            assert await store.renew("contract#k", "b", now + 120) is True
+            # completed: nothing to renew, and the completed record is untouched
+            assert await store.complete(_completed("contract#k", "b", now=now)) is True
+            assert await store.renew("contract#k", "b", now + 180, checkpoint="late") is False
+            done = await store.get("contract#k")
+            assert done is not None and done.state is RecordState.COMPLETED
+            assert done.lease_expires_at == now and done.checkpoint is None
+            # released: gone
+            await store.claim(_claim("contract#other", "c", now=now), now)
+            assert await store.release("contract#other", "c") is True
+            assert await store.renew("contract#other", "c", now + 60) is False
+            assert await store.get("contract#other") is None
+
+        self.run(scenario())
+
+    def test_a_renewed_lease_keeps_others_out_until_it_lapses(self, store: IdempotencyStore) -> None:
+        """A lapsed claim renewed before anyone took it over is live again."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now - 10, lease=5), now - 10)
+            # lapsed 5 s ago but not taken over yet: the owner's heartbeat catches up and the claim is live again
+            assert await store.renew("contract#k", "a", now + 30) is True
+            existing = await store.claim(_claim("contract#k", "b", now=now), now)
+            assert existing is not None and existing.owner == "a"
+            assert await store.claim(_claim("contract#k", "b", now=now + 31), now + 31) is None
+
+        self.run(scenario())
+
+    # what is stored
+
+    def test_records_round_trip_exactly(self, store: IdempotencyStore) -> None:
+        """Every field comes back exactly: times to the last bit, bytes, empty payloads, None as None."""
+
+        async def scenario() -> None:
+            now = time.time()
+            claim = IdempotencyRecord(
+                "contract#k", RecordState.IN_PROGRESS, "a", now + 60.125, now + 3600.5, None, None, "cp-1"
+            )
+            assert await store.claim(claim, now) is None
+            assert await store.get("contract#k") == claim
+            payload = bytes(range(256)) * 4
+            done = IdempotencyRecord("contract#k", RecordState.COMPLETED, "a", now, now + 3600.125, "f" * 64, payload)
+            assert await store.complete(done) is True
+            assert await store.get("contract#k") == done
+            empty = IdempotencyRecord("contract#empty", RecordState.COMPLETED, "a", now, now + 60, None, b"")
+            await store.claim(_claim("contract#empty", "a", now=now, fingerprint=None), now)
+            assert await store.complete(empty) is True
+            assert await store.get("contract#empty") == empty
+
+        self.run(scenario())
+
+    def test_a_result_of_max_result_bytes_is_stored(self, store: IdempotencyStore) -> None:
+        """A result as large as the store's ``max_result_bytes`` (at most 8 MiB here) is stored and read back."""
+        limit = store.max_result_bytes
+        assert limit is None or limit > 0
+        size = min(limit or 1 << 20, 8 << 20)
+
+        async def scenario() -> None:
+            now = time.time()
+            payload = bytes(i % 251 for i in range(size))  # not compressible, as a zlib stream would be
+            await store.claim(_claim("contract#big", "a", now=now), now)
+            assert await store.complete(_completed("contract#big", "a", now=now, payload=payload)) is True
+            got = await store.get("contract#big")
+            assert got is not None and got.payload == payload
+
+        self.run(scenario())
