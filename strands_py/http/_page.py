@@ -19,7 +19,8 @@ _PAGE = """<!doctype html>
 <style>
   :root { color-scheme: light dark; --accent: #0b7285; }
   body { font: 16px/1.5 system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; }
-  h1 { font-size: 1.3rem; margin: 0 0 1rem; }
+  h1 { font-size: 1.3rem; margin: 0; }
+  p.hint { color: GrayText; margin: .25rem 0 1rem; font-size: .9rem; }
   form { display: flex; gap: .5rem; }
   textarea { flex: 1; font: inherit; padding: .5rem; min-height: 3rem; resize: vertical; }
   button { font: inherit; padding: .5rem 1rem; background: var(--accent); color: white; border: 0; }
@@ -32,6 +33,7 @@ _PAGE = """<!doctype html>
 </head>
 <body data-state="idle">
 <h1>strands-py agent</h1>
+<p class="hint">Each question is one idempotent invocation: reload mid-answer and it picks up where it was.</p>
 <form id="ask">
   <textarea id="prompt" placeholder="Ask the agent…" required></textarea>
   <button id="send" type="submit">Send</button>
