@@ -200,3 +200,31 @@ def test_strands_py_testing_imports_without_pytest() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert "store_contract needs pytest: pip install pytest" in out.stdout, out.stderr
+
+
+def test_serialised_calls_run_under_one_lock_and_pass_attributes_through() -> None:
+    class Client:
+        region = "eu-west-1"
+
+        def __init__(self) -> None:
+            self.wrapper: SerialisedCalls | None = None
+
+        def call(self, value: int) -> bool:
+            assert self.wrapper is not None
+            return bool(self.wrapper._lock.locked()) and value == 1
+
+    client = Client()
+    wrapper = client.wrapper = SerialisedCalls(client)
+    assert wrapper.region == "eu-west-1"
+    assert wrapper.call(1) is True and not wrapper._lock.locked()
+    assert wrapper.call.__name__ == "call"
+
+
+class _FailingClaims(InMemoryIdempotencyStore):
+    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        raise ConnectionError(f"store unreachable for {record.owner}")
+
+
+def test_the_race_reports_errors_raised_on_its_threads() -> None:
+    with pytest.raises(AssertionError, match="store unreachable for owner-"):
+        CONTRACT.test_claim_race_has_one_winner(_FailingClaims())
