@@ -21,6 +21,7 @@ from werkzeug.serving import make_server
 from strands_py.idempotency import IdempotencyWaitTimeoutError, ReplayedAgentResult
 from strands_py.testing.bedrock import STUB_ANSWER
 
+pytestmark = pytest.mark.racing
 WAIT = 60.0
 SPAWN = multiprocessing.get_context("spawn")
 

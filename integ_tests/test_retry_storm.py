@@ -21,6 +21,7 @@ from strands_py import Agent, IdempotencyAbortedError
 from strands_py._demo.storm import BlockingWaiterAgent, _until, run_storm
 from strands_py.testing.bedrock import STUB_ANSWER, ScriptedBedrock
 
+pytestmark = pytest.mark.racing
 WAIT = 10.0
 
 

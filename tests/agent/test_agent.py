@@ -281,6 +281,7 @@ async def test_duplicates_do_not_wait_for_a_primary_consumer_that_stalls_after_t
     assert script.model_calls == 2
 
 
+@pytest.mark.racing
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
 def test_base_exception_in_primary_aborts_duplicates(interrupt: type[BaseException]) -> None:
     # asyncio lets KeyboardInterrupt / SystemExit escape the event loop, so each call runs as a sync call on its
@@ -372,6 +373,7 @@ async def test_a_stalled_streaming_duplicate_slows_no_one() -> None:
     assert rest == other_events
 
 
+@pytest.mark.racing
 def test_streaming_duplicates_on_other_threads_and_loops() -> None:
     gate, script = _gated()
     agent = _agent(script)

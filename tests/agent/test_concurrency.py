@@ -91,6 +91,7 @@ def _in_thread_loop(coro_fn: Callable[[], Any]) -> tuple[threading.Thread, list[
 # --- _InflightInvocation ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.racing
 def test_cross_thread_settle_wakes_waiters_on_every_loop() -> None:
     inflight = _InflightInvocation()
     registered = threading.Barrier(4)
@@ -228,6 +229,7 @@ def test_waiter_loop_closed_before_settle_is_silent(caplog: pytest.LogCaptureFix
 # --- _ConcurrencyController -------------------------------------------------------------------------------------
 
 
+@pytest.mark.racing
 @pytest.mark.parametrize("broken", [False, pytest.param(True, marks=pytest.mark.xfail(strict=True))])
 def test_sixteen_threads_one_token_exactly_one_primary(broken: bool) -> None:
     start = threading.Barrier(16)

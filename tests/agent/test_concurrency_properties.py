@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from strands_py.agent._concurrency import _ConcurrencyController, _InflightInvocation
 from strands_py.types.exceptions import IdempotencyAbortedError
@@ -34,6 +35,10 @@ settings.register_profile(
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
+)
+# `hatch run stress` repeats this machine 200 times under CPU load: 100 random examples each, 20,000 in all.
+settings.register_profile(
+    "stress", max_examples=100, stateful_step_count=12, deadline=None, suppress_health_check=list(HealthCheck)
 )
 settings.register_profile(
     "fuzz", max_examples=100_000, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
@@ -179,7 +184,9 @@ class ControllerMachine(RuleBasedStateMachine):
                 assert outcome is want
 
 
-TestControllerMachine = ControllerMachine.TestCase
+@pytest.mark.racing
+def test_controller_state_machine() -> None:
+    run_state_machine_as_test(ControllerMachine)
 
 
 class _LeakyController(_ConcurrencyController):

@@ -1,0 +1,105 @@
+"""``hatch run stress``: every test that races threads or processes, 200 times each, beside two CPU burners.
+
+A test that can fail by timing is a defect; this is how we look for one. Tests marked ``racing`` run ``--count``
+times each (pytest-repeat) in one pytest session while two processes spin on the two cores, then the pass counts
+per test are printed. Exit status 1 if any repetition failed.
+
+    hatch run stress                       # every racing test, 200 times
+    hatch run stress --count 20 -k redis   # a subset, fewer times (anything after the options goes to pytest)
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from collections import Counter
+from collections.abc import Sequence
+
+# pytest-repeat appends "[i-n]" to a test's id, or "-i-n" inside its existing parameters
+_REPEAT_SUFFIX = re.compile(r"(\[\d+-\d+\]|-\d+-\d+(\]))$")
+
+
+def _burn() -> None:  # pragma: no cover - runs in the burner processes
+    while True:
+        pass
+
+
+def _test_id(case: ElementTree.Element) -> str:
+    name = _REPEAT_SUFFIX.sub(lambda m: m.group(2) or "", case.get("name", "?"))
+    return f"{case.get('classname', '?')}::{name}"
+
+
+def _counts(junit: str) -> tuple[Counter[str], Counter[str]]:
+    passed: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    for case in ElementTree.parse(junit).iter("testcase"):
+        test = _test_id(case)
+        outcome = {child.tag for child in case}
+        if outcome & {"failure", "error"}:
+            failed[test] += 1
+        elif "skipped" in outcome:
+            # xfail negative controls report as skipped: they behaved as expected
+            passed[test] += 1
+        else:
+            passed[test] += 1
+    return passed, failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the racing tests under load and print the pass counts."""
+    parser = argparse.ArgumentParser(prog="hatch run stress", description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200, help="repetitions of each racing test (default 200)")
+    parser.add_argument("--burners", type=int, default=2, help="CPU-burning processes beside the tests (default 2)")
+    args, pytest_args = parser.parse_known_args(argv)
+    burners = [multiprocessing.get_context("spawn").Process(target=_burn, daemon=True) for _ in range(args.burners)]
+    for burner in burners:
+        burner.start()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as scratch:
+        junit = os.path.join(scratch, "stress.xml")
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests",
+            "integ_tests",
+            "-m",
+            "racing",
+            "-p",
+            "no:cacheprovider",
+            f"--count={args.count}",
+            "--repeat-scope=module",
+            "-q",
+            f"--junitxml={junit}",
+            *pytest_args,
+        ]
+        # The thread-interleaving state machine: fewer random examples per repetition (see its profiles).
+        env = {**os.environ, "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "stress")}
+        try:
+            code = subprocess.call(command, env=env)
+        finally:
+            for burner in burners:
+                burner.kill()
+                burner.join()
+        if not os.path.exists(junit):
+            print(f"pytest produced no report (exit {code})")
+            return 1
+        passed, failed = _counts(junit)
+    minutes = (time.monotonic() - started) / 60
+    print(f"\nstress: {args.count} repetitions per racing test, {args.burners} CPU burners, {minutes:.1f} min")
+    width = max((len(t) for t in passed | failed), default=10)
+    for test in sorted(passed | failed):
+        total = passed[test] + failed[test]
+        print(f"  {test.ljust(width)}  {passed[test]}/{total}")
+    return 0 if code == 0 and not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
