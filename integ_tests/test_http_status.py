@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from http_support import WAIT, client, headers, new_key, parse_sse, scripted, serve
+from http_support import WAIT, Observer, client, headers, new_key, parse_sse, scripted, serve
 from starlette.exceptions import HTTPException
 
 from strands_py import Agent
@@ -406,14 +406,19 @@ async def test_failure_mid_stream_ends_the_stream_with_an_error_event() -> None:
 
 
 async def test_run_longer_than_the_timeout_is_504_and_its_claim_is_released() -> None:
-    with scripted(gated=True) as script:
-        async with _served(AgentApp(script.factory(), run_timeout_seconds=0.2)) as http:
-            key = new_key()
-            timed_out = await http.post("/invocations", json=PROMPT, headers=headers(key))
-            script.script.gate.set()
-            retry = await http.post("/invocations", json=PROMPT, headers=headers(key))
+    inner = InMemoryIdempotencyStore()
+    with scripted(gated=True) as script, scripted() as patient:
+        hasty = AgentApp(script.factory(), IdempotencyConfig(store=CountingStore(inner)), run_timeout_seconds=0.2)
+        other = AgentApp(patient.factory(), IdempotencyConfig(store=CountingStore(inner)))
+        with serve(hasty) as one, serve(other) as two:
+            async with client(one.url) as http, client(two.url) as http2:
+                key = new_key()
+                timed_out = await http.post("/invocations", json=PROMPT, headers=headers(key))
+                script.script.gate.set()  # the abandoned model call ends, so that the server's loop can close
+                retry = await http2.post("/invocations", json=PROMPT, headers=headers(key))
     _problem(timed_out, 504, RUN_TIMEOUT)
-    assert retry.status_code == 200 and "idempotent-replayed" not in retry.headers
+    assert retry.status_code == 200 and "idempotent-replayed" not in retry.headers  # the claim was released
+    assert patient.model_calls == 2
 
 
 async def test_too_many_runs_is_503_with_retry_after() -> None:
@@ -475,3 +480,71 @@ async def test_scope_function_failing_is_500() -> None:
         async with _served(AgentApp(script.factory(), scope=broken)) as http:
             response = await http.post("/invocations", json=PROMPT, headers=headers(new_key()))
     assert response.status_code == 500 and response.headers["content-type"] == "application/problem+json"
+
+
+# -- factories, scope functions and options -----------------------------------------------------------------------
+
+
+async def test_async_factories_awaitable_factories_and_factories_returning_something_else() -> None:
+    with scripted() as script:
+        make = script.factory()
+
+        async def async_factory(request: Any) -> Agent:
+            return make(request)
+
+        class AsyncCallable:
+            async def __call__(self, request: Any) -> Agent:
+                return make(request)
+
+        def awaitable_factory(request: Any) -> Any:
+            return async_factory(request)
+
+        for factory in (async_factory, AsyncCallable(), awaitable_factory):
+            async with _served(AgentApp(factory)) as http:
+                assert (await http.post("/invocations", json=PROMPT, headers=headers(new_key()))).status_code == 200
+        async with _served(AgentApp(lambda request: "not an agent")) as http:
+            wrong = await http.post("/invocations", json=PROMPT, headers=headers(new_key()))
+    _problem(wrong, 500, AGENT_FAILED)
+    assert script.model_calls == 6
+
+
+async def test_a_scope_function_that_raises_is_500_and_payload_validation_can_be_off() -> None:
+    def raising(request: Any) -> str:
+        raise LookupError("no tenant")
+
+    with scripted() as script:
+        async with _served(AgentApp(script.factory(), scope=raising)) as http:
+            failed = await http.post("/invocations", json=PROMPT, headers=headers(new_key()))
+        unchecked = AgentApp(script.factory(), IdempotencyConfig(validate_payload=False))
+        async with _served(unchecked) as http:
+            key = new_key()
+            first = await http.post("/invocations", json=PROMPT, headers=headers(key))
+            other = await http.post("/invocations", json={"prompt": "different"}, headers=headers(key))
+    _problem(failed, 500, AGENT_FAILED)
+    assert "no tenant" not in failed.text
+    assert other.status_code == 200 and other.json() == first.json()  # same key, no fingerprint: a replay
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError):
+        AgentApp(lambda request: None, max_body_bytes=0)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError):
+        AgentApp(lambda request: None, idempotency="memory")  # type: ignore[arg-type,return-value]
+
+
+async def test_a_json_client_that_gives_up_does_not_cancel_the_run() -> None:
+    with scripted(gated=True) as script:
+        app = AgentApp(script.factory())
+        observer = Observer(app)
+        with serve(observer, drain=[app]) as server:
+            key = new_key()
+            async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(WAIT, read=0.2)) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    await impatient.post("/invocations", json=PROMPT, headers=headers(key))
+            assert await asyncio.wait_for(asyncio.to_thread(observer.disconnected.wait, WAIT), WAIT + 5)
+            assert app.running == 1
+            script.script.gate.set()
+            async with client(server.url) as http:
+                retry = await http.post("/invocations", json=PROMPT, headers=headers(key))
+    assert retry.status_code == 200 and retry.headers["idempotent-replayed"] == "true"
+    assert script.model_calls == 2

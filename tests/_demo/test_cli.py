@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 from unittest import mock
@@ -72,10 +73,13 @@ def test_serve_store_urls() -> None:
             http_cli.store_from_url(bad)
 
 
-def test_serve_agent_factories() -> None:
+def test_serve_agent_factories(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != os.getcwd()])
     wrapped = http_cli.load_factory(f"{__name__}:make_agent")
     assert isinstance(wrapped(object()), Agent)  # a factory without parameters is called without the request
     assert http_cli.load_factory(f"{__name__}:make_agent_for") is make_agent_for
+    assert http_cli.load_factory("builtins:dict") is dict  # no signature to inspect: called with the request
+    assert sys.path[0] == os.getcwd()  # modules are found relative to the working directory, as uvicorn does
     for bad in [f"{__name__}:SHARED", f"{__name__}:SCRIPT.answer", "no_such_module_x:f", f"{__name__}:nope", "x"]:
         with pytest.raises(argparse.ArgumentTypeError):
             http_cli.load_factory(bad)
