@@ -61,7 +61,7 @@ class Observer:
     """ASGI middleware: counts the HTTP requests that reached the app, and sees clients disconnect.
 
     ``all_in`` is set once ``expected`` requests have arrived; ``disconnected`` when the app received an
-    ``http.disconnect`` (the server noticed a client went away).
+    ``http.disconnect`` (the server noticed a client went away); ``errors`` holds what the app raised.
     """
 
     def __init__(self, app: ASGIApp, expected: int = 1) -> None:
@@ -70,6 +70,7 @@ class Observer:
         self.count = 0
         self.all_in = threading.Event()
         self.disconnected = threading.Event()
+        self.errors: list[BaseException] = []  # what the app raised (a response it failed to send)
         self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -87,7 +88,11 @@ class Observer:
                 self.disconnected.set()
             return message
 
-        await self.app(scope, observed_receive, send)
+        try:
+            await self.app(scope, observed_receive, send)
+        except BaseException as e:
+            self.errors.append(e)
+            raise
 
 
 @dataclass

@@ -548,3 +548,4 @@ async def test_a_json_client_that_gives_up_does_not_cancel_the_run() -> None:
                 retry = await http.post("/invocations", json=PROMPT, headers=headers(key))
     assert retry.status_code == 200 and retry.headers["idempotent-replayed"] == "true"
     assert script.model_calls == 2
+    assert observer.errors == []  # the abandoned response ended quietly

@@ -125,6 +125,7 @@ async def test_client_that_disconnects_mid_stream_and_retries_reattaches_to_the_
     rest = parse_sse(retry.text)
     _assert_whole_sequence(seen + rest)
     assert script.model_calls == 2 and script.agents == 1
+    assert observer.errors == []
 
 
 @pytest.mark.parametrize("finished", [False, True], ids=["live", "finished"])

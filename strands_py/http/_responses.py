@@ -40,9 +40,9 @@ class DeferredResponse(Response):
         finally:
             disconnected.cancel()
             if not preparing.done():
-                preparing.cancel()  # the client went away: stop waiting (the run itself carries on)
-        if preparing.cancelled():
-            return
+                preparing.cancel()  # the client went away (or we are cancelled): stop waiting, the run goes on
+        if not preparing.done() or preparing.cancelled():
+            return  # cancel() only requested it: the task ends on its own, nothing is left to send to
         try:
             response = preparing.result()
         except ProblemError as e:
