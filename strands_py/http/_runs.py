@@ -104,6 +104,7 @@ class Run:
                 self._timer.cancel()
             with self._lock:
                 self.settled = True
+                self._task = self._timer = None  # a retained run keeps its events only
             self._notify()
             on_settled(self)
 

@@ -270,7 +270,15 @@ class InvocationService:
         key = self.durable_key(scope, token)
 
         async def prepare() -> Response:
-            run = self.registry.find(key) or await self._stored_run(key)
+            run = self.registry.find(key)
+            if run is None or (run.finished and not run.succeeded):
+                # A failed run here may have been run again elsewhere since: the store knows. If it knows nothing,
+                # the failure is what a reconnecting client should see.
+                try:
+                    run = await self._stored_run(key)
+                except ProblemError as e:
+                    if run is None or e.problem.status != 404:
+                        raise
             await run.wait(lambda r: r.decided)
             return self._answer(run, stream=True, joined=True, last_event_id=last_event_id)
 
