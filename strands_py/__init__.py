@@ -23,7 +23,9 @@ from .types.exceptions import (
     IdempotencyTokenError,
     IdempotencyWaitTimeoutError,
     ReentrantInvocationError,
+    SessionBusyError,
 )
+from .types.session import SessionInvocationMode
 
 __all__ = [
     "Agent",
@@ -43,6 +45,8 @@ __all__ = [
     "InMemoryIdempotencyStore",
     "ReentrantInvocationError",
     "ReplayedAgentResult",
+    "SessionBusyError",
+    "SessionInvocationMode",
     "__version__",
     "tool_idempotency_key",
 ]

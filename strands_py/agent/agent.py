@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, cast
@@ -18,10 +19,12 @@ from strands.types.exceptions import ConcurrencyException
 from .. import telemetry
 from .._events import result_of
 from ..idempotency._context import STATE_KEY, _RunContext, run_context_of
-from ..idempotency._durable import DurableCall, durable_stream
+from ..idempotency._durable import DurableCall, durable_stream, locked_stream
 from ..idempotency._registry import registry_for
 from ..idempotency.config import IdempotencyConfig
-from ..idempotency.keys import make_key, request_fingerprint
+from ..idempotency.keys import make_key, request_fingerprint, session_lock_key
+from ..session._conversation import session_id_of
+from ..session._turn import SessionTurn
 from ..types.exceptions import (
     IdempotencyAbortedError,
     IdempotencyKeyMismatchError,
@@ -113,11 +116,23 @@ class Agent(strands.Agent):
 
     @property
     def _idempotency_scope(self) -> str:
-        """The durable scope: the configuration's, else derived from the agent's name and id."""
+        """The durable scope of a call that names no session (see ``_scope_for``)."""
+        return self._scope_for(session_id_of(self))
+
+    def _scope_for(self, session_id: str | None) -> str:
+        """The durable scope: the configuration's, else derived from the agent's name and id, and its session.
+
+        The session enters the default scope as a digest (keyed with ``hmac_key``), so that two conversations of
+        one agent never share keys and no session id is stored in the clear.
+        """
         config = self._idempotency
         if config is not None and config.scope is not None:
             return config.scope
-        return f"{self.name}/{self.agent_id}".replace("#", "_")
+        scope = f"{self.name}/{self.agent_id}".replace("#", "_")
+        if session_id is not None:
+            digest = session_lock_key(scope, session_id, config.hmac_key if config is not None else None)
+            scope = f"{scope}/session-{digest.rsplit('-', 1)[-1][:32]}"
+        return scope
 
     async def stream_async(
         self,
@@ -185,8 +200,11 @@ class Agent(strands.Agent):
         self, prompt: Any, idempotency_token: Any, kwargs: dict[str, Any], *, stream_duplicate: bool
     ) -> AsyncGenerator[Any, None]:
         """The one gate every invocation passes; see ``stream_async``."""
+        session_id = self._session_of_call(kwargs)
+        if "session_id" in kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if k != "session_id"}
         # Everything that can reject the call (an unusable token, an unfingerprintable prompt) runs before the gate.
-        call = self._durable_call(prompt, idempotency_token, kwargs)
+        call = self._durable_call(prompt, idempotency_token, kwargs, session_id)
         gate = self._idempotency_gate
         begin = gate.begin(
             idempotency_token,
@@ -229,7 +247,12 @@ class Agent(strands.Agent):
                         self._callback_handler_for(kwargs),
                         lambda context: self._upstream_stream(prompt, kwargs, context),
                         self._on_lease_lost,
+                        self._session_turn(session_id, call.owner),
                     )
+            elif self._idempotency is not None and session_id is not None:
+                turn = self._session_turn(session_id, uuid.uuid4().hex)
+                assert turn is not None
+                events = locked_stream(turn, lambda context: self._upstream_stream(prompt, kwargs, context))
             else:
                 events = self._upstream_stream(prompt, kwargs, None)
             while True:
@@ -273,12 +296,33 @@ class Agent(strands.Agent):
                     if inflight is not None:
                         inflight.settle(result, error)
 
-    def _durable_call(self, prompt: Any, token: Any, kwargs: dict[str, Any]) -> DurableCall | None:
+    def _session_of_call(self, kwargs: dict[str, Any]) -> str | None:
+        """The session this call belongs to: ``session_id=`` of the call, else the session manager's."""
+        own = session_id_of(self)
+        named = kwargs.get("session_id")
+        if named is None:
+            return own
+        if not isinstance(named, str) or not named:
+            raise ValueError(f"session_id must be a non-empty string, got {named!r}")
+        if own is not None and named != own:
+            raise ValueError("session_id names another session than the agent's session manager")
+        return named
+
+    def _session_turn(self, session_id: str | None, owner: str) -> SessionTurn | None:
+        """The session side of a turn, when the agent is durable and the call belongs to a session."""
+        config = self._idempotency
+        if config is None or session_id is None:
+            return None
+        return SessionTurn(self, config, self._scope_for(session_id), session_id, owner, self._on_lease_lost)
+
+    def _durable_call(
+        self, prompt: Any, token: Any, kwargs: dict[str, Any], session_id: str | None
+    ) -> DurableCall | None:
         """The durable identity of this call (key, fingerprint), or None when it is not durable."""
         config = self._idempotency
         if config is None or token is None:
             return None
-        scope = self._idempotency_scope
+        scope = self._scope_for(session_id)
         structured_model = kwargs.get("structured_output_model") or self._default_structured_output_model
         fingerprint = None
         if config.validate_payload:
@@ -333,9 +377,8 @@ class Agent(strands.Agent):
         if context is None:
             return
         context.key_for(event.tool_use)
-        lease = context.lease
-        if lease is not None and (lease.lost is not None or lease.expired_locally()):
-            # Another caller may already be running this token: this tool must not run a second time.
+        if context.lease_lost():
+            # Another caller may already be running this token (or this session): this tool must not run twice.
             event.cancel_tool = "cancelled: this invocation lost its idempotency lease to another caller"
             self.cancel()
 

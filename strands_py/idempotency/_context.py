@@ -28,17 +28,23 @@ class _RunContext:
     Thread-safety: tool keys are assigned under a lock (tools may run on executor threads).
     """
 
-    def __init__(self, *, key: str, hmac_key: bytes | None, lease: _Lease | None) -> None:
-        """Create the context of the primary holding ``key``."""
+    def __init__(self, *, key: str | None, hmac_key: bytes | None, leases: list[_Lease]) -> None:
+        """Create the context of the primary holding ``key`` (None: a session turn without a token) and ``leases``."""
         self.key = key
         self.hmac_key = hmac_key
-        self.lease = lease
+        self.leases = leases
         self._mutex = threading.Lock()
         self._occurrences: Counter[tuple[str, str]] = Counter()
         self._by_tool_use_id: dict[str, str] = {}
 
-    def key_for(self, tool_use: Any) -> str:
+    def lease_lost(self) -> bool:
+        """Whether this primary lost (or let lapse) one of its leases: it must not start anything more."""
+        return any(lease.lost is not None or lease.expired_locally() for lease in self.leases)
+
+    def key_for(self, tool_use: Any) -> str | None:
         """The idempotency key of one tool call (``{"toolUseId", "name", "input"}``); the same on every ask."""
+        if self.key is None:
+            return None
         tool_use_id = str(tool_use.get("toolUseId", ""))
         name = str(tool_use.get("name", ""))
         tool_input = tool_use.get("input")
@@ -50,7 +56,11 @@ class _RunContext:
             # the second identical call of a run is the second identical call of its re-run too.
             pair = (name, json.dumps(tool_input, sort_keys=True, separators=(",", ":"), default=repr))
             self._occurrences[pair] += 1
-            assigned = tool_call_key(self.key, name, tool_input, self._occurrences[pair], self.hmac_key)
+            try:
+                assigned = tool_call_key(self.key, name, tool_input, self._occurrences[pair], self.hmac_key)
+            except TypeError:
+                # Model-produced input is JSON; anything else gets no key rather than failing the tool.
+                return None
             self._by_tool_use_id[tool_use_id] = assigned
             return assigned
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry.trace import Span
 from pydantic import BaseModel
@@ -34,6 +34,9 @@ from ._heartbeat import _Lease
 from .codec import decode_result, encode_result
 from .config import IdempotencyConfig
 from .record import IdempotencyRecord, RecordState
+
+if TYPE_CHECKING:
+    from ..session._turn import SessionTurn
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +85,15 @@ async def durable_stream(
     callback_handler: Callable[..., Any] | None,
     run_primary: Callable[[_RunContext], AsyncGenerator[Any, None]],
     on_lease_lost: Callable[[IdempotencyLeaseLostError], None],
+    session: SessionTurn | None = None,
 ) -> AsyncGenerator[Any, None]:
     """Run ``run_primary`` at most once per token and window, across every process sharing ``call.config.store``.
 
     Yields the primary's events, or for a replay one ``{"result": ReplayedAgentResult}`` event (after firing
     ``callback_handler(result=...)`` once). The primary's result is stored *before* its result event is yielded,
-    so whoever sees the result sees the token's result.
+    so whoever sees the result sees the token's result. With ``session``, the turn takes the session lock after the
+    token's claim (a retry of the same request joins or replays, it never queues) and releases it after the result
+    is stored; a turn whose result is not stored is rolled back first.
 
     Raises:
         IdempotencyKeyMismatchError: The token's record has a different request fingerprint.
@@ -96,6 +102,7 @@ async def durable_stream(
         IdempotencyResultTooLargeError: The completed result was too large to store.
         IdempotencyStoreError: The store failed before anything ran.
         IdempotencyLeaseLostError: The primary lost its claim while running; nothing was stored.
+        SessionBusyError: With ``session``: another request holds the session.
     """
     config, key = call.config, call.key
     span = telemetry.start_span(telemetry.SPAN_CLAIM, {"key": key})
@@ -132,29 +139,46 @@ async def durable_stream(
         return
 
     lease = _Lease(config.store, key, call.owner, config.lease_seconds, claimed_at=claimed_at, on_lost=on_lease_lost)
-    context = _RunContext(key=key, hmac_key=config.hmac_key, lease=lease)
+    context = _RunContext(key=key, hmac_key=config.hmac_key, leases=[lease])
     settled = False  # the claim was completed or released on the way: nothing is left to hand back
     events: AsyncGenerator[Any, None] | None = None
     lease.start()
     try:
+        if session is not None:
+            await session.begin(key, lambda: not context.lease_lost())
+            if session.lease is not None:
+                context.leases.append(session.lease)
         events = run_primary(context)
-        async for event in events:
-            result_seen = result_of(event)
-            if result_seen is None:
-                lease.check()
+        try:
+            async for event in events:
+                result_seen = result_of(event)
+                if result_seen is None:
+                    _check(lease, session)
+                    yield event
+                    continue
+                await lease.stop()
+                _check(lease, session)
+                settled = True
+                if result_seen.stop_reason == "cancelled":
+                    # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's
+                    # answer. Undo the turn and release the claim so that a retry runs; this caller still gets what
+                    # upstream returned.
+                    logger.debug("key=<%s> | run was cancelled, releasing the claim instead of storing it", key)
+                    if session is not None:
+                        await session.abort()
+                    await _release(config, key, call.owner)
+                else:
+                    await _complete(call, result_seen)
+                    if session is not None:
+                        await session.commit()
                 yield event
-                continue
-            await lease.stop()
-            lease.check()
-            settled = True
-            if result_seen.stop_reason == "cancelled":
-                # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's answer.
-                # Release the claim so that a retry runs; this caller still gets what upstream returned.
-                logger.debug("key=<%s> | run was cancelled, releasing the claim instead of storing it", key)
-                await _release(config, key, call.owner)
-            else:
-                await _complete(call, result_seen)
-            yield event
+        except Exception as e:
+            # A run that failed after losing its lease failed because of that loss (e.g. a fenced session write).
+            try:
+                _check(lease, session)
+            except IdempotencyLeaseLostError as lost:
+                raise lost from e
+            raise
     finally:
         try:
             await lease.stop()
@@ -163,10 +187,52 @@ async def durable_stream(
                 if events is not None:
                     await events.aclose()
             finally:
-                # Failed, aborted, closed early, lease lost, or cleanup raised: nothing stored; hand the claim back
-                # (fenced: a claim already taken over is not touched) so that the next retry runs at once.
-                if not settled:
-                    await _release(config, key, call.owner)
+                # Failed, aborted, closed early, lease lost, or cleanup raised: nothing stored. Undo the turn and
+                # release the session first (a retry of this token must not find the session still held), then hand
+                # the claim back (fenced: a claim already taken over is not touched) so the next retry runs at once.
+                try:
+                    if session is not None:
+                        await session.abort()
+                finally:
+                    if not settled:
+                        await _release(config, key, call.owner)
+
+
+def _check(lease: _Lease, session: SessionTurn | None) -> None:
+    lease.check()
+    if session is not None:
+        session.check()
+
+
+async def locked_stream(
+    session: SessionTurn, run_primary: Callable[[_RunContext], AsyncGenerator[Any, None]]
+) -> AsyncGenerator[Any, None]:
+    """A turn without a token under the session lock: the same lock, rollback and checkpoint, nothing stored.
+
+    Raises:
+        SessionBusyError: Another request holds the session.
+        IdempotencyLeaseLostError: The lock was lost while running.
+    """
+    events: AsyncGenerator[Any, None] | None = None
+    committed = False
+    try:
+        await session.begin(None)
+        context = _RunContext(key=None, hmac_key=None, leases=[session.lease] if session.lease is not None else [])
+        events = run_primary(context)
+        async for event in events:
+            session.check()
+            result_seen = result_of(event)
+            if result_seen is not None and result_seen.stop_reason != "cancelled":
+                await session.commit()
+                committed = True
+            yield event
+    finally:
+        try:
+            if events is not None:
+                await events.aclose()
+        finally:
+            if not committed:
+                await session.abort()
 
 
 async def _claim(call: DurableCall, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:

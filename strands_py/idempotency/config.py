@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..types.session import SessionInvocationMode
 from .base import IdempotencyStore
 from .memory import InMemoryIdempotencyStore
 
@@ -49,6 +50,10 @@ class IdempotencyConfig:
             the token (or request), which nobody can confirm a guessed token or prompt against without the secret;
             without it they are plain SHA-256. Changing it orphans existing records (they are never found again and
             simply expire): rotate it only between deployments that may replay each other's results.
+        session_invocation_mode: What a turn of a session-managed agent (or a call naming ``session_id=``) does
+            while another request holds the session: ``"throw"`` raises ``SessionBusyError`` (HTTP 409) at once,
+            ``"enqueue"`` waits in arrival order (at most ``wait_timeout_seconds``). Retries of the same request
+            never queue: they join or replay.
     """
 
     store: IdempotencyStore = field(default_factory=InMemoryIdempotencyStore)
@@ -58,6 +63,7 @@ class IdempotencyConfig:
     wait_timeout_seconds: float | None = None
     scope: str | None = None
     hmac_key: bytes | None = field(default=None, repr=False)
+    session_invocation_mode: SessionInvocationMode | str = SessionInvocationMode.THROW
 
     def __post_init__(self) -> None:
         """Validate the settings.
@@ -65,7 +71,7 @@ class IdempotencyConfig:
         Raises:
             TypeError: ``store`` is not an ``IdempotencyStore``, or ``hmac_key`` is not bytes.
             ValueError: A duration is out of its bounds (see the attributes), ``scope`` is empty or contains ``#``,
-                or ``hmac_key`` is shorter than 16 bytes.
+                ``hmac_key`` is shorter than 16 bytes, or ``session_invocation_mode`` is not throw / enqueue.
         """
         if not isinstance(self.store, IdempotencyStore):
             raise TypeError(f"store must be an IdempotencyStore, got {type(self.store).__name__}")
@@ -79,6 +85,12 @@ class IdempotencyConfig:
             )
         if self.scope is not None and (not isinstance(self.scope, str) or not self.scope or "#" in self.scope):
             raise ValueError(f"scope must be a non-empty string without '#', got {self.scope!r}")
+        try:
+            object.__setattr__(self, "session_invocation_mode", SessionInvocationMode(self.session_invocation_mode))
+        except ValueError:
+            raise ValueError(
+                f"session_invocation_mode must be 'throw' or 'enqueue', got {self.session_invocation_mode!r}"
+            ) from None
         if self.hmac_key is not None:
             if not isinstance(self.hmac_key, bytes):
                 raise TypeError(f"hmac_key must be bytes, got {type(self.hmac_key).__name__}")

@@ -38,6 +38,16 @@ class ReentrantInvocationError(ConcurrencyException):
     """
 
 
+class SessionBusyError(ConcurrencyException):
+    """Another request holds the conversation's session lock (on this host or another), so this turn did not run.
+
+    Raised at once with ``session_invocation_mode="throw"``, or after ``wait_timeout_seconds`` of waiting with
+    ``"enqueue"``. Nothing ran and nothing was written; an HTTP layer answers 409. Retries of the *same* request (same
+    idempotency token) never get this: they join or replay the running turn. Subclasses strands'
+    ``ConcurrencyException``.
+    """
+
+
 class IdempotencyError(Exception):
     """Base class of the durable idempotency layer's errors (``Agent(idempotency=IdempotencyConfig(...))``)."""
 
@@ -139,4 +149,5 @@ __all__ = [
     "IdempotencyTokenError",
     "IdempotencyWaitTimeoutError",
     "ReentrantInvocationError",
+    "SessionBusyError",
 ]

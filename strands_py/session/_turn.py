@@ -1,0 +1,186 @@
+"""One turn of a locked conversation: lock, re-read (or roll back a crashed turn), checkpoint, run, commit or undo.
+
+The order is what makes a crash at any point leave one clean turn:
+
+1. (durable) the token is claimed first, so a retry of the same request joins or replays and never queues;
+2. the session lock is taken (or waited for); if its previous holder died mid-turn (lease lapsed) and that turn's
+   token was not completed by it, the conversation is rolled back to the dead turn's checkpoint;
+3. the conversation is re-read under the lock, and the checkpoint (where it stands now) written into the lock record;
+4. the agent runs; strands' session hooks persist the turn as it goes;
+5. the token's result is stored, and only then the lock is released. A crash between 5 and the release leaves a
+   lock whose token is completed: the next holder keeps that turn. A crash before 5 leaves a lock whose token is not
+   completed: the next holder (any request, or the retry of this one) rolls the turn back.
+
+A turn that ends without a stored result (failure, cancellation, abort) is rolled back before the lock is released,
+so its retry starts from the same conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ..idempotency._durable import _store
+from ..idempotency._heartbeat import _Lease
+from ..idempotency.config import IdempotencyConfig
+from ..idempotency.keys import session_lock_key
+from ..idempotency.record import IdempotencyRecord, RecordState
+from ..types.exceptions import IdempotencyLeaseLostError
+from ..types.session import SessionInvocationMode
+from ._conversation import _Conversation
+from ._lock import SessionLock
+
+logger = logging.getLogger(__name__)
+
+# The session manager's writes, fenced on the turn's leases while the turn runs.
+_FENCED_WRITES = ("append_message", "sync_agent", "redact_latest_message")
+
+
+class SessionTurn:
+    """The session side of one invocation. Use ``begin``, then exactly one of ``commit`` / ``abort``.
+
+    Thread-safety: one turn is driven by one task. Cancellation: ``begin`` cancelled while waiting holds nothing.
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        config: IdempotencyConfig,
+        scope: str,
+        session_id: str,
+        owner: str,
+        on_lost: Callable[[IdempotencyLeaseLostError], None],
+    ) -> None:
+        """Prepare the turn of ``agent`` in ``session_id`` for ``owner`` (the token claim's owner, if any)."""
+        self.agent = agent
+        self.config = config
+        self.key = session_lock_key(scope, session_id, config.hmac_key)
+        self.conversation = _Conversation(agent)
+        self.lock = SessionLock(
+            config.store,
+            self.key,
+            owner,
+            lease_seconds=config.lease_seconds,
+            expires_after_seconds=config.expires_after_seconds,
+        )
+        self.lease: _Lease | None = None
+        self.checkpoint: str | None = None
+        self._on_lost = on_lost
+        self._held = False
+        self._fenced = False
+
+    async def begin(self, token_key: str | None, writable: Callable[[], bool] | None = None) -> None:
+        """Take the lock, roll back a crashed turn if there was one, re-read the conversation, write the checkpoint.
+
+        From then until ``commit`` / ``abort``, the session manager writes only while this turn still holds its
+        leases (the lock's, and whatever ``writable`` says, e.g. the token claim's): a primary that lost the session
+        to another host can never write into the conversation that host now owns.
+
+        Raises:
+            SessionBusyError: The session is busy (per ``session_invocation_mode``).
+            IdempotencyStoreError: The store failed.
+            IdempotencyLeaseLostError: The lock was lost before the turn could start.
+        """
+        config = self.config
+        previous = await self.lock.acquire(
+            SessionInvocationMode(config.session_invocation_mode), config.wait_timeout_seconds
+        )
+        self._held = True
+        self.lease = _Lease(
+            config.store,
+            self.key,
+            self.lock.owner,
+            config.lease_seconds,
+            claimed_at=self.lock.claimed_at,
+            on_lost=self._on_lost,
+        )
+        self.lease.start()
+        if previous is not None and previous.checkpoint is not None and not await self._committed(previous):
+            logger.info("key=<%s> | the previous turn's owner died mid-turn, rolling the conversation back", self.key)
+            self.conversation.rollback(previous.checkpoint)
+        else:
+            self.conversation.reload()
+        self.checkpoint = self.conversation.checkpoint(token_key)
+        await self.lease.renew_now(self.checkpoint)
+        self._fence_writes(writable)
+
+    def _fence_writes(self, writable: Callable[[], bool] | None) -> None:
+        manager = self.conversation.manager
+        if manager is None:
+            return
+        turn = self
+
+        def fenced(name: str) -> Callable[..., Any]:
+            write = getattr(manager, name)
+
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                # strands' session hooks call these through the instance, so the guard sits in their path.
+                turn.check()
+                if writable is not None and not writable():
+                    raise IdempotencyLeaseLostError(turn.key, "this turn lost its claim to another caller")
+                return write(*args, **kwargs)
+
+            return guarded
+
+        for name in _FENCED_WRITES:
+            setattr(manager, name, fenced(name))
+        self._fenced = True
+
+    def _unfence_writes(self) -> None:
+        manager = self.conversation.manager
+        if manager is None or not self._fenced:
+            return
+        self._fenced = False
+        for name in _FENCED_WRITES:
+            manager.__dict__.pop(name, None)
+
+    async def _committed(self, previous: IdempotencyRecord) -> bool:
+        """Whether the dead holder's turn counts: its token's result was stored by it."""
+        try:
+            token_key = json.loads(previous.checkpoint or "{}").get("token")
+        except (ValueError, AttributeError):
+            return False
+        if not token_key:
+            return False
+        record = await _store(self.config.store.get(token_key))
+        return record is not None and record.state is RecordState.COMPLETED and record.owner == previous.owner
+
+    def check(self) -> None:
+        """Raise ``IdempotencyLeaseLostError`` if the lock's lease is lost."""
+        if self.lease is not None:
+            self.lease.check()
+
+    async def commit(self) -> None:
+        """The turn counts: release the lock (after the token's result was stored)."""
+        await self._finish(rollback=False)
+
+    async def abort(self) -> None:
+        """The turn does not count: roll the conversation back (if we still hold the lock), release the lock."""
+        await self._finish(rollback=True)
+
+    async def _finish(self, *, rollback: bool) -> None:
+        if not self._held:
+            return
+        self._held = False
+        lease = self.lease
+        release = True
+        self._unfence_writes()
+        try:
+            if lease is not None:
+                await lease.stop()
+            still_ours = lease is not None and lease.lost is None and not lease.expired_locally()
+            if rollback and still_ours and self.checkpoint is not None:
+                try:
+                    self.conversation.rollback(self.checkpoint)
+                except Exception:
+                    # Keep the lock record (with its checkpoint) instead of deleting it: when its lease lapses, the
+                    # next holder finds a turn whose token was not completed and rolls it back.
+                    logger.exception("key=<%s> | could not roll back the turn; the next holder will", self.key)
+                    release = False
+        finally:
+            if release:
+                await self.lock.release()
+            else:
+                self.lock.abandon()

@@ -1,0 +1,304 @@
+"""Session turns in one process: the lock, enqueue or reject, re-reading under the lock, rollback of dead turns.
+
+The multi-process versions (SIGKILL inside a tool, File and S3 session managers) live in integ_tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from strands.session.file_session_manager import FileSessionManager
+
+from strands_py import Agent, ConcurrencyException, IdempotencyLeaseLostError, SessionBusyError
+from strands_py._demo.storm import _until
+from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore, ReplayedAgentResult
+from strands_py.idempotency._heartbeat import _Lease
+from strands_py.session._conversation import _Conversation
+from strands_py.session._turn import SessionTurn
+from strands_py.testing import CountingStore, ScriptedBedrock
+
+WAIT = 20.0
+pytestmark = pytest.mark.racing
+LEASE = 2.0  # renewals every 0.67 s: margin for a loaded machine
+
+
+def _shape(messages: list[Any]) -> list[tuple[str, tuple[str, ...]]]:
+    """A conversation's shape: each message's role and the kinds of its blocks (ids and timestamps ignored)."""
+    return [(m["role"], tuple(sorted(k for block in m["content"] for k in block))) for m in messages]
+
+
+ONE_TURN = [
+    ("user", ("text",)),
+    ("assistant", ("toolUse",)),
+    ("user", ("toolResult",)),
+    ("assistant", ("text",)),
+]
+
+
+class _Env:
+    def __init__(self, tmp_path: Path, **config: Any) -> None:
+        self.dir = str(tmp_path / "sessions")
+        config.setdefault("lease_seconds", LEASE)
+        self.config = IdempotencyConfig(store=InMemoryIdempotencyStore(), **config)
+
+    def agent(self, script: ScriptedBedrock, session: str = "conv-1", *, process: str | None = None) -> Agent:
+        """An agent of this process, or (``process=``) of another one: same records, no in-process sharing."""
+        config = self.config
+        if process is not None:
+            config = dataclasses.replace(config, store=CountingStore(config.store))
+        return Agent(
+            model=script.model(),
+            tools=script.tools(),
+            callback_handler=None,
+            session_manager=FileSessionManager(session_id=session, storage_dir=self.dir),
+            idempotency=config,
+        )
+
+    def persisted(self, session: str = "conv-1") -> list[Any]:
+        manager = FileSessionManager(session_id=session, storage_dir=self.dir)
+        return [m.to_message() for m in manager.list_messages(session, "default")]
+
+
+def _gated() -> tuple[threading.Event, ScriptedBedrock]:
+    gate = threading.Event()
+    return gate, ScriptedBedrock(gate=gate, gate_timeout=WAIT)
+
+
+async def test_an_agent_built_before_the_lock_re_reads_the_conversation_under_it(tmp_path: Path) -> None:
+    env = _Env(tmp_path)
+    first, second = env.agent(ScriptedBedrock()), env.agent(ScriptedBedrock())  # both restore an empty conversation
+    await asyncio.wait_for(first.invoke_async("weather in Paris?", idempotency_token="t1"), WAIT)
+    await asyncio.wait_for(second.invoke_async("weather in Rome?", idempotency_token="t2"), WAIT)
+    assert _shape(env.persisted()) == ONE_TURN * 2
+    assert env.persisted()[4]["content"][0]["text"] == "weather in Rome?"
+    assert _shape(second.messages) == ONE_TURN * 2
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_without_re_reading_the_second_turn_overwrites_the_first(tmp_path: Path) -> None:
+    with mock.patch.object(_Conversation, "reload", lambda self: None):
+        await test_an_agent_built_before_the_lock_re_reads_the_conversation_under_it(tmp_path)
+
+
+async def test_throw_mode_rejects_another_request_for_a_busy_session(tmp_path: Path) -> None:
+    env = _Env(tmp_path)
+    gate, script = _gated()
+    running = asyncio.create_task(env.agent(script).invoke_async("weather in Paris?", idempotency_token="t1"))
+    await _until(script.entered.is_set, WAIT, "the first turn's model call")
+    with pytest.raises(SessionBusyError) as raised:
+        await asyncio.wait_for(
+            env.agent(ScriptedBedrock()).invoke_async("weather in Rome?", idempotency_token="t2"), WAIT
+        )
+    assert isinstance(raised.value, ConcurrencyException)
+    gate.set()
+    await asyncio.wait_for(running, WAIT)
+    assert _shape(env.persisted()) == ONE_TURN
+
+
+async def test_enqueue_mode_runs_both_turns_one_after_the_other(tmp_path: Path) -> None:
+    env = _Env(tmp_path, session_invocation_mode="enqueue")
+    gate, script = _gated()
+    running = asyncio.create_task(env.agent(script).invoke_async("weather in Paris?", idempotency_token="t1"))
+    await _until(script.entered.is_set, WAIT, "the first turn's model call")
+    queued_script = ScriptedBedrock()
+    queued = asyncio.create_task(env.agent(queued_script).invoke_async("weather in Rome?", idempotency_token="t2"))
+    await asyncio.sleep(0)  # let it queue; it must not run while the first turn holds the session
+    assert queued_script.model_calls == 0 and not queued.done()
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(running, queued), WAIT)
+    persisted = env.persisted()
+    assert _shape(persisted) == ONE_TURN * 2
+    assert [persisted[0]["content"][0]["text"], persisted[4]["content"][0]["text"]] == [
+        "weather in Paris?",
+        "weather in Rome?",
+    ]
+
+
+async def test_enqueue_mode_gives_up_after_the_wait_timeout(tmp_path: Path) -> None:
+    env = _Env(tmp_path, session_invocation_mode="enqueue", wait_timeout_seconds=0.2)
+    gate, script = _gated()
+    running = asyncio.create_task(env.agent(script).invoke_async("weather in Paris?", idempotency_token="t1"))
+    await _until(script.entered.is_set, WAIT, "the first turn's model call")
+    with pytest.raises(SessionBusyError, match="waited"):
+        await asyncio.wait_for(
+            env.agent(ScriptedBedrock()).invoke_async("weather in Rome?", idempotency_token="t2"), WAIT
+        )
+    gate.set()
+    await asyncio.wait_for(running, WAIT)
+
+
+async def test_a_retry_of_the_same_request_joins_and_never_queues(tmp_path: Path) -> None:
+    env = _Env(tmp_path)  # throw mode: a queued retry would be rejected
+    gate, script = _gated()
+    first = env.agent(script)
+    running = asyncio.create_task(first.invoke_async("weather in Paris?", idempotency_token="t1"))
+    await _until(script.entered.is_set, WAIT, "the first turn's model call")
+    retry = asyncio.create_task(env.agent(ScriptedBedrock()).invoke_async("weather in Paris?", idempotency_token="t1"))
+    inflight = first._idempotency_gate.inflight
+    assert inflight is not None
+    await _until(lambda: inflight.waiter_count >= 1, WAIT, "the retry to join")
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(running, retry), WAIT)
+    assert results[0] is results[1]
+    later = await asyncio.wait_for(
+        env.agent(ScriptedBedrock()).invoke_async("weather in Paris?", idempotency_token="t1"), WAIT
+    )
+    assert isinstance(later, ReplayedAgentResult)
+    assert _shape(env.persisted()) == ONE_TURN
+
+
+async def test_a_failed_turn_is_rolled_back_and_its_retry_is_one_clean_turn(tmp_path: Path) -> None:
+    env = _Env(tmp_path)
+    await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("weather in Paris?", idempotency_token="t1"), WAIT)
+    failing = _FailAfterTool()
+    with pytest.raises(Exception, match="model down"):
+        await asyncio.wait_for(env.agent(failing).invoke_async("weather in Rome?", idempotency_token="t2"), WAIT)
+    assert failing.tool_calls == 1
+    assert _shape(env.persisted()) == ONE_TURN  # the failed turn left nothing
+    await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("weather in Rome?", idempotency_token="t2"), WAIT)
+    assert _shape(env.persisted()) == ONE_TURN * 2
+
+
+class _FailAfterTool(ScriptedBedrock):
+    def converse_stream(self, **request: Any) -> dict[str, Any]:
+        messages = request.get("messages", [])
+        if messages and any("toolResult" in b for b in messages[-1].get("content", [])):
+            self.model_calls += 1
+            raise RuntimeError("model down")
+        return super().converse_stream(**request)
+
+
+@contextmanager
+def _no_heartbeats() -> Iterator[None]:
+    """Leases started inside are never renewed: their owner looks dead to everyone else once they lapse."""
+
+    async def silent(self: _Lease) -> None:
+        return None
+
+    with mock.patch.object(_Lease, "_renew_forever", silent):
+        yield
+
+
+class _BlockingTool(ScriptedBedrock):
+    """The tool blocks on ``tool_gate`` (and reports it entered), like a tool that hangs on a slow service."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tool_gate = threading.Event()
+        self.tool_entered = threading.Event()
+
+    def tools(self) -> list[Any]:
+        from strands import tool
+
+        script = self
+
+        @tool
+        def lookup_weather(city: str) -> str:
+            """Look up the weather.
+
+            Args:
+                city: The city.
+            """
+            script.tool_entered.set()
+            assert script.tool_gate.wait(WAIT)
+            script.tool_calls += 1
+            return f"{city}: sunny"
+
+        return [lookup_weather]
+
+
+async def test_a_dead_turn_is_rolled_back_by_the_retry_and_the_dead_owner_writes_nothing(tmp_path: Path) -> None:
+    env = _Env(tmp_path)
+    await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hello", idempotency_token="t0"), WAIT)
+    dead_script = _BlockingTool()
+    with _no_heartbeats():
+        dead = asyncio.create_task(env.agent(dead_script).invoke_async("weather in Rome?", idempotency_token="t1"))
+        await _until(dead_script.tool_entered.is_set, WAIT, "the doomed turn's tool")
+    try:
+        # persisted so far: the first turn, then the doomed turn's prompt and tool request
+        assert _shape(env.persisted()) == ONE_TURN + ONE_TURN[:2]
+        retry_script = ScriptedBedrock()
+        result = await asyncio.wait_for(
+            env.agent(retry_script, process="other").invoke_async("weather in Rome?", idempotency_token="t1"),
+            WAIT + LEASE,
+        )
+        assert result.stop_reason == "end_turn" and retry_script.model_calls == 2
+        assert _shape(env.persisted()) == ONE_TURN * 2  # exactly one uninterrupted turn, the prompt once
+        # the dead owner wakes up: its tool result must not reach the conversation
+        dead_script.tool_gate.set()
+        with pytest.raises(IdempotencyLeaseLostError):
+            await asyncio.wait_for(dead, WAIT)
+        assert _shape(env.persisted()) == ONE_TURN * 2
+        assert env.persisted()[4]["content"][0]["text"] == "weather in Rome?"
+    finally:
+        dead_script.tool_gate.set()  # never leave the blocked tool thread behind
+        await asyncio.wait([dead], timeout=WAIT)
+
+
+async def test_a_turn_whose_result_was_stored_is_kept_when_its_owner_died_before_unlocking(tmp_path: Path) -> None:
+    env = _Env(tmp_path, session_invocation_mode="enqueue")  # the next turn waits for the dead lock's lease
+
+    async def commit_without_unlocking(self: SessionTurn) -> None:
+        assert self.lease is not None
+        await self.lease.stop()
+        self._held = False
+        self._unfence_writes()
+        self.lock.abandon()  # died right after storing the result: the lock record stays until its lease lapses
+
+    with mock.patch.object(SessionTurn, "commit", commit_without_unlocking):
+        await asyncio.wait_for(
+            env.agent(ScriptedBedrock()).invoke_async("weather in Paris?", idempotency_token="t1"), WAIT
+        )
+    await asyncio.wait_for(
+        env.agent(ScriptedBedrock(), process="other").invoke_async("weather in Rome?", idempotency_token="t2"),
+        WAIT + LEASE,
+    )
+    assert _shape(env.persisted()) == ONE_TURN * 2  # the first turn counted: it was not rolled back
+
+
+async def test_the_default_scope_includes_the_session(tmp_path: Path) -> None:
+    env = _Env(tmp_path)
+    a, b = env.agent(ScriptedBedrock(), "conv-a"), env.agent(ScriptedBedrock(), "conv-b")
+    assert a._idempotency_scope != b._idempotency_scope and "conv-a" not in a._idempotency_scope
+    await asyncio.wait_for(a.invoke_async("weather?", idempotency_token="t1"), WAIT)
+    other = await asyncio.wait_for(b.invoke_async("weather?", idempotency_token="t1"), WAIT)
+    assert not isinstance(other, ReplayedAgentResult)
+
+
+async def test_a_call_naming_a_session_is_locked_without_a_session_manager() -> None:
+    config = IdempotencyConfig(store=InMemoryIdempotencyStore(), lease_seconds=LEASE)
+    gate, script = _gated()
+    first = Agent(model=script.model(), tools=script.tools(), callback_handler=None, idempotency=config)
+    running = asyncio.create_task(first.invoke_async("weather?", session_id="conv-9"))
+    await _until(script.entered.is_set, WAIT, "the first turn")
+    second = Agent(model=ScriptedBedrock().model(), callback_handler=None, idempotency=config)
+    with pytest.raises(SessionBusyError):
+        await asyncio.wait_for(second.invoke_async("weather?", session_id="conv-9"), WAIT)
+    assert (await asyncio.wait_for(second.invoke_async("weather?", session_id="conv-10"), WAIT)).stop_reason
+    gate.set()
+    await asyncio.wait_for(running, WAIT)
+    with pytest.raises(ValueError):
+        await second.invoke_async("weather?", session_id="")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_without_rollback_the_prompt_is_there_twice(tmp_path: Path) -> None:
+    with mock.patch.object(_Conversation, "rollback", lambda self, checkpoint: self.reload()):
+        await test_a_dead_turn_is_rolled_back_by_the_retry_and_the_dead_owner_writes_nothing(tmp_path)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_rolling_back_a_stored_turn_loses_it(tmp_path: Path) -> None:
+    async def never_committed(self: SessionTurn, previous: Any) -> bool:
+        return False
+
+    with mock.patch.object(SessionTurn, "_committed", never_committed):
+        await test_a_turn_whose_result_was_stored_is_kept_when_its_owner_died_before_unlocking(tmp_path)
