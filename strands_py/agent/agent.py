@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, cast
@@ -14,24 +13,20 @@ import strands
 from strands.agent.agent_result import AgentResult
 from strands.hooks import BeforeToolCallEvent
 from strands.types.agent import ConcurrentInvocationMode
-from strands.types.exceptions import ConcurrencyException
 
 from .. import telemetry
-from .._events import result_of
 from ..idempotency._context import STATE_KEY, _RunContext, run_context_of
-from ..idempotency._durable import DurableCall, durable_stream, locked_stream
-from ..idempotency._registry import registry_for
+from ..idempotency._durable import DurableCall
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import make_key, request_fingerprint, session_lock_key
 from ..session._conversation import session_id_of
 from ..session._turn import SessionTurn
 from ..types.exceptions import (
     IdempotencyAbortedError,
-    IdempotencyKeyMismatchError,
     IdempotencyLeaseLostError,
-    ReentrantInvocationError,
 )
-from ._concurrency import _ConcurrencyController, _InflightInvocation, _running, _waits_for_itself
+from . import _gate
+from ._concurrency import _ConcurrencyController, _InflightInvocation
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +129,34 @@ class Agent(strands.Agent):
             scope = f"{scope}/session-{digest.rsplit('-', 1)[-1][:32]}"
         return scope
 
+    def __call__(self, prompt: Any = None, *, idempotency_token: Any = None, **kwargs: Any) -> AgentResult:
+        """Run the agent synchronously, as ``strands.Agent.__call__``; see ``stream_async`` for the gate.
+
+        A durable replay is answered on the calling thread: when the store can claim without an event loop
+        (``claim_blocking``), the claim is made right here, and a stored result is returned without starting the
+        thread and event loop strands' ``__call__`` starts for every call. Anything else (the agent runs, another
+        owner is waited for, a duplicate follows) continues exactly as ``invoke_async`` would.
+        """
+        config = self._idempotency
+        if (
+            config is None
+            or idempotency_token is None
+            or not getattr(config.store, "supports_blocking_claims", False)
+            or _gate.HANDOFF in kwargs
+        ):
+            return super().__call__(prompt, idempotency_token=idempotency_token, **kwargs)
+        begun = _gate.begin(self, prompt, idempotency_token, dict(kwargs))
+        if begun.registered and begun.session_id is None:
+            replay = _gate.replay_blocking(self, begun)
+            if replay is not None:
+                return replay
+        try:
+            return super().__call__(prompt, idempotency_token=idempotency_token, **{**kwargs, _gate.HANDOFF: begun})
+        finally:
+            if not begun.consumed:
+                # strands failed before our invoke_async ran (it never received the call): free what begin took.
+                _gate.abandon(self, begun)
+
     async def stream_async(
         self,
         prompt: Any = None,
@@ -199,102 +222,13 @@ class Agent(strands.Agent):
     async def _gate(
         self, prompt: Any, idempotency_token: Any, kwargs: dict[str, Any], *, stream_duplicate: bool
     ) -> AsyncGenerator[Any, None]:
-        """The one gate every invocation passes; see ``stream_async``."""
-        session_id = self._session_of_call(kwargs)
-        if "session_id" in kwargs:
-            kwargs = {k: v for k, v in kwargs.items() if k != "session_id"}
-        # Everything that can reject the call (an unusable token, an unfingerprintable prompt) runs before the gate.
-        call = self._durable_call(prompt, idempotency_token, kwargs, session_id)
-        gate = self._idempotency_gate
-        begin = gate.begin(
-            idempotency_token,
-            key=call.key if call is not None else None,
-            fingerprint=call.fingerprint if call is not None else None,
-        )
-
-        if begin.waiting_on is not None:
-            _check_joinable(begin.waiting_on, call)
-            async with aclosing(self._follow_primary(begin.waiting_on, kwargs, stream_duplicate)) as followed:
-                async for event in followed:
-                    yield event
-            return
-
-        if not begin.lock_acquired:
-            raise ConcurrencyException(_BUSY)
-
-        # The invocation duplicates follow: the per-agent one, or (UNSAFE_REENTRANT, durable) one of our own that
-        # only agents sharing the store can find.
-        inflight = begin.registered
-        if inflight is None and call is not None:
-            inflight = _InflightInvocation(self._max_buffered_events, key=call.key, fingerprint=call.fingerprint)
-        registry = registry_for(call.config.store) if call is not None else None
-        registered = False
-        result: AgentResult | None = None
-        error: BaseException | None = None
-        events: AsyncGenerator[Any, None] | None = None
-        try:
-            if call is not None and registry is not None and inflight is not None:
-                other = registry.begin(call.key, inflight)
-                registered = other is None
-                if other is not None:
-                    # Another Agent instance of this process runs this key: relay its invocation.
-                    _check_joinable(other, call)
-                    inflight.follows = other
-                    events = self._follow_primary(other, kwargs, stream_duplicate=True)
-                else:
-                    events = durable_stream(
-                        call,
-                        self._callback_handler_for(kwargs),
-                        lambda context: self._upstream_stream(prompt, kwargs, context),
-                        self._on_lease_lost,
-                        self._session_turn(session_id, call.owner),
-                    )
-            elif self._idempotency is not None and session_id is not None:
-                turn = self._session_turn(session_id, uuid.uuid4().hex)
-                assert turn is not None
-                events = locked_stream(turn, lambda context: self._upstream_stream(prompt, kwargs, context))
-            else:
-                events = self._upstream_stream(prompt, kwargs, None)
-            while True:
-                # Code running inside this primary (tools, hooks, callback handlers, tasks they start) is marked, so
-                # that a call of theirs that would wait for this very invocation fails instead of deadlocking.
-                marker = _running.set((*_running.get(), inflight)) if inflight is not None else None
-                try:
-                    event = await events.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    if marker is not None:
-                        _running.reset(marker)
-                event_result = result_of(event)
-                if event_result is not None:
-                    result = event_result
-                    if begin.registered is not None:
-                        gate.publish(begin.registered_token, result)
-                    elif inflight is not None:
-                        inflight.settle(result, None)
-                elif inflight is not None:
-                    inflight.append_event(event)
+        """The one gate every invocation passes; see ``stream_async`` and ``_gate.py``."""
+        begun = kwargs.pop(_gate.HANDOFF, None) if _gate.HANDOFF in kwargs else None
+        if begun is None:
+            begun = _gate.begin(self, prompt, idempotency_token, kwargs)
+        async with aclosing(_gate.run(self, prompt, begun, stream_duplicate=stream_duplicate)) as events:
+            async for event in events:
                 yield event
-        except Exception as e:
-            error = e
-            raise
-        finally:
-            try:
-                # Close the inner streams now, in this task: upstream holds its own lock until its generator ends,
-                # and a store claim must be handed back before this call returns.
-                if events is not None:
-                    await events.aclose()
-            finally:
-                if registered and call is not None and registry is not None and inflight is not None:
-                    registry.end(call.key, inflight)
-                if begin.registered is not None:
-                    # Neither result nor error (cancelled, closed early, BaseException) aborts the duplicates.
-                    gate.complete(begin.registered_token, result=result, error=error)
-                else:
-                    gate.release_lock()
-                    if inflight is not None:
-                        inflight.settle(result, error)
 
     def _session_of_call(self, kwargs: dict[str, Any]) -> str | None:
         """The session this call belongs to: ``session_id=`` of the call, else the session manager's."""
@@ -440,19 +374,3 @@ class Agent(strands.Agent):
 def _check_config(config: IdempotencyConfig | None) -> None:
     if config is not None and not isinstance(config, IdempotencyConfig):
         raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(config).__name__}")
-
-
-def _check_joinable(inflight: _InflightInvocation, call: DurableCall | None) -> None:
-    """Refuse to follow an invocation of another request, or one the caller itself runs inside."""
-    if (
-        call is not None
-        and call.fingerprint is not None
-        and inflight.fingerprint is not None
-        and call.fingerprint != inflight.fingerprint
-    ):
-        raise IdempotencyKeyMismatchError(call.key)
-    if _waits_for_itself(inflight):
-        raise ReentrantInvocationError(
-            "this call runs inside the invocation of the same idempotency token (a tool, hook or callback handler "
-            "of that invocation called the agent again with its token); waiting for it would deadlock"
-        )

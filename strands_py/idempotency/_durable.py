@@ -86,6 +86,9 @@ async def durable_stream(
     run_primary: Callable[[_RunContext], AsyncGenerator[Any, None]],
     on_lease_lost: Callable[[IdempotencyLeaseLostError], None],
     session: SessionTurn | None = None,
+    *,
+    claimed_at: float | None = None,
+    seen: IdempotencyRecord | None = None,
 ) -> AsyncGenerator[Any, None]:
     """Run ``run_primary`` at most once per token and window, across every process sharing ``call.config.store``.
 
@@ -93,7 +96,8 @@ async def durable_stream(
     ``callback_handler(result=...)`` once). The primary's result is stored *before* its result event is yielded,
     so whoever sees the result sees the token's result. With ``session``, the turn takes the session lock after the
     token's claim (a retry of the same request joins or replays, it never queues) and releases it after the result
-    is stored; a turn whose result is not stored is rolled back first.
+    is stored; a turn whose result is not stored is rolled back first. ``claimed_at`` says the claim was already taken
+    (at that monotonic time); ``seen`` is a record another owner holds, met by a claim already attempted.
 
     Raises:
         IdempotencyKeyMismatchError: The token's record has a different request fingerprint.
@@ -110,7 +114,10 @@ async def durable_stream(
     decision = "error"
     error: BaseException | None = None
     try:
-        completed, claimed_at = await _claim_or_wait(call, span)
+        if claimed_at is None:
+            completed, claimed_at = await _claim_or_wait(call, span, seen)
+        else:
+            completed = None
         if completed is None:
             decision = "claimed"
         else:
@@ -260,8 +267,12 @@ async def _release_when_landed(call: DurableCall, attempt: asyncio.Future[Idempo
         await _release(call.config, call.key, call.owner)
 
 
-async def _claim_or_wait(call: DurableCall, span: Span) -> tuple[IdempotencyRecord | None, float]:
+async def _claim_or_wait(
+    call: DurableCall, span: Span, seen: IdempotencyRecord | None = None
+) -> tuple[IdempotencyRecord | None, float]:
     """Claim the key (returns None) or return its completed record, waiting while another owner runs it.
+
+    ``seen``: a claim was already attempted and met this record; start by waiting on it.
 
     Returns:
         The completed record (or None when we claimed it), and the monotonic time our claim was sent.
@@ -269,18 +280,23 @@ async def _claim_or_wait(call: DurableCall, span: Span) -> tuple[IdempotencyReco
     config, key, owner, fingerprint = call.config, call.key, call.owner, call.fingerprint
     started = time.monotonic()
     delay = _POLL_FIRST_SECONDS
+    claimed_at = time.monotonic()
     while True:
-        now = time.time()
-        claimed_at = time.monotonic()
-        claim = IdempotencyRecord(
-            key=key,
-            state=RecordState.IN_PROGRESS,
-            owner=owner,
-            lease_expires_at=now + config.lease_seconds,
-            expires_at=now + config.lease_seconds + config.expires_after_seconds,
-            fingerprint=fingerprint,
-        )
-        existing = await _claim(call, claim, now)
+        if seen is not None:
+            existing: IdempotencyRecord | None = seen
+            seen = None
+        else:
+            now = time.time()
+            claimed_at = time.monotonic()
+            claim = IdempotencyRecord(
+                key=key,
+                state=RecordState.IN_PROGRESS,
+                owner=owner,
+                lease_expires_at=now + config.lease_seconds,
+                expires_at=now + config.lease_seconds + config.expires_after_seconds,
+                fingerprint=fingerprint,
+            )
+            existing = await _claim(call, claim, now)
         if existing is None:
             logger.debug("key=<%s> | claimed", key)
             return None, claimed_at

@@ -95,7 +95,7 @@ async def test_negative_control_without_the_check_the_tool_deadlocks() -> None:
     primary, reentry = _agents(sync=False, durable=False, same_agent=True)
     with (
         mock.patch.object(_concurrency, "_waits_for_itself", return_value=False),
-        mock.patch("strands_py.agent.agent._waits_for_itself", return_value=False),
+        mock.patch("strands_py.agent._gate._waits_for_itself", return_value=False),
     ):
         await asyncio.wait_for(primary.invoke_async("weather?", idempotency_token="t"), WAIT)
     # the tool's call waited for its own invocation until the tool's own timeout
