@@ -211,3 +211,18 @@ def test_problems_are_shown_readably(browser: Any, status: int) -> None:
         503: "503 Idempotency store unavailable: The idempotency store could not be reached",
     }[status]
     assert shown["error"].startswith(expected)
+
+
+def test_a_saved_key_the_server_no_longer_knows_is_forgotten(browser: Any) -> None:
+    with scripted() as script:
+        with serve(AgentApp(script.factory(), page=True)) as server:
+            browser.get(server.url + "/")
+            browser.execute_script(
+                "sessionStorage.setItem('strands-py.invocation', JSON.stringify({key: arguments[0], prompt: 'old'}));",
+                new_key(),
+            )
+            browser.refresh()
+            until(browser, 'document.body.dataset.state === "idle" && !sessionStorage.getItem("strands-py.invocation")')
+            shown = state(browser)
+    assert shown["error"] == "" and shown["answer"] == ""
+    assert script.model_calls == 0

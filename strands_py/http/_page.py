@@ -138,6 +138,9 @@ function follow(key) {
       const response = await fetch(url, {signal: probe.signal});
       if (response.status === 204) { setState("done", "Done"); return; }
       if (response.ok) { probe.abort(); setTimeout(() => follow(key), 1000); return; }
+      if (response.status === 404) {  // a saved key whose record expired: start afresh
+        sessionStorage.removeItem(STORE); reset(null); setState("idle", ""); return;
+      }
       const problem = await problemOf(response);
       showProblem(problem);
       if (problem.retry_after) setTimeout(() => { if (source === events) follow(key); }, problem.retry_after * 1000);
