@@ -29,9 +29,12 @@ class IdempotencyStore(abc.ABC):
 
     Attributes:
         max_result_bytes: Largest encoded result the store accepts, or None for no limit.
+        supports_blocking_claims: Whether ``claim_blocking`` is implemented (optional; the sync ``agent(...)``
+            answers replays with it before starting a thread and an event loop).
     """
 
     max_result_bytes: int | None = None
+    supports_blocking_claims: bool = False
 
     @abc.abstractmethod
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
@@ -86,3 +89,14 @@ class IdempotencyStore(abc.ABC):
         Returns:
             False if the renewal was fenced off: the claim was taken over, completed, or is gone.
         """
+
+    def claim_blocking(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """``claim``, blocking the calling thread: for a caller without an event loop (optional).
+
+        Same atomic write, same result and errors as ``claim``. Implemented where ``supports_blocking_claims`` is
+        True. Never call it on an event loop's thread: it blocks for a network round trip.
+
+        Raises:
+            NotImplementedError: The store does not support it (``supports_blocking_claims`` is False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support blocking claims")

@@ -133,20 +133,27 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         """Close the store."""
         self.close()
 
-    async def _call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
-        """Run one boto3 call on the store's executor; every failure but a failed condition is an outage."""
+    # Each primitive is a blocking method (below) run whole on the store's executor: one thread hop per primitive,
+    # however many calls it makes. ``claim_blocking`` runs the same method on the caller's thread.
+
+    async def _blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run ``fn(*args)`` on the store's executor."""
         try:
             result, error = await asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(_outcome, fn, kwargs)
+                self._executor, functools.partial(_outcome, fn, args)
             )
         except RuntimeError as e:
             if not self._closed:
                 raise
-            raise IdempotencyStoreError(f"the DynamoDB idempotency store of table {self.table_name} is closed") from e
-        if error is None:
-            return cast(T, result)
-        try:
+            raise self._closed_error() from e
+        if error is not None:
             raise error
+        return cast(T, result)
+
+    def _invoke(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """One boto3 call on this thread; every failure but a failed condition is an outage."""
+        try:
+            return fn(**kwargs)
         except ClientError as e:
             if _is_condition_failure(e):
                 raise
@@ -159,10 +166,48 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             f"DynamoDB table {self.table_name} could not be used: {type(error).__name__}: {error}"
         )
 
+    def _closed_error(self) -> IdempotencyStoreError:
+        return IdempotencyStoreError(f"the DynamoDB idempotency store of table {self.table_name} is closed")
+
+    supports_blocking_claims = True
+
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``: one conditional ``PutItem`` returning the old item on failure."""
+        return await self._blocking(self._claim, record, now)
+
+    def claim_blocking(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.claim_blocking``: ``claim``'s ``PutItem`` on the calling thread."""
+        if self._closed:
+            raise self._closed_error()
+        return self._claim(record, now)
+
+    async def get(self, key: str) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.get``; a strongly consistent read."""
+        return await self._blocking(self._get, key)
+
+    async def complete(self, record: IdempotencyRecord) -> bool:
+        """See ``IdempotencyStore.complete``: a ``PutItem`` conditional on owner and status."""
+        return await self._blocking(self._complete, record)
+
+    async def release(self, key: str, owner: str) -> bool:
+        """See ``IdempotencyStore.release``: a ``DeleteItem`` conditional on owner and status."""
+        return await self._blocking(self._release, key, owner)
+
+    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status, usually.
+
+        DynamoDB has no ``max()`` in update expressions, so "raise the expiry to at least the lease, never lower it"
+        is done with conditions. First, the common case (the expiry is already past the new lease, as it is while
+        ``expires_after_seconds`` exceeds the lease): set the lease only, on condition that the record is ours and
+        expires after the lease. If that condition fails, the item returned with the failure tells why: not ours
+        any more (False), or it expires too early (or has no exact expiry yet, written by an older version). Then
+        compare-and-set: write ``max(seen expiry, lease)`` on condition that the expiry is still the one seen.
+        """
+        return await self._blocking(self._renew, key, owner, lease_expires_at, checkpoint)
+
+    def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         try:
-            await self._call(
+            self._invoke(
                 self._client.put_item,
                 TableName=self.table_name,
                 Item=_to_item(record),
@@ -176,28 +221,30 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
             return None
-        except ClientError as e:  # only a failed condition reaches here (see _call)
+        except ClientError as e:  # only a failed condition reaches here (see _invoke)
             old = e.response.get("Item")
         if old is not None:
             return _from_item(old)
         # Some DynamoDB-compatible servers do not return the old item: read it.
-        existing = await self.get(record.key)
+        existing = self._get(record.key)
         if existing is None or not existing.is_live(now):
             # Removed or expired between our write and our read: try again from the top.
-            return await self.claim(record, now)
+            return self._claim(record, now)
         return existing
 
-    async def get(self, key: str) -> IdempotencyRecord | None:
-        """See ``IdempotencyStore.get``; a strongly consistent read."""
-        response = await self._call(
-            self._client.get_item, TableName=self.table_name, Key={"id": {"S": key}}, ConsistentRead=True
-        )
-        item = response.get("Item")
+    def _get(self, key: str) -> IdempotencyRecord | None:
+        item = self._get_item(key)
         return None if item is None else _from_item(item)
 
-    async def complete(self, record: IdempotencyRecord) -> bool:
-        """See ``IdempotencyStore.complete``: a ``PutItem`` conditional on owner and status."""
-        return await self._fenced(
+    def _get_item(self, key: str) -> dict[str, Any] | None:
+        response = self._invoke(
+            self._client.get_item, TableName=self.table_name, Key={"id": {"S": key}}, ConsistentRead=True
+        )
+        item: dict[str, Any] | None = response.get("Item")
+        return item
+
+    def _complete(self, record: IdempotencyRecord) -> bool:
+        return self._fenced(
             self._client.put_item,
             TableName=self.table_name,
             Item=_to_item(record),
@@ -206,9 +253,8 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             ExpressionAttributeValues={":owner": {"S": record.owner}, ":in_progress": _IN_PROGRESS},
         )
 
-    async def release(self, key: str, owner: str) -> bool:
-        """See ``IdempotencyStore.release``: a ``DeleteItem`` conditional on owner and status."""
-        return await self._fenced(
+    def _release(self, key: str, owner: str) -> bool:
+        return self._fenced(
             self._client.delete_item,
             TableName=self.table_name,
             Key={"id": {"S": key}},
@@ -217,16 +263,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             ExpressionAttributeValues={":owner": {"S": owner}, ":in_progress": _IN_PROGRESS},
         )
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status, usually.
-
-        DynamoDB has no ``max()`` in update expressions, so "raise the expiry to at least the lease, never lower it"
-        is done with conditions. First, the common case (the expiry is already past the new lease, as it is while
-        ``expires_after_seconds`` exceeds the lease): set the lease only, on condition that the record is ours and
-        expires after the lease. If that condition fails, the item returned with the failure tells why: not ours
-        any more (False), or it expires too early (or has no exact expiry yet, written by an older version). Then
-        compare-and-set: write ``max(seen expiry, lease)`` on condition that the expiry is still the one seen.
-        """
+    def _renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None) -> bool:
         lease = _n(lease_expires_at)
         update = "SET #lease = :lease"
         values: dict[str, Any] = {":owner": {"S": owner}, ":in_progress": _IN_PROGRESS, ":lease": lease}
@@ -236,7 +273,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             values[":checkpoint"] = {"S": checkpoint}
             names["#checkpoint"] = "checkpoint"
         for _ in range(_RENEW_ATTEMPTS):
-            old = await self._update(key, update, _OWNED_EXPIRING_AFTER_LEASE, names, values)
+            old = self._update(key, update, _OWNED_EXPIRING_AFTER_LEASE, names, values)
             if old is None:
                 return True
             if not _owned_in_progress(old, owner):
@@ -250,7 +287,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 ":expires_at": _n(new_expiry),
                 ":expiration": _ttl(new_expiry),
             }
-            old = await self._update(
+            old = self._update(
                 key,
                 update + ", #expires_at = :expires_at, #expiration = :expiration",
                 _OWNED_EXPIRY_UNCHANGED if seen is not None else _OWNED_LEGACY_EXPIRY_UNCHANGED,
@@ -264,12 +301,12 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             logger.debug("key=<%s> | expiry changed during renewal, renewing again", key)
         raise IdempotencyStoreError(f"renewal of idempotency key {key} kept racing another renewal by its owner")
 
-    async def _update(
+    def _update(
         self, key: str, update: str, condition: str, names: dict[str, str], values: dict[str, Any]
     ) -> dict[str, Any] | None:
         """A conditional ``UpdateItem``: None if written, else the item as it is (empty if absent)."""
         try:
-            await self._call(
+            self._invoke(
                 self._client.update_item,
                 TableName=self.table_name,
                 Key={"id": {"S": key}},
@@ -280,21 +317,18 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
             return None
-        except ClientError as e:  # only a failed condition reaches here (see _call)
+        except ClientError as e:  # only a failed condition reaches here (see _invoke)
             old: dict[str, Any] | None = e.response.get("Item")
         if old is None:
             # Absent, or a DynamoDB-compatible server that does not return the old item: read it.
-            response = await self._call(
-                self._client.get_item, TableName=self.table_name, Key={"id": {"S": key}}, ConsistentRead=True
-            )
-            old = response.get("Item")
+            old = self._get_item(key)
         return old or {}
 
-    async def _fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
+    def _fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
         try:
-            await self._call(fn, **kwargs)
+            self._invoke(fn, **kwargs)
             return True
-        except ClientError:  # only a failed condition reaches here (see _call)
+        except ClientError:  # only a failed condition reaches here (see _invoke)
             return False
 
     def create_table(self) -> None:
@@ -334,7 +368,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         )
 
 
-def _outcome(fn: Callable[..., T], kwargs: dict[str, Any]) -> tuple[T | None, Exception | None]:
+def _outcome(fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T | None, Exception | None]:
     """Run ``fn`` on a worker thread and hand back its error as a value instead of raising it across the await.
 
     An exception crossing the await reaches the awaiting coroutines through ``throw()``, and on Python 3.11 a frame
@@ -342,7 +376,7 @@ def _outcome(fn: Callable[..., T], kwargs: dict[str, Any]) -> tuple[T | None, Ex
     on the event loop's side keeps those lines measured; the error object (and its traceback) is the same.
     """
     try:
-        return fn(**kwargs), None
+        return fn(*args), None
     except Exception as e:
         return None, e
 

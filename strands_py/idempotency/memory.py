@@ -73,12 +73,18 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         """Number of records held (expired ones included until read or evicted)."""
         return len(self._claims) + len(self._completed)
 
+    supports_blocking_claims = True
+
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``.
 
         Raises:
             IdempotencyStoreError: The key is new and every one of the ``max_entries`` records is a live claim.
         """
+        return self.claim_blocking(record, now)
+
+    def claim_blocking(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.claim_blocking``: ``claim``, which never blocks for long here (one lock)."""
         with self._mutex:
             existing = self._lookup(record.key)
             if existing is not None and existing.is_live(now) and not _own_claim(existing, record.owner):

@@ -273,27 +273,31 @@ class RedisIdempotencyStore(IdempotencyStore):
         """Close the store."""
         self.close()
 
+    supports_blocking_claims = True
+
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``: one script, one round trip."""
-        args = [repr(float(now)), record.owner, _pexpireat(record.expires_at), *_fields(record)]
-        existing = await self._run(record.key, self._claim, args)
-        if existing is None:
-            return None
-        return _from_fields(record.key, _pairs(existing))
+        return await self._blocking(self._claim_record, record, now)
+
+    def claim_blocking(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.claim_blocking``: ``claim``'s script on the calling thread."""
+        if self._closed:
+            raise _closed_error()
+        return self._claim_record(record, now)
 
     async def get(self, key: str) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.get``: one ``HGETALL``; Redis has deleted an expired record already."""
-        fields = await self._run(key, self._client.hgetall, None)
+        fields = await self._blocking(self._execute, key, self._client.hgetall, None)
         return _from_fields(key, fields) if fields else None
 
     async def complete(self, record: IdempotencyRecord) -> bool:
         """See ``IdempotencyStore.complete``: one script, fenced on owner and status."""
         args = [record.owner, _pexpireat(record.expires_at), *_fields(record)]
-        return bool(await self._run(record.key, self._complete, args))
+        return bool(await self._blocking(self._execute, record.key, self._complete, args))
 
     async def release(self, key: str, owner: str) -> bool:
         """See ``IdempotencyStore.release``: one script, fenced on owner and status."""
-        return bool(await self._run(key, self._release, [owner]))
+        return bool(await self._blocking(self._execute, key, self._release, [owner]))
 
     async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
         """See ``IdempotencyStore.renew``: one script, fenced on owner and status."""
@@ -304,32 +308,47 @@ class RedisIdempotencyStore(IdempotencyStore):
             "0" if checkpoint is None else "1",
             checkpoint or "",
         ]
-        return bool(await self._run(key, self._renew, args))
+        return bool(await self._blocking(self._execute, key, self._renew, args))
 
-    async def _run(self, key: str, command: Callable[..., Any], args: Sequence[Any] | None) -> Any:
-        """Run a script (``args`` given) or a one-key command on the store's executor; map errors."""
-        redis_key = self.key_prefix + key
-        call = (
-            functools.partial(command, keys=[redis_key], args=args)
-            if args is not None
-            else functools.partial(command, redis_key)
-        )
+    def _claim_record(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        args = [repr(float(now)), record.owner, _pexpireat(record.expires_at), *_fields(record)]
+        existing = self._execute(record.key, self._claim, args)
+        return None if existing is None else _from_fields(record.key, _pairs(existing))
+
+    async def _blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """Run ``fn(*args)`` on the store's executor."""
         try:
             result, error = await asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(_outcome, call)
+                self._executor, functools.partial(_outcome, functools.partial(fn, *args))
             )
         except RuntimeError as e:
             if not self._closed:
                 raise
-            raise IdempotencyStoreError("the Redis idempotency store is closed") from e
-        if error is None:
-            return result
-        if isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE"):
-            raise IdempotencyRecordCorruptedError(key, f"the Redis key holds another type: {error}") from error
-        if isinstance(error, RedisError | OSError):
-            logger.debug("key=<%s>, error=<%s> | redis call failed", key, type(error).__name__)
-            raise IdempotencyStoreError(f"Redis could not be used: {type(error).__name__}: {error}") from error
-        raise error
+            raise _closed_error() from e
+        if error is not None:
+            raise error
+        return cast(T, result)
+
+    def _execute(self, key: str, command: Callable[..., Any], args: Sequence[Any] | None) -> Any:
+        """Run a script (``args`` given) or a one-key command on this thread; map errors."""
+        redis_key = self.key_prefix + key
+        try:
+            return command(keys=[redis_key], args=args) if args is not None else command(redis_key)
+        except ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise IdempotencyRecordCorruptedError(key, f"the Redis key holds another type: {e}") from e
+            raise _outage(key, e) from e
+        except (RedisError, OSError) as e:
+            raise _outage(key, e) from e
+
+
+def _outage(key: str, error: Exception) -> IdempotencyStoreError:
+    logger.debug("key=<%s>, error=<%s> | redis call failed", key, type(error).__name__)
+    return IdempotencyStoreError(f"Redis could not be used: {type(error).__name__}: {error}")
+
+
+def _closed_error() -> IdempotencyStoreError:
+    return IdempotencyStoreError("the Redis idempotency store is closed")
 
 
 def _outcome(call: Callable[[], T]) -> tuple[T | None, Exception | None]:

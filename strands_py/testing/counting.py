@@ -12,8 +12,9 @@ from ..idempotency.record import IdempotencyRecord
 class CountingStore(IdempotencyStore):
     """Forwards to ``inner`` and counts each call in ``calls`` by primitive name (``claim``, ``renew``, ...).
 
-    ``on_claim`` runs after every claim (a multiprocessing counter, say). ``complete_result`` forces what
-    ``complete`` reports (False simulates a fenced-off primary) while still forwarding the write.
+    A blocking claim counts as a ``claim``. ``on_claim`` runs after every claim (a multiprocessing counter, say).
+    ``complete_result`` forces what ``complete`` reports (False simulates a fenced-off primary) while still
+    forwarding the write.
     """
 
     def __init__(
@@ -26,6 +27,7 @@ class CountingStore(IdempotencyStore):
         """Wrap ``inner``."""
         self.inner = inner
         self.max_result_bytes = inner.max_result_bytes
+        self.supports_blocking_claims = inner.supports_blocking_claims
         self.calls: Counter[str] = Counter()
         self._on_claim = on_claim
         self._complete_result = complete_result
@@ -33,6 +35,14 @@ class CountingStore(IdempotencyStore):
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """Count and forward."""
         existing = await self.inner.claim(record, now)
+        self.calls["claim"] += 1
+        if self._on_claim is not None:
+            self._on_claim()
+        return existing
+
+    def claim_blocking(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """Count (as a ``claim``) and forward."""
+        existing = self.inner.claim_blocking(record, now)
         self.calls["claim"] += 1
         if self._on_claim is not None:
             self._on_claim()

@@ -169,6 +169,23 @@ class StoreContract:
         assert len(winners) == 1, f"{len(winners)} claims won: {sorted(winners)}"
         assert all(o is None or o.owner == winners[0] for o in outcomes.values()), "a loser saw another owner"
 
+    def test_a_blocking_claim_is_the_same_claim(self, store: IdempotencyStore) -> None:
+        """Where ``supports_blocking_claims``: ``claim_blocking`` (no event loop) decides exactly as ``claim``."""
+        if not store.supports_blocking_claims:
+            pytest.skip(f"{type(store).__name__} does not support blocking claims")
+        now = time.time()
+        assert store.claim_blocking(_claim("contract#k", "a", now=now), now) is None
+        existing = store.claim_blocking(_claim("contract#k", "b", now=now), now)
+        assert existing is not None and existing.owner == "a" and existing.state is RecordState.IN_PROGRESS
+        assert store.claim_blocking(_claim("contract#k", "a", now=now + 1), now + 1) is None  # its own claim
+        assert self.run(store.complete(_completed("contract#k", "a", now=now))) is True
+        done = store.claim_blocking(_claim("contract#k", "b", now=now), now)
+        assert done is not None and done.state is RecordState.COMPLETED and done.payload == b"z"
+        # lapsed: taken over by a blocking claim, fenced for the old owner
+        self.run(store.claim(_claim("contract#lapsed", "a", now=now - 10, lease=5), now - 10))
+        assert store.claim_blocking(_claim("contract#lapsed", "b", now=now), now) is None
+        assert self.run(store.renew("contract#lapsed", "a", now + 60)) is False
+
     def test_keys_of_different_scopes_are_independent(self, store: IdempotencyStore) -> None:
         """Keys that differ only in their scope are different records."""
 

@@ -110,10 +110,14 @@ OPERATIONS = ["put_item", "get_item", "put_item", "delete_item", "update_item"]
 )
 async def test_service_errors_from_every_primitive_are_store_errors(aws: None, code: str, status: int) -> None:
     store, stubber = _stubbed_store()
-    for operation in OPERATIONS:
+    for operation in [*OPERATIONS, "put_item"]:
         stubber.add_client_error(operation, service_error_code=code, http_status_code=status)
     with stubber:
         errors = await _every_primitive(store)
+        now = time.time()
+        with pytest.raises(IdempotencyStoreError) as blocking:
+            store.claim_blocking(_claim("s#k", "a", now), now)
+        errors.append(blocking.value)
         stubber.assert_no_pending_responses()
     for error in errors:
         assert isinstance(error.__cause__, ClientError) and error.__cause__.response["Error"]["Code"] == code
@@ -148,6 +152,25 @@ async def test_a_closed_store_raises_a_store_error(aws: None) -> None:
     store.close()
     with pytest.raises(IdempotencyStoreError, match="closed"):
         await store.get("s#k")
+    now = time.time()
+    with pytest.raises(IdempotencyStoreError, match="closed"):
+        store.claim_blocking(_claim("s#k", "a", now), now)
+
+
+def test_a_blocking_claim_runs_on_the_callers_thread(aws: None) -> None:
+    store = make_dynamodb_store()
+    seen: list[str] = []
+    real_put_item = store._client.put_item
+
+    def spy(**kwargs: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return real_put_item(**kwargs)
+
+    store._client.put_item = spy
+    now = time.time()
+    assert store.claim_blocking(_claim("s#k", "a", now), now) is None
+    assert seen == [threading.current_thread().name]
+    store.close()
 
 
 async def test_other_runtime_errors_are_not_mistaken_for_a_closed_store(aws: None) -> None:

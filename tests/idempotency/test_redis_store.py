@@ -176,6 +176,23 @@ async def test_a_closed_store_raises_a_store_error(client: Any) -> None:
     store.close()
     with pytest.raises(IdempotencyStoreError, match="closed"):
         await store.get("s#k")
+    now = time.time()
+    with pytest.raises(IdempotencyStoreError, match="closed"):
+        store.claim_blocking(_claim("s#k", "a", now), now)
+
+
+def test_a_blocking_claim_runs_on_the_callers_thread(store: RedisIdempotencyStore) -> None:
+    seen: list[str] = []
+    real = store._client.evalsha
+
+    def spy(*args: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return real(*args)
+
+    now = time.time()
+    with mock.patch.object(store._client, "evalsha", spy):
+        assert store.claim_blocking(_claim("s#k", "a", now), now) is None
+    assert seen and set(seen) == {threading.current_thread().name}  # EVALSHA, and again after loading the script
 
 
 async def test_other_runtime_errors_propagate_as_they_are(store: RedisIdempotencyStore) -> None:
@@ -209,6 +226,8 @@ async def test_an_unreachable_server_is_a_store_error_from_every_primitive() -> 
         with pytest.raises(IdempotencyStoreError, match="ConnectionError") as raised:
             await asyncio.wait_for(call, WAIT)
         assert isinstance(raised.value.__cause__, redis.ConnectionError)
+    with pytest.raises(IdempotencyStoreError, match="ConnectionError"):
+        store.claim_blocking(_claim("s#k", "a", now), now)
     store.close()
 
 

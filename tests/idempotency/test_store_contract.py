@@ -28,6 +28,7 @@ from strands_py.idempotency import (
     RecordState,
 )
 from strands_py.idempotency.redis import RedisIdempotencyStore
+from strands_py.testing.counting import CountingStore
 from strands_py.testing.store_contract import SerialisedCalls, StoreContract
 
 WAIT = 10.0
@@ -228,3 +229,53 @@ class _FailingClaims(InMemoryIdempotencyStore):
 def test_the_race_reports_errors_raised_on_its_threads() -> None:
     with pytest.raises(AssertionError, match="store unreachable for owner-"):
         CONTRACT.test_claim_race_has_one_winner(_FailingClaims())
+
+
+class _AsyncOnlyStore(InMemoryIdempotencyStore):
+    supports_blocking_claims = False
+
+
+class TestAStoreWithoutBlockingClaims(StoreContract):
+    @pytest.fixture
+    def store(self) -> IdempotencyStore:
+        return _AsyncOnlyStore()
+
+
+def test_claim_blocking_is_optional() -> None:
+    class Minimal(IdempotencyStore):
+        async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+            return None
+
+        async def get(self, key: str) -> IdempotencyRecord | None:
+            return None
+
+        async def complete(self, record: IdempotencyRecord) -> bool:
+            return False
+
+        async def release(self, key: str, owner: str) -> bool:
+            return False
+
+        async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+            return False
+
+    store = Minimal()
+    assert store.supports_blocking_claims is False
+    now = time.time()
+    record = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 60, now + 3600)
+    with pytest.raises(NotImplementedError, match="Minimal does not support blocking claims"):
+        store.claim_blocking(record, now)
+
+
+def test_counting_store_counts_and_forwards_blocking_claims_and_renewals() -> None:
+    bumps: list[int] = []
+    counting = CountingStore(InMemoryIdempotencyStore(), on_claim=lambda: bumps.append(1))
+    assert counting.supports_blocking_claims is True
+    assert CountingStore(_AsyncOnlyStore()).supports_blocking_claims is False
+    now = time.time()
+    assert (
+        counting.claim_blocking(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 60, now + 90), now) is None
+    )
+    assert asyncio.run(counting.renew("s#k", "a", now + 120, checkpoint="cp")) is True
+    got = asyncio.run(counting.get("s#k"))
+    assert got is not None and got.expires_at == now + 120 and got.checkpoint == "cp"
+    assert counting.calls == {"claim": 1, "renew": 1, "get": 1} and bumps == [1]
