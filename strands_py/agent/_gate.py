@@ -10,7 +10,9 @@ strands' ``__call__`` starts a thread and an event loop for every call, which a 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -23,7 +25,7 @@ from strands.types.exceptions import ConcurrencyException
 
 from .. import telemetry
 from .._events import result_of
-from ..idempotency._durable import DurableCall, durable_stream, locked_stream
+from ..idempotency._durable import DurableCall, _release, durable_stream, locked_stream
 from ..idempotency._registry import _InflightRegistry, registry_for
 from ..idempotency.codec import decode_result
 from ..idempotency.record import IdempotencyRecord, RecordState
@@ -42,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 # The keyword that carries a begun call from ``Agent.__call__`` through strands' ``__call__`` to ``invoke_async``.
 HANDOFF = "_strands_py_begun"
+
+# How long an abandoned call waits for its claim to be handed back (it frees itself after a lease anyway).
+_ABANDON_RELEASE_SECONDS = 10.0
 
 _BUSY = "Agent is already processing a request. Concurrent invocations are not supported."
 
@@ -234,7 +239,7 @@ def replay_blocking(agent: Agent, begun: _Begun) -> AgentResult | None:
     call = begun.call
     assert call is not None and begun.registered
     config = call.config
-    claim_blocking = config.store.claim_blocking  # type: ignore[attr-defined]
+    claim_blocking = config.store.claim_blocking
     span = telemetry.start_span(telemetry.SPAN_CLAIM, {"key": call.key})
     started = time.monotonic()
     decision = "error"
@@ -297,8 +302,10 @@ def abandon(agent: Agent, begun: _Begun) -> None:
     begun.consumed = True
     call = begun.call
     if begun.claimed_at is not None and call is not None:
-        try:
-            call.config.store.release_blocking(call.key, call.owner)  # type: ignore[attr-defined]
-        except Exception:
-            logger.exception("key=<%s> | could not release the claim; it frees itself when its lease lapses", call.key)
+        # The caller's thread may run an event loop of its own: release from a thread of ours, with one of its own.
+        releaser = threading.Thread(
+            target=asyncio.run, args=(_release(call.config, call.key, call.owner),), name="strands-py-release"
+        )
+        releaser.start()
+        releaser.join(_ABANDON_RELEASE_SECONDS)
     finish(agent, begun, None, None)

@@ -141,7 +141,7 @@ class Agent(strands.Agent):
         if (
             config is None
             or idempotency_token is None
-            or not getattr(config.store, "supports_blocking_claims", False)
+            or not config.store.supports_blocking_claims
             or _gate.HANDOFF in kwargs
         ):
             return super().__call__(prompt, idempotency_token=idempotency_token, **kwargs)
