@@ -2,7 +2,7 @@
 
 A process is started ahead of need (``serve``: spawn and imports take seconds) and given one job: it builds its agent
 (a real ``BedrockModel`` with a scripted boto3 client, a ``pay`` tool that reads its tool-call idempotency key, a
-DynamoDB store on the test's moto server), says it is ready, waits for the test's ``go`` and makes one call. The
+DynamoDB store on the test's moto server), says it is ready, waits for the test's ``go`` and makes its call(s). The
 test follows it through a ``Probe`` of multiprocessing primitives (its claim, every renewal, its model calls, the
 keys its tool saw) and, unless the process is killed, gets a report.
 """

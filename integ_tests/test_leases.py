@@ -133,7 +133,7 @@ class Workers:
         return str(key)
 
     def tool_keys_left(self) -> dict[str, list[str]]:
-        """Every tool-call key not read yet, by process label."""
+        """Every tool-call key not read yet, by process label (complete only once the processes have exited)."""
         found: dict[str, list[str]] = {}
         for label, probe in self.probes.items():
             while True:
@@ -292,7 +292,8 @@ def _pause_owner_past_its_lease(endpoint: str, pool: Pool, token: str, broken: s
         owner_report = workers.report("owner")
         taker.gate.set()
         taker_report = workers.report("taker")
-        keys = workers.tool_keys_left()
+    # Read once every process has exited: a process flushes its queues before it exits, not before it reports.
+    keys = workers.tool_keys_left()
 
     print(
         f"\nMEASURED paused owner, lease {lease:g} s: taken over {taker.claimed_at.value - stopped_at:.2f} s after"
@@ -360,7 +361,8 @@ def _tool_keys_across_a_takeover(
             workers.kill(f"owner-{name}")
         reports = {name: workers.report(f"retry-{name}") for name in retries}
         retry_keys = {name: workers.tool_key(f"retry-{name}") for name in retries}
-        assert workers.tool_keys_left() == {}  # each tool ran once per process
+    # Each tool ran once per process (read once every process has exited and flushed its queues).
+    assert workers.tool_keys_left() == {}
 
     for name, hmac_key in hmac_keys.items():
         report = reports[name]
