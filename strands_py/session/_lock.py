@@ -13,6 +13,7 @@ their own loop until the head is served. Across processes the store decides, by 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import threading
@@ -101,6 +102,16 @@ def _busy(store: IdempotencyStore, key: str) -> bool:
         return key in _lines.get(store, {})
 
 
+def _token_of(record: IdempotencyRecord) -> str | None:
+    """The token key a lock record names, if any."""
+    try:
+        document = json.loads(record.checkpoint or "{}")
+    except ValueError:
+        return None
+    token = document.get("token") if isinstance(document, dict) else None
+    return token if isinstance(token, str) else None
+
+
 class SessionLock:
     """The lock of one session in one store; one instance per turn.
 
@@ -127,9 +138,13 @@ class SessionLock:
         self._ticket: _Ticket | None = None
 
     async def acquire(
-        self, mode: SessionInvocationMode, wait_timeout_seconds: float | None
+        self, mode: SessionInvocationMode, wait_timeout_seconds: float | None, token_key: str | None = None
     ) -> IdempotencyRecord | None:
         """Take the lock, waiting per ``mode``.
+
+        The lock record names the turn's token (``token_key``) from the start. A lock held under the caller's own
+        token is a dead run of the very same request (the caller holds the token's claim, so that run lost it): the
+        caller waits for its lease to lapse even in THROW mode, since that is no other request.
 
         Returns:
             The record of a holder whose lease had lapsed (a crashed turn, to be rolled back), or None.
@@ -155,11 +170,14 @@ class SessionLock:
                         raise SessionBusyError("another request is running a turn of this session")
                     await asyncio.wait_for(asyncio.shield(ticket.turn), remaining)
                     continue
-                held, previous = await self._try()
+                held, previous = await self._try(token_key)
                 if held is None:
                     acquired = True
                     return previous
-                if mode is SessionInvocationMode.THROW or (remaining is not None and remaining <= 0):
+                same_request = token_key is not None and _token_of(held) == token_key
+                if (mode is SessionInvocationMode.THROW and not same_request) or (
+                    remaining is not None and remaining <= 0
+                ):
                     raise SessionBusyError("another request is running a turn of this session")
                 pause = random.uniform(delay / 2, delay)
                 # Wake when the holder's lease lapses (a crashed holder), not a whole backoff step later.
@@ -175,7 +193,7 @@ class SessionLock:
                 _leave(self.store, self.key, ticket)
                 self._ticket = None
 
-    async def _try(self) -> tuple[IdempotencyRecord | None, IdempotencyRecord | None]:
+    async def _try(self, token_key: str | None) -> tuple[IdempotencyRecord | None, IdempotencyRecord | None]:
         """One attempt: (the live holder, None) if busy; (None, the lapsed holder's record or None) if taken."""
         now = time.time()
         current = await _store(self.store.get(self.key))
@@ -188,6 +206,7 @@ class SessionLock:
             owner=self.owner,
             lease_expires_at=now + self.lease_seconds,
             expires_at=now + self.lease_seconds + self.expires_after_seconds,
+            checkpoint=json.dumps({"v": 1, "token": token_key}, separators=(",", ":")),
         )
         existing = await _store(self.store.claim(record, now))
         if existing is not None and existing.owner != self.owner:

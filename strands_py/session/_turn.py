@@ -38,6 +38,15 @@ logger = logging.getLogger(__name__)
 _FENCED_WRITES = ("append_message", "sync_agent", "redact_latest_message")
 
 
+def _began_writing(record: IdempotencyRecord) -> bool:
+    """Whether a lock's holder got as far as checkpointing the conversation (and so may have written to it)."""
+    try:
+        document = json.loads(record.checkpoint or "{}")
+    except ValueError:
+        return False
+    return isinstance(document, dict) and "messages" in document
+
+
 class SessionTurn:
     """The session side of one invocation. Use ``begin``, then exactly one of ``commit`` / ``abort``.
 
@@ -85,7 +94,7 @@ class SessionTurn:
         """
         config = self.config
         previous = await self.lock.acquire(
-            SessionInvocationMode(config.session_invocation_mode), config.wait_timeout_seconds
+            SessionInvocationMode(config.session_invocation_mode), config.wait_timeout_seconds, token_key
         )
         self._held = True
         self.lease = _Lease(
@@ -97,9 +106,9 @@ class SessionTurn:
             on_lost=self._on_lost,
         )
         self.lease.start()
-        if previous is not None and previous.checkpoint is not None and not await self._committed(previous):
+        if previous is not None and _began_writing(previous) and not await self._committed(previous):
             logger.info("key=<%s> | the previous turn's owner died mid-turn, rolling the conversation back", self.key)
-            self.conversation.rollback(previous.checkpoint)
+            self.conversation.rollback(previous.checkpoint or "")
         else:
             self.conversation.reload()
         self.checkpoint = self.conversation.checkpoint(token_key)

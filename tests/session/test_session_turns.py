@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +21,15 @@ from strands.session.file_session_manager import FileSessionManager
 
 from strands_py import Agent, ConcurrencyException, IdempotencyLeaseLostError, SessionBusyError
 from strands_py._demo.storm import _until
-from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore, ReplayedAgentResult
+from strands_py.idempotency import (
+    IdempotencyConfig,
+    IdempotencyRecord,
+    InMemoryIdempotencyStore,
+    RecordState,
+    ReplayedAgentResult,
+)
 from strands_py.idempotency._heartbeat import _Lease
+from strands_py.idempotency.keys import make_key, session_lock_key
 from strands_py.session._conversation import _Conversation
 from strands_py.session._turn import SessionTurn
 from strands_py.testing import CountingStore, ScriptedBedrock
@@ -302,3 +311,25 @@ async def test_negative_control_rolling_back_a_stored_turn_loses_it(tmp_path: Pa
 
     with mock.patch.object(SessionTurn, "_committed", never_committed):
         await test_a_turn_whose_result_was_stored_is_kept_when_its_owner_died_before_unlocking(tmp_path)
+
+
+async def test_a_retry_waits_out_the_lock_of_its_own_dead_run_even_in_throw_mode(tmp_path: Path) -> None:
+    env = _Env(tmp_path)
+    agent = env.agent(ScriptedBedrock())
+    scope = agent._idempotency_scope
+    lock_key = session_lock_key(scope, "conv-1")
+    now = time.time()
+    dead_lock = IdempotencyRecord(
+        lock_key,
+        RecordState.IN_PROGRESS,
+        "dead-owner",
+        now + 0.5,
+        now + 3600,
+        checkpoint=json.dumps({"v": 1, "token": make_key(scope, "t1")}),
+    )
+    assert await env.config.store.claim(dead_lock, now) is None
+    with pytest.raises(SessionBusyError):  # another request: rejected at once
+        await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hi", idempotency_token="t2"), WAIT)
+    # the same request (its dead run held the lock): waits for that lock's lease instead of a spurious 409
+    result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t1"), WAIT)
+    assert result.stop_reason == "end_turn" and _shape(env.persisted()) == ONE_TURN
