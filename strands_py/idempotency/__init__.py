@@ -8,6 +8,8 @@ agent = Agent(model=model, idempotency=IdempotencyConfig(store=DynamoDBIdempoten
 ```
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ..types.exceptions import (
     IdempotencyError,
     IdempotencyKeyMismatchError,
@@ -41,3 +43,16 @@ __all__ = [
     "ReplayedAgentResult",
     "tool_idempotency_key",
 ]
+
+if TYPE_CHECKING:
+    from .redis import RedisIdempotencyStore
+
+
+def __getattr__(name: str) -> Any:
+    # RedisIdempotencyStore needs redis-py (strands-py[redis]): imported on first use, so that this package imports
+    # without it. Not in __all__ for the same reason.
+    if name == "RedisIdempotencyStore":
+        from .redis import RedisIdempotencyStore
+
+        return RedisIdempotencyStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

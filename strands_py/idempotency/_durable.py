@@ -367,7 +367,7 @@ async def _complete(call: DurableCall, result: AgentResult) -> None:
     if current is not None and current.owner == owner and current.state is RecordState.COMPLETED:
         # Our own complete, retried by the client after its response was lost, met the record it had written.
         return
-    raise IdempotencyLeaseLostError(key, "the claim was taken over before the result could be stored")
+    raise IdempotencyLeaseLostError(key, "the claim was taken over, or lost by the store, before the result was stored")
 
 
 async def _release(config: IdempotencyConfig, key: str, owner: str) -> None:
