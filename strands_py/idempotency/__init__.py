@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .redis import RedisIdempotencyStore
+    from .redis import RedisIdempotencyStore as RedisIdempotencyStore
 
 
 def __getattr__(name: str) -> Any:
