@@ -1,8 +1,10 @@
-"""strands-py benchmarks, side by side with upstream strands-agents in the same process.
+"""strands-py benchmarks, side by side with upstream strands-agents or the peer (Powertools) in the same run.
 
 Run with ``hatch run bench`` (full) or ``hatch run bench --quick``. Every figure is the median of 5 repetitions and
 is reported as a ratio to the reference measured in the same run. Writes ``benchmarks/results/latest.json`` and
-``benchmarks/results/fanout.png``, and prints a markdown table.
+``benchmarks/results/fanout.png``, and prints markdown tables. Scenarios 1-4 run in this process; the durable layer
+(``durable.py``), heartbeats (``heartbeat.py``) and the HTTP retry storm (``storm.py``) talk to real servers on
+127.0.0.1, each in a process of its own (``servers.py``): moto server, redis-server, uvicorn.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from concurrent.futures import wait as wait_thread_futures
 from pathlib import Path
 from typing import Any
 
+import durable
+import heartbeat
+import storm
 import strands
 from strands.agent import _concurrency as upstream_concurrency
 
@@ -33,6 +38,10 @@ from strands_py.agent._concurrency import _InflightInvocation
 from strands_py.testing.bedrock import ScriptedBedrock
 
 REPS = 5
+# Heartbeats: a short lease, so a few seconds hold many renewals (scaled to the default lease in the results).
+HEARTBEAT_LEASE_SECONDS = 0.9
+# HTTP storm: each model call waits this long (two per run), so the run outlasts the storm's arrivals.
+STORM_MODEL_LATENCY_SECONDS = 0.25
 RESULTS = Path(__file__).parent / "results"
 FIELDS = (
     "scenario",
@@ -47,6 +56,17 @@ FIELDS = (
     "ratio",
     "reference",
     "store_calls",
+    "client_cpu_ms",
+    "server_ms",
+    "lease_seconds",
+    "writes_per_minute",
+    "writes_per_minute_default_lease",
+    "model_runs",
+    "p50_ms",
+    "p99_ms",
+    "server_cpu_ms",
+    "peak_rss_mb",
+    "rss_growth_mb",
     "note",
 )
 
@@ -336,7 +356,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return "—" if value is None else format(value, spec)
 
     for r in rows:
-        if r["scenario"].startswith("durable-"):
+        if r["scenario"].startswith(("durable-", "heartbeat-", "http-")):
             continue
         seconds = fmt(r["seconds"], ".4f") if r["completed"] is not False else "hung"
         lines.append(
@@ -344,19 +364,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{fmt(r['bytes_per_waiter'], '.0f')} | {fmt(r['threads_parked'], 'd')} | {fmt(r['model_calls'], 'd')} | "
             f"{fmt(r['ratio'], '.2f')} |"
         )
-    durable = [r for r in rows if r["scenario"].startswith("durable-")]
-    if durable:
-        lines += [
-            "",
-            "| scenario | n | impl | ms per invocation | store calls per invocation | model calls | ratio |",
-            "|---|---:|---|---:|---|---:|---:|",
-        ]
-        for r in durable:
-            calls = ", ".join(f"{op} {v:g}" for op, v in (r["store_calls"] or {}).items()) or "none"
-            lines.append(
-                f"| {r['scenario']} | {r['n']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | {calls} | "
-                f"{r['model_calls']} | {fmt(r['ratio'], '.2f')} |"
-            )
     return "\n".join(lines)
 
 
@@ -388,8 +395,24 @@ def plot(rows: list[dict[str, Any]], path: Path, machine: str) -> None:
 def machine_description() -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"strands-agents {_version('strands-agents')}"
+        f"strands-agents {_version('strands-agents')}, aws-lambda-powertools {_version('aws-lambda-powertools')}, "
+        f"moto {_version('moto')}, redis-py {_version('redis')}, {_redis_server_version()}"
     )
+
+
+def _redis_server_version() -> str:
+    import subprocess
+
+    try:
+        output = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "no redis-server"
+    return "redis-server " + next((w[2:] for w in output.split() if w.startswith("v=")), "?")
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f} (5 min: {five:.1f})"
 
 
 def _version(dist: str) -> str:
@@ -407,25 +430,33 @@ def main(argv: list[str] | None = None) -> int:
     fanout_ns = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
     storm_ns = [16, 1_000] if args.quick else [16, 1_000, 10_000]
     sequential = 500 if args.quick else 2_000
+    durable_n = 20 if args.quick else 100
+    heartbeat_hold = 2.0 if args.quick else 4.0
+    storm_n = 50 if args.quick else 200
     started = time.perf_counter()
 
     def progress(line: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {line}", file=sys.stderr, flush=True)
 
     rows: list[dict[str, Any]] = []
+    load_at_start = _load()
     run_fanout(fanout_ns, rows, progress)
     run_agent_storms(storm_ns, rows, progress, control_timeout=2.0)
     run_overhead(sequential, rows, progress)
-    from durable import run_durable
-
-    rows += run_durable(20 if args.quick else 100, REPS, record, progress)
+    rows += durable.run_durable(durable_n, REPS, record, progress)
+    rows += heartbeat.run_heartbeat(HEARTBEAT_LEASE_SECONDS, heartbeat_hold, REPS, record, progress)
+    rows += storm.run_http_storm(storm_n, STORM_MODEL_LATENCY_SECONDS, REPS, record, progress)
 
     machine = machine_description()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, args.out / "fanout.png", machine)
-    print(f"Measured on {machine}; {'quick' if args.quick else 'full'} run, median of {REPS} repetitions.\n")
+    print(f"Measured on {machine}; {'quick' if args.quick else 'full'} run, median of {REPS} repetitions.")
+    print(f"Load average at the start: {load_at_start}; at the end: {_load()}.\n")
     print(markdown(rows))
+    for family in (durable, heartbeat, storm):
+        print()
+        print(family.markdown(rows))
     print(f"\nwrote {args.out / 'latest.json'} and {args.out / 'fanout.png'} in {time.perf_counter() - started:.0f} s")
     return 0
 
