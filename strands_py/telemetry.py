@@ -49,12 +49,16 @@ def start_span(name: str, attributes: dict[str, Any] | None = None) -> Span:
 
 
 def add_event(span: Span, name: str, attributes: dict[str, Any] | None = None) -> None:
-    """Add an event with prefixed attribute names."""
-    span.add_event(name, attributes=_prefixed(attributes))
+    """Add an event with prefixed attribute names (nothing is built for a span that records nothing)."""
+    if span.is_recording():
+        span.add_event(name, attributes=_prefixed(attributes))
 
 
 def end_span(span: Span, attributes: dict[str, Any], error: BaseException | None = None) -> None:
     """Set the final attributes (and an error status) and end the span."""
+    if not span.is_recording():
+        span.end()
+        return
     span.set_attributes(_prefixed(attributes))
     if error is not None:
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))

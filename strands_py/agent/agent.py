@@ -360,7 +360,7 @@ class Agent(strands.Agent):
     def _callback_handler_for(self, kwargs: dict[str, Any]) -> Callable[..., Any] | None:
         """The call's ``callback_handler=`` keyword whenever it was passed (even a falsy one), else the agent's."""
         if "callback_handler" in kwargs:
-            return cast(Callable[..., Any] | None, kwargs["callback_handler"])
+            return cast("Callable[..., Any] | None", kwargs["callback_handler"])
         return cast(Callable[..., Any], self.callback_handler)
 
     async def _wait_for_primary(self, inflight: _InflightInvocation) -> None:

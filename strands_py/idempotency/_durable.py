@@ -8,6 +8,7 @@ and what a primary does when it loses its lease.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -67,7 +68,16 @@ class DurableCall:
     key: str
     fingerprint: str | None
     structured_output_model: type[BaseModel] | None
-    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    owner: str = field(default_factory=lambda: _new_owner())
+
+
+# Owner ids: unique across processes (a random prefix per process) and calls (a counter), cheaper than a uuid each.
+_OWNER_PREFIX = uuid.uuid4().hex[:20]
+_owner_counter = itertools.count()
+
+
+def _new_owner() -> str:
+    return f"{_OWNER_PREFIX}{next(_owner_counter):012x}"
 
 
 async def _store(call: Awaitable[T]) -> T:

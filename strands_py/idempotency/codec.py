@@ -52,6 +52,7 @@ _FLAG_DOCUMENT_ZLIB = 0x01
 _REF_BLOB = "$b"
 _REF_ESCAPED = "$e"
 
+_MIN_COMPRESS_DOCUMENT_BYTES = 1024  # a shorter JSON document is stored as it is
 _MIN_COMPRESS_BYTES = 128  # a blob shorter than this is stored raw: zlib's framing eats the gain
 _SAMPLE_BYTES = 4096  # a blob longer than this is compressed only if its first 4 KiB compress
 _SAMPLE_MIN_SAVING = 0.9  # "compresses": the sample shrinks to under 90%
@@ -191,9 +192,11 @@ def encode_result(result: AgentResult, max_bytes: int | None) -> bytes:
     # surrogatepass: a lone surrogate in a model's text round-trips like any other character.
     document = text.encode("utf-8", "surrogatepass")
     flags = 0
-    compressed = zlib.compress(document, 6)  # JSON text: worth a try
-    if len(compressed) < len(document):
-        document, flags = compressed, _FLAG_DOCUMENT_ZLIB
+    # JSON text is worth a try, except a short one: inflating it on every replay would cost more than it saves.
+    if len(document) >= _MIN_COMPRESS_DOCUMENT_BYTES:
+        compressed = zlib.compress(document, 6)
+        if len(compressed) < len(document):
+            document, flags = compressed, _FLAG_DOCUMENT_ZLIB
     packed = [_pack_blob(blob) for blob in blobs.items]
     payload = b"".join(
         [
@@ -233,7 +236,8 @@ def _decode_v2(body: memoryview) -> dict[str, Any]:
     if offset != len(body):
         raise ValueError(f"{len(body) - offset} unexpected bytes after the last blob")
     text = (_inflate(document) if flags & _FLAG_DOCUMENT_ZLIB else bytes(document)).decode("utf-8", "surrogatepass")
-    fields = json.loads(text, object_hook=_object_hook(blobs))
+    # No '"$' in the text: no reference and no escape to invert (the common case), so no hook per object.
+    fields = json.loads(text, object_hook=_object_hook(blobs)) if '"$' in text else json.loads(text)
     if not isinstance(fields, dict):
         raise ValueError("the document is not an object")
     return fields

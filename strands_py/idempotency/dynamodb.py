@@ -36,10 +36,16 @@ _NAMES = {
     "#expiration": "expiration",
 }
 # Claimable: absent, expired, a lapsed claim, or our own claim (a retried PutItem whose first attempt landed).
+# The condition is kept short: it is evaluated on every claim, replays included. Items from before ``expires_at``
+# existed are rare and short-lived, so they get a second attempt of their own (``_CLAIMABLE_LEGACY``) only when
+# the first one failed on such an item whose ``expiration`` has passed.
 _CLAIMABLE = (
-    "attribute_not_exists(#id) OR #expires_at <= :now OR (attribute_not_exists(#expires_at) AND #expiration <= :now)"
+    "attribute_not_exists(#id) OR #expires_at <= :now"
     " OR (#status = :in_progress AND (#lease <= :now OR #owner = :owner))"
 )
+_CLAIM_NAMES = {k: v for k, v in _NAMES.items() if k != "#expiration"}
+_CLAIMABLE_LEGACY = "attribute_not_exists(#expires_at) AND #expiration <= :now"
+_LEGACY_NAMES = {"#expires_at": "expires_at", "#expiration": "expiration"}
 _OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
 # renew, common case: the record already expires after the new lease, so only the lease (and checkpoint) change.
 _OWNED_EXPIRING_AFTER_LEASE = _OWNED_IN_PROGRESS + " AND #expires_at >= :lease"
@@ -109,6 +115,8 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         self.max_result_bytes = _MAX_RESULT_BYTES
         if client is None:
             config = boto_config or Config(
+                # Every request is built here, from validated records: botocore's own validation is redundant.
+                parameter_validation=False,
                 retries={"mode": "standard", "total_max_attempts": 5},
                 connect_timeout=5,
                 read_timeout=10,
@@ -212,7 +220,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 TableName=self.table_name,
                 Item=_to_item(record),
                 ConditionExpression=_CLAIMABLE,
-                ExpressionAttributeNames=_NAMES,
+                ExpressionAttributeNames=_CLAIM_NAMES,
                 ExpressionAttributeValues={
                     ":now": _n(now),
                     ":in_progress": _IN_PROGRESS,
@@ -223,6 +231,11 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             return None
         except ClientError as e:  # only a failed condition reaches here (see _invoke)
             old = e.response.get("Item")
+        if old is not None and "expires_at" not in old and "expiration" in old:
+            legacy = _from_item(old)
+            if not legacy.is_live(now):
+                return self._claim_legacy(record, now)
+            return legacy
         if old is not None:
             return _from_item(old)
         # Some DynamoDB-compatible servers do not return the old item: read it.
@@ -231,6 +244,22 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             # Removed or expired between our write and our read: try again from the top.
             return self._claim(record, now)
         return existing
+
+    def _claim_legacy(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        """Replace an expired item written before ``expires_at`` existed (judged by ``expiration``)."""
+        try:
+            self._invoke(
+                self._client.put_item,
+                TableName=self.table_name,
+                Item=_to_item(record),
+                ConditionExpression=_CLAIMABLE_LEGACY,
+                ExpressionAttributeNames=_LEGACY_NAMES,
+                ExpressionAttributeValues={":now": _n(now)},
+            )
+            return None
+        except ClientError:
+            # Changed meanwhile (claimed or rewritten in the new format): decide again from the top.
+            return self._claim(record, now)
 
     def _get(self, key: str) -> IdempotencyRecord | None:
         item = self._get_item(key)
