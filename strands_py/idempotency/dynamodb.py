@@ -35,15 +35,14 @@ _NAMES = {
     "#expires_at": "expires_at",
     "#expiration": "expiration",
 }
-# Claimable: absent, expired, a lapsed claim, or our own claim (a retried PutItem whose first attempt landed).
+# Claimable: absent, expired, or a lapsed claim.
 # The condition is kept short: it is evaluated on every claim, replays included. Items from before ``expires_at``
 # existed are rare and short-lived, so they get a second attempt of their own (``_CLAIMABLE_LEGACY``) only when
 # the first one failed on such an item whose ``expiration`` has passed.
-_CLAIMABLE = (
-    "attribute_not_exists(#id) OR #expires_at <= :now"
-    " OR (#status = :in_progress AND (#lease <= :now OR #owner = :owner))"
-)
-_CLAIM_NAMES = {k: v for k, v in _NAMES.items() if k != "#expiration"}
+# Our own live claim (a retried PutItem whose first attempt landed) fails the condition and comes back as the old
+# item, which ``_claim`` recognises by its owner: no clause for it here.
+_CLAIMABLE = "attribute_not_exists(#id) OR #expires_at <= :now OR (#status = :in_progress AND #lease <= :now)"
+_CLAIM_NAMES = {k: v for k, v in _NAMES.items() if k not in ("#expiration", "#owner")}
 _CLAIMABLE_LEGACY = "attribute_not_exists(#expires_at) AND #expiration <= :now"
 _LEGACY_NAMES = {"#expires_at": "expires_at", "#expiration": "expiration"}
 _OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
@@ -221,16 +220,14 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 Item=_to_item(record),
                 ConditionExpression=_CLAIMABLE,
                 ExpressionAttributeNames=_CLAIM_NAMES,
-                ExpressionAttributeValues={
-                    ":now": _n(now),
-                    ":in_progress": _IN_PROGRESS,
-                    ":owner": {"S": record.owner},
-                },
+                ExpressionAttributeValues={":now": _n(now), ":in_progress": _IN_PROGRESS},
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
             return None
         except ClientError as e:  # only a failed condition reaches here (see _invoke)
             old = e.response.get("Item")
+        if old is not None and old.get("owner", {}).get("S") == record.owner and old.get("status") == _IN_PROGRESS:
+            return None  # our own claim, met by a retry of the very write that made it
         if old is not None and "expires_at" not in old and "expiration" in old:
             legacy = _from_item(old)
             if not legacy.is_live(now):
