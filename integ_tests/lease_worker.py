@@ -10,9 +10,11 @@ keys its tool saw) and, unless the process is killed, gets a report.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import hashlib
 import json
 import queue
+import signal
 import time
 from typing import Any
 
@@ -209,7 +211,11 @@ def _break(broken: str | None) -> None:
 
 
 def serve(endpoint: str, probe: Probe) -> None:
-    """A warm process: everything is imported; waits (bounded) for its one job, then runs it."""
+    """A warm process: everything is imported; waits (bounded) for its one job, then runs it.
+
+    SIGUSR1 prints every thread's stack to stderr (the test sends it to a process that does not report in time).
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         job = probe.jobs.get(timeout=IDLE_SECONDS)
     except queue.Empty:

@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -123,7 +124,12 @@ class Workers:
 
     def report(self, label: str) -> dict[str, Any]:
         if label not in self.reports:
-            self.reports[label] = self.probes[label].out.get(timeout=WAIT)
+            try:
+                self.reports[label] = self.probes[label].out.get(timeout=WAIT)
+            except queue.Empty:
+                # A hang, not a broken guarantee (TimeoutError: a negative control does not count it as its failure).
+                self.signal(label, signal.SIGUSR1)  # its threads' stacks go to its stderr, in the test's output
+                raise TimeoutError(f"{label} did not report within {WAIT:g}s") from None
         return self.reports[label]
 
     def tool_key(self, label: str) -> str:
@@ -144,15 +150,22 @@ class Workers:
         return {label: keys for label, keys in found.items() if keys}
 
 
+def _token(name: str) -> str:
+    """A token of its own for every run of a test (``pytest --count``, ``hatch run stress`` repeat them)."""
+    return f"{name}-{uuid.uuid4().hex}"
+
+
 def _wait(event: Any, what: str) -> None:
-    assert event.wait(WAIT), f"timed out waiting for {what}"
+    if not event.wait(WAIT):
+        raise TimeoutError(f"timed out waiting for {what}")
 
 
 def _wait_for(predicate: Callable[[], bool], what: str) -> None:
     """Poll shared counters written by the workers (no sleep stands in for an event: this only re-reads them)."""
     deadline = time.monotonic() + WAIT
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.005)
 
 
@@ -175,7 +188,7 @@ def _log(report: dict[str, Any], primitive: str) -> list[tuple[str, float, float
 
 @pytest.mark.racing
 def test_a_killed_owner_is_taken_over_within_one_lease(endpoint: str, pool: Pool) -> None:
-    lease, token = 5.0, "invoice-killed-owner"
+    lease, token = 5.0, _token("invoice-killed-owner")
     with Workers(pool) as workers:
         owner = workers.spawn("owner", token, lease_seconds=lease, gate_from=1, with_tool=False)
         retry = workers.spawn("retry", token, lease_seconds=lease, with_tool=False)
@@ -252,7 +265,7 @@ def _run_three_leases_long(endpoint: str, pool: Pool, token: str, broken: str | 
 
 @pytest.mark.racing
 def test_a_run_three_leases_long_is_not_taken_over(endpoint: str, pool: Pool) -> None:
-    _run_three_leases_long(endpoint, pool, "invoice-long-run")
+    _run_three_leases_long(endpoint, pool, _token("invoice-long-run"))
 
 
 @pytest.mark.racing
@@ -262,7 +275,7 @@ def test_a_run_three_leases_long_is_not_taken_over(endpoint: str, pool: Pool) ->
     reason="negative control: without heartbeats a run longer than its lease is taken over",
 )
 def test_negative_control_without_heartbeats_a_long_run_is_taken_over(endpoint: str, pool: Pool) -> None:
-    _run_three_leases_long(endpoint, pool, "invoice-long-run-no-heartbeats", broken="no-heartbeats")
+    _run_three_leases_long(endpoint, pool, _token("invoice-long-run-no-heartbeats"), broken="no-heartbeats")
 
 
 # 3. A paused owner (SIGSTOP past its lease, SIGCONT after the takeover) stops and writes nothing.
@@ -317,7 +330,7 @@ def _pause_owner_past_its_lease(endpoint: str, pool: Pool, token: str, broken: s
 
 @pytest.mark.racing
 def test_a_paused_owner_resumed_after_a_takeover_stops_and_writes_nothing(endpoint: str, pool: Pool) -> None:
-    _pause_owner_past_its_lease(endpoint, pool, "invoice-paused-owner")
+    _pause_owner_past_its_lease(endpoint, pool, _token("invoice-paused-owner"))
 
 
 @pytest.mark.racing
@@ -327,7 +340,7 @@ def test_a_paused_owner_resumed_after_a_takeover_stops_and_writes_nothing(endpoi
     reason="negative control: an owner that ignores a lost lease runs its tool again",
 )
 def test_negative_control_an_owner_ignoring_its_lost_lease_runs_its_tool(endpoint: str, pool: Pool) -> None:
-    _pause_owner_past_its_lease(endpoint, pool, "invoice-paused-owner-ignoring", broken="ignores-lease-loss")
+    _pause_owner_past_its_lease(endpoint, pool, _token("invoice-paused-owner-ignoring"), broken="ignores-lease-loss")
 
 
 # 4. A tool call keeps its idempotency key when another process runs the invocation again.
@@ -381,7 +394,7 @@ def _tool_keys_across_a_takeover(
 
 @pytest.mark.racing
 def test_a_tool_call_keeps_its_key_when_another_process_runs_it_again(endpoint: str, pool: Pool) -> None:
-    _tool_keys_across_a_takeover(endpoint, pool, "invoice-tool-keys")
+    _tool_keys_across_a_takeover(endpoint, pool, _token("invoice-tool-keys"))
 
 
 @pytest.mark.racing
@@ -392,7 +405,7 @@ def test_a_tool_call_keeps_its_key_when_another_process_runs_it_again(endpoint: 
 )
 def test_negative_control_a_key_from_the_tool_use_id_changes_across_processes(endpoint: str, pool: Pool) -> None:
     _tool_keys_across_a_takeover(
-        endpoint, pool, "invoice-tool-keys-from-ids", broken="keys-from-tool-use-id", with_hmac=False
+        endpoint, pool, _token("invoice-tool-keys-from-ids"), broken="keys-from-tool-use-id", with_hmac=False
     )
 
 
@@ -401,7 +414,7 @@ def test_negative_control_a_key_from_the_tool_use_id_changes_across_processes(en
 
 @pytest.mark.racing
 def test_store_writes_per_minute_of_a_running_invocation(endpoint: str, pool: Pool) -> None:
-    lease, renewals, token = 1.5, 10, "invoice-writes-per-minute"
+    lease, renewals, token = 1.5, 10, _token("invoice-writes-per-minute")
     with Workers(pool) as workers:
         owner = workers.spawn("owner", token, lease_seconds=lease, gate_from=1, with_tool=False)
         workers.wait_ready()
