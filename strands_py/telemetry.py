@@ -9,7 +9,8 @@ across the yields of async generators):
   ``duplicate_detected`` (``waiters``); attributes ``wait_seconds`` and ``outcome`` (``result``, ``error``,
   ``aborted``, ``cancelled``).
 - ``strands_py.idempotency.claim``: the durable pass before the agent runs. Attributes ``key`` (scope and SHA-256
-  of the token), ``decision`` (``claimed``, ``replayed``, ``mismatch``, ``timeout``, ``error``, ``waiting``), ``wait_seconds``.
+  of the token), ``decision`` (``claimed``, ``replayed``, ``mismatch``, ``timeout``, ``error``, ``waiting``),
+  ``wait_seconds``.
   Events ``waiting_for_owner``, ``lease_taken_over``, ``result_replayed``, ``fingerprint_mismatch``,
   ``wait_deadline_exceeded``.
 
