@@ -103,16 +103,21 @@ def begin(agent: Agent, prompt: Any, token: Any, kwargs: dict[str, Any]) -> _Beg
     begun = _Begun(kwargs=kwargs, session_id=session_id, call=call, begin=decision)
     if decision.waiting_on is not None or not decision.lock_acquired:
         return begun
-    # The invocation duplicates follow: the per-agent one, or (UNSAFE_REENTRANT, durable) one of our own that only
-    # agents sharing the store can find.
-    inflight = decision.registered
-    if inflight is None and call is not None:
-        inflight = _InflightInvocation(agent._max_buffered_events, key=call.key, fingerprint=call.fingerprint)
-    begun.inflight = inflight
-    if call is not None and inflight is not None:
-        begun.registry = registry_for(call.config.store)
-        begun.other = begun.registry.begin(call.key, inflight)
-        begun.registered = begun.other is None
+    try:
+        # The invocation duplicates follow: the per-agent one, or (UNSAFE_REENTRANT, durable) one of our own that
+        # only agents sharing the store can find.
+        inflight = decision.registered
+        if inflight is None and call is not None:
+            inflight = _InflightInvocation(agent._max_buffered_events, key=call.key, fingerprint=call.fingerprint)
+        begun.inflight = inflight
+        if call is not None and inflight is not None:
+            begun.registry = registry_for(call.config.store)
+            begun.other = begun.registry.begin(call.key, inflight)
+            begun.registered = begun.other is None
+    except BaseException as e:
+        # The agent's lock is held from here on: whatever fails must hand it back, or every later call is refused.
+        finish(agent, begun, None, e)
+        raise
     return begun
 
 
@@ -257,9 +262,12 @@ def replay_blocking(agent: Agent, begun: _Begun) -> AgentResult | None:
         )
         try:
             existing = claim_blocking(record, now)
-        except IdempotencyError:
-            raise
         except Exception as e:
+            # The write may have been applied before the call failed (a read timeout, a reset connection): hand
+            # it back (fenced on our owner), or every retry waits a whole lease for an owner that is not running.
+            _release_blocking(call)
+            if isinstance(e, IdempotencyError):
+                raise
             raise IdempotencyStoreError(f"idempotency store failed: {type(e).__name__}: {e}") from e
         if existing is None or (existing.owner == call.owner and existing.state is RecordState.IN_PROGRESS):
             decision = "claimed"
@@ -302,10 +310,15 @@ def abandon(agent: Agent, begun: _Begun) -> None:
     begun.consumed = True
     call = begun.call
     if begun.claimed_at is not None and call is not None:
-        # The caller's thread may run an event loop of its own: release from a thread of ours, with one of its own.
-        releaser = threading.Thread(
-            target=asyncio.run, args=(_release(call.config, call.key, call.owner),), name="strands-py-release"
-        )
-        releaser.start()
-        releaser.join(_ABANDON_RELEASE_SECONDS)
+        _release_blocking(call)
     finish(agent, begun, None, None)
+
+
+def _release_blocking(call: DurableCall) -> None:
+    """Release ``call``'s claim from a synchronous caller; never raises, waits a bounded time."""
+    # The caller's thread may run an event loop of its own: release from a thread of ours, with one of its own.
+    releaser = threading.Thread(
+        target=asyncio.run, args=(_release(call.config, call.key, call.owner),), name="strands-py-release"
+    )
+    releaser.start()
+    releaser.join(_ABANDON_RELEASE_SECONDS)

@@ -32,6 +32,7 @@ from ..types.exceptions import (
 )
 from ._context import _RunContext
 from ._heartbeat import _Lease
+from .base import IdempotencyStore
 from .codec import decode_result, encode_result
 from .config import IdempotencyConfig
 from .record import IdempotencyRecord, RecordState
@@ -47,8 +48,8 @@ T = TypeVar("T")
 _POLL_FIRST_SECONDS = 0.05
 _POLL_MAX_SECONDS = 1.0
 
-# Cleanup tasks that hand back a claim whose caller gave up while it was being written; referenced until done.
-_background: set[asyncio.Task[None]] = set()
+# Store work that outlives a cancelled caller (handing back a claim, storing a decided result); referenced until done.
+_background: set[asyncio.Future[Any]] = set()
 
 
 @dataclass
@@ -78,6 +79,70 @@ _owner_counter = itertools.count()
 
 def _new_owner() -> str:
     return f"{_OWNER_PREFIX}{next(_owner_counter):012x}"
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        # Its caller was cancelled and is gone; what failed was logged where it failed (or is a fenced-off write).
+        logger.debug("error=<%s> | store work left behind by a cancelled caller failed", type(task.exception()))
+
+
+async def _shielded(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if our caller is cancelled meanwhile (it then finishes in the background).
+
+    For store writes whose outcome is already decided: a cancellation between sending a write and hearing back must
+    not leave the other half undone (a result stored but its turn rolled back; a claim nobody will hand back).
+    """
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_forget)
+    return await asyncio.shield(task)
+
+
+async def claim_or_hand_back(
+    store: IdempotencyStore,
+    record: IdempotencyRecord,
+    now: float,
+    hand_back: Callable[[], Awaitable[None]],
+) -> IdempotencyRecord | None:
+    """``store.claim(record, now)``, calling ``hand_back`` whenever the write may have landed but will not be used.
+
+    That is: our caller is cancelled while the write is in flight (``hand_back`` runs once the write is done, if it
+    landed), or the call fails after the write may have been applied (a read timeout, a connection reset: the write
+    is handed back before the error is raised). Either way an ``IN_PROGRESS`` record nobody renews would otherwise
+    block every retry for a whole lease. ``hand_back`` must be fenced on ``record.owner`` and must never raise.
+
+    Raises:
+        IdempotencyStoreError: The store failed (our claim, if it landed, has been handed back).
+    """
+    attempt = asyncio.ensure_future(_store(store.claim(record, now)))
+    try:
+        return await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        cleanup = asyncio.ensure_future(_hand_back_when_landed(record, attempt, hand_back))
+        _background.add(cleanup)
+        cleanup.add_done_callback(_forget)
+        raise
+    except Exception:
+        await _shielded(hand_back())
+        raise
+
+
+async def _hand_back_when_landed(
+    record: IdempotencyRecord,
+    attempt: asyncio.Future[IdempotencyRecord | None],
+    hand_back: Callable[[], Awaitable[None]],
+) -> None:
+    try:
+        existing = await attempt
+    except Exception:  # noqa: BLE001 - a failed write may have been applied all the same
+        existing = None
+    except asyncio.CancelledError:  # the loop is being torn down: nothing can be sent any more
+        return
+    if existing is None or existing.owner == record.owner:
+        logger.debug("key=<%s> | caller gave up during its claim, handing the claim back", record.key)
+        await hand_back()
 
 
 async def _store(call: Awaitable[T]) -> T:
@@ -175,19 +240,10 @@ async def durable_stream(
                     continue
                 await lease.stop()
                 _check(lease, session)
+                # The outcome is decided: carry it out to the end even if our caller is cancelled meanwhile (a
+                # result stored but its turn rolled back, or a claim left to lapse, would break every retry).
                 settled = True
-                if result_seen.stop_reason == "cancelled":
-                    # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's
-                    # answer. Undo the turn and release the claim so that a retry runs; this caller still gets what
-                    # upstream returned.
-                    logger.debug("key=<%s> | run was cancelled, releasing the claim instead of storing it", key)
-                    if session is not None:
-                        await session.abort()
-                    await _release(config, key, call.owner)
-                else:
-                    await _complete(call, result_seen)
-                    if session is not None:
-                        await session.commit()
+                await _shielded(_settle(call, result_seen, session))
                 yield event
         except Exception as e:
             # A run that failed after losing its lease failed because of that loss (e.g. a fenced session write).
@@ -207,12 +263,34 @@ async def durable_stream(
                 # Failed, aborted, closed early, lease lost, or cleanup raised: nothing stored. Undo the turn and
                 # release the session first (a retry of this token must not find the session still held), then hand
                 # the claim back (fenced: a claim already taken over is not touched) so the next retry runs at once.
-                try:
-                    if session is not None:
-                        await session.abort()
-                finally:
-                    if not settled:
-                        await _release(config, key, call.owner)
+                if not settled:
+                    try:
+                        if session is not None:
+                            await _shielded(session.abort())
+                    finally:
+                        await _shielded(_release(config, key, call.owner))
+
+
+async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn | None) -> None:
+    """Store the primary's result and commit its turn; or, for a cancelled run, undo the turn and release."""
+    if result.stop_reason == "cancelled":
+        # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's answer. Undo the
+        # turn and release the claim so that a retry runs; this caller still gets what upstream returned.
+        logger.debug("key=<%s> | run was cancelled, releasing the claim instead of storing it", call.key)
+        try:
+            if session is not None:
+                await session.abort()
+        finally:
+            await _release(call.config, call.key, call.owner)
+        return
+    try:
+        await _complete(call, result)
+    except BaseException:
+        if session is not None:
+            await session.abort()
+        raise
+    if session is not None:
+        await session.commit()
 
 
 def _check(lease: _Lease, session: SessionTurn | None) -> None:
@@ -240,8 +318,8 @@ async def locked_stream(
             session.check()
             result_seen = result_of(event)
             if result_seen is not None and result_seen.stop_reason != "cancelled":
-                await session.commit()
-                committed = True
+                committed = True  # from here the commit finishes even if our caller is cancelled
+                await _shielded(session.commit())
             yield event
     finally:
         try:
@@ -249,32 +327,7 @@ async def locked_stream(
                 await events.aclose()
         finally:
             if not committed:
-                await session.abort()
-
-
-async def _claim(call: DurableCall, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-    """``store.claim``, handing the claim back if our caller gives up while the write may still land."""
-    store = call.config.store
-    attempt = asyncio.ensure_future(_store(store.claim(record, now)))
-    try:
-        return await asyncio.shield(attempt)
-    except asyncio.CancelledError:
-        # The write was sent and may land after our caller stopped waiting: an orphaned IN_PROGRESS record would
-        # block every retry for a whole lease although nothing runs. Hand it back (fenced) once the write is done.
-        cleanup = asyncio.ensure_future(_release_when_landed(call, attempt))
-        _background.add(cleanup)
-        cleanup.add_done_callback(_background.discard)
-        raise
-
-
-async def _release_when_landed(call: DurableCall, attempt: asyncio.Future[IdempotencyRecord | None]) -> None:
-    try:
-        existing = await attempt
-    except BaseException:  # noqa: BLE001 - the claim failed or was torn down: nothing of ours to release
-        return
-    if existing is None or existing.owner == call.owner:
-        logger.debug("key=<%s> | caller gave up during its claim, handing the claim back", call.key)
-        await _release(call.config, call.key, call.owner)
+                await _shielded(session.abort())
 
 
 async def _claim_or_wait(
@@ -306,7 +359,7 @@ async def _claim_or_wait(
                 expires_at=now + config.lease_seconds + config.expires_after_seconds,
                 fingerprint=fingerprint,
             )
-            existing = await _claim(call, claim, now)
+            existing = await claim_or_hand_back(config.store, claim, now, lambda: _release(config, key, owner))
         if existing is None:
             logger.debug("key=<%s> | claimed", key)
             return None, claimed_at

@@ -10,9 +10,9 @@ store call) until the primary has stored its outcome.
 from __future__ import annotations
 
 import threading
-import weakref
 
 from ..agent._concurrency import _InflightInvocation
+from ._identity import _PerObject
 from .base import IdempotencyStore
 
 
@@ -50,17 +50,13 @@ class _InflightRegistry:
         return len(self._entries)
 
 
-_registries: weakref.WeakKeyDictionary[IdempotencyStore, _InflightRegistry] = weakref.WeakKeyDictionary()
-_registries_mutex = threading.Lock()
+_registries: _PerObject[_InflightRegistry] = _PerObject()
 
 
 def registry_for(store: IdempotencyStore) -> _InflightRegistry:
     """The registry shared by every agent whose configuration holds this very store object.
 
-    Kept beside the store (weakly), so it goes away with the store; stores are compared by identity.
+    Kept beside the store (weakly where the store allows it), so it goes away with the store. Stores are compared by
+    identity, never by ``__eq__``/``__hash__``: an unhashable store (a dataclass) works like any other.
     """
-    with _registries_mutex:
-        registry = _registries.get(store)
-        if registry is None:
-            registry = _registries[store] = _InflightRegistry()
-        return registry
+    return _registries.setdefault(store, _InflightRegistry)
