@@ -18,10 +18,11 @@ import logging
 import random
 import threading
 import time
-import weakref
 from collections import deque
+from typing import Any
 
-from ..idempotency._durable import _store
+from ..idempotency._durable import _store, claim_or_hand_back
+from ..idempotency._identity import _PerObject
 from ..idempotency.base import IdempotencyStore
 from ..idempotency.record import IdempotencyRecord, RecordState
 from ..types.exceptions import SessionBusyError
@@ -60,14 +61,15 @@ class _Line:
         self.tickets: deque[_Ticket] = deque()
 
 
-_lines: weakref.WeakKeyDictionary[IdempotencyStore, dict[str, _Line]] = weakref.WeakKeyDictionary()
+# Per store object, by identity (a user's store may be unhashable).
+_lines: _PerObject[dict[str, _Line]] = _PerObject()
 _lines_mutex = threading.Lock()
 
 
 def _join(store: IdempotencyStore, key: str) -> _Ticket:
     ticket = _Ticket()
     with _lines_mutex:
-        line = _lines.setdefault(store, {}).setdefault(key, _Line())
+        line = _lines.setdefault(store, dict).setdefault(key, _Line())
         line.tickets.append(ticket)
         first = line.tickets[0] is ticket
     if first:
@@ -78,9 +80,9 @@ def _join(store: IdempotencyStore, key: str) -> _Ticket:
 def _leave(store: IdempotencyStore, key: str, ticket: _Ticket) -> None:
     while True:
         with _lines_mutex:
-            lines = _lines.get(store, {})
-            line = lines.get(key)
-            if line is None or ticket not in line.tickets:
+            lines = _lines.get(store)
+            line = lines.get(key) if lines is not None else None
+            if lines is None or line is None or ticket not in line.tickets:
                 return
             was_head = line.tickets[0] is ticket
             line.tickets.remove(ticket)
@@ -99,24 +101,58 @@ def _leave(store: IdempotencyStore, key: str, ticket: _Ticket) -> None:
 
 def _busy(store: IdempotencyStore, key: str) -> bool:
     with _lines_mutex:
-        return key in _lines.get(store, {})
+        lines = _lines.get(store)
+        return lines is not None and key in lines
+
+
+def _document(record: IdempotencyRecord) -> dict[str, Any]:
+    return _parse(record.checkpoint)
+
+
+def _parse(checkpoint: str | None) -> dict[str, Any]:
+    try:
+        document = json.loads(checkpoint or "{}")
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _token_of_checkpoint(checkpoint: str) -> str | None:
+    """The token key a lock checkpoint names, if any."""
+    token = _parse(checkpoint).get("token")
+    return token if isinstance(token, str) else None
 
 
 def _token_of(record: IdempotencyRecord) -> str | None:
     """The token key a lock record names, if any."""
-    try:
-        document = json.loads(record.checkpoint or "{}")
-    except ValueError:
-        return None
-    token = document.get("token") if isinstance(document, dict) else None
-    return token if isinstance(token, str) else None
+    return _token_of_checkpoint(record.checkpoint or "")
+
+
+def _unfinished_turn(record: IdempotencyRecord) -> dict[str, str] | None:
+    """The turn a lock record says may need rolling back: ``{"owner", "checkpoint"}``, or None.
+
+    Its own turn if its holder got as far as checkpointing the conversation (and so may have written to it);
+    otherwise the dead turn it took over and had not rolled back yet (``pending``), carried from holder to holder
+    until someone rolls it back.
+    """
+    document = _document(record)
+    if "messages" in document and record.checkpoint is not None:
+        return {"owner": record.owner, "checkpoint": record.checkpoint}
+    pending = document.get("pending")
+    if (
+        isinstance(pending, dict)
+        and isinstance(pending.get("owner"), str)
+        and isinstance(pending.get("checkpoint"), str)
+    ):
+        return {"owner": pending["owner"], "checkpoint": pending["checkpoint"]}
+    return None
 
 
 class SessionLock:
     """The lock of one session in one store; one instance per turn.
 
-    Thread-safety: any thread and loop. Cancellation: a cancelled ``acquire`` leaves the line and holds nothing
-    (a claim that may still land is handed back by the store-level claim's own cleanup once its lease lapses).
+    Thread-safety: any thread and loop. Cancellation: a cancelled ``acquire`` leaves the line and holds nothing (a
+    claim that may still land is handed back once it has: see ``claim_or_hand_back``).
     """
 
     def __init__(
@@ -139,7 +175,7 @@ class SessionLock:
 
     async def acquire(
         self, mode: SessionInvocationMode, wait_timeout_seconds: float | None, token_key: str | None = None
-    ) -> IdempotencyRecord | None:
+    ) -> dict[str, str] | None:
         """Take the lock, waiting per ``mode``.
 
         The lock record names the turn's token (``token_key``) from the start. A lock held under the caller's own
@@ -147,7 +183,10 @@ class SessionLock:
         caller waits for its lease to lapse even in THROW mode, since that is no other request.
 
         Returns:
-            The record of a holder whose lease had lapsed (a crashed turn, to be rolled back), or None.
+            The turn a holder whose lease lapsed left unfinished (``{"owner", "checkpoint"}``: to be rolled back
+            unless that owner stored its token's result), or None. Until this lock's holder writes a checkpoint of
+            its own, the lock record carries that turn forward, so a holder that fails before rolling it back
+            leaves it to the next one.
 
         Raises:
             SessionBusyError: Another request holds the session (at once in THROW mode; after
@@ -193,12 +232,20 @@ class SessionLock:
                 _leave(self.store, self.key, ticket)
                 self._ticket = None
 
-    async def _try(self, token_key: str | None) -> tuple[IdempotencyRecord | None, IdempotencyRecord | None]:
-        """One attempt: (the live holder, None) if busy; (None, the lapsed holder's record or None) if taken."""
+    async def _try(self, token_key: str | None) -> tuple[IdempotencyRecord | None, dict[str, str] | None]:
+        """One attempt: (the live holder, None) if busy; (None, the unfinished turn to roll back or None) if taken."""
         now = time.time()
         current = await _store(self.store.get(self.key))
         if current is not None and current.is_live(now) and current.owner != self.owner:
             return current, None
+        unfinished = None
+        if current is not None and current.state is RecordState.IN_PROGRESS:
+            # A lapsed holder (or our own claim, retried): keep what it left unfinished in the record we write, so
+            # that the dead turn's checkpoint is never lost before someone has rolled it back.
+            unfinished = _unfinished_turn(current)
+        document: dict[str, Any] = {"v": 1, "token": token_key}
+        if unfinished is not None:
+            document["pending"] = unfinished
         self.claimed_at = time.monotonic()
         record = IdempotencyRecord(
             key=self.key,
@@ -206,16 +253,45 @@ class SessionLock:
             owner=self.owner,
             lease_expires_at=now + self.lease_seconds,
             expires_at=now + self.lease_seconds + self.expires_after_seconds,
-            checkpoint=json.dumps({"v": 1, "token": token_key}, separators=(",", ":")),
+            checkpoint=json.dumps(document, separators=(",", ":")),
         )
-        existing = await _store(self.store.claim(record, now))
+        existing = await claim_or_hand_back(self.store, record, now, lambda: self._hand_back(record))
         if existing is not None and existing.owner != self.owner:
             return existing, None
-        lapsed = current if current is not None and current.state is RecordState.IN_PROGRESS else None
-        if lapsed is not None and lapsed.owner != self.owner:
-            logger.debug("key=<%s> | took over a session lock whose holder's lease lapsed", self.key)
-            return None, lapsed
-        return None, None
+        if existing is not None:
+            # Our own earlier claim (its response was lost): it carries what we must roll back.
+            unfinished = _unfinished_turn(existing)
+        if unfinished is not None:
+            logger.debug("key=<%s> | took over a session lock whose holder left a turn unfinished", self.key)
+        return None, unfinished
+
+    async def _hand_back(self, record: IdempotencyRecord) -> None:
+        """Give up a lock record we will not use; never raises. One carrying an unfinished turn is only expired."""
+        if _unfinished_turn(record) is not None:
+            await self.expire()
+            return
+        try:
+            await _store(self.store.release(self.key, self.owner))
+        except Exception:
+            logger.exception(
+                "key=<%s> | could not hand the session lock back; it frees itself when its lease lapses", self.key
+            )
+
+    async def expire(self) -> None:
+        """End our lease now but keep the record (and the unfinished turn it names) for the next holder to roll back.
+
+        Fenced like ``release``; never raises (on failure the lease lapses by itself).
+        """
+        try:
+            await _store(self.store.renew(self.key, self.owner, time.time()))
+        except Exception:
+            logger.exception(
+                "key=<%s> | could not expire the session lock; it frees itself when its lease lapses", self.key
+            )
+        finally:
+            ticket, self._ticket = self._ticket, None
+            if ticket is not None:
+                _leave(self.store, self.key, ticket)
 
     def abandon(self) -> None:
         """Leave the line without touching the store: the record stays until its lease lapses."""

@@ -17,7 +17,6 @@ so its retry starts from the same conversation.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,25 +25,16 @@ from ..idempotency._durable import _store
 from ..idempotency._heartbeat import _Lease
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import session_lock_key
-from ..idempotency.record import IdempotencyRecord, RecordState
+from ..idempotency.record import RecordState
 from ..types.exceptions import IdempotencyLeaseLostError
 from ..types.session import SessionInvocationMode
 from ._conversation import _Conversation
-from ._lock import SessionLock
+from ._lock import SessionLock, _token_of_checkpoint
 
 logger = logging.getLogger(__name__)
 
 # The session manager's writes, fenced on the turn's leases while the turn runs.
 _FENCED_WRITES = ("append_message", "sync_agent", "redact_latest_message")
-
-
-def _began_writing(record: IdempotencyRecord) -> bool:
-    """Whether a lock's holder got as far as checkpointing the conversation (and so may have written to it)."""
-    try:
-        document = json.loads(record.checkpoint or "{}")
-    except ValueError:
-        return False
-    return isinstance(document, dict) and "messages" in document
 
 
 class SessionTurn:
@@ -79,6 +69,7 @@ class SessionTurn:
         self._on_lost = on_lost
         self._held = False
         self._fenced = False
+        self._unfinished: dict[str, str] | None = None
 
     async def begin(self, token_key: str | None, writable: Callable[[], bool] | None = None) -> None:
         """Take the lock, roll back a crashed turn if there was one, re-read the conversation, write the checkpoint.
@@ -106,13 +97,18 @@ class SessionTurn:
             on_lost=self._on_lost,
         )
         self.lease.start()
-        if previous is not None and _began_writing(previous) and not await self._committed(previous):
+        # Until our own checkpoint replaces it below, the lock record names this unfinished turn: if anything fails
+        # before then (the store, the rollback, this host), the next holder still rolls it back.
+        self._unfinished = previous
+        if previous is not None and not await self._committed(previous):
             logger.info("key=<%s> | the previous turn's owner died mid-turn, rolling the conversation back", self.key)
-            self.conversation.rollback(previous.checkpoint or "")
+            self.conversation.rollback(previous["checkpoint"])
         else:
             self.conversation.reload()
-        self.checkpoint = self.conversation.checkpoint(token_key)
-        await self.lease.renew_now(self.checkpoint)
+        checkpoint = self.conversation.checkpoint(token_key)
+        await self.lease.renew_now(checkpoint)
+        self.checkpoint = checkpoint
+        self._unfinished = None
         self._fence_writes(writable)
 
     def _fence_writes(self, writable: Callable[[], bool] | None) -> None:
@@ -145,16 +141,13 @@ class SessionTurn:
         for name in _FENCED_WRITES:
             manager.__dict__.pop(name, None)
 
-    async def _committed(self, previous: IdempotencyRecord) -> bool:
+    async def _committed(self, previous: dict[str, str]) -> bool:
         """Whether the dead holder's turn counts: its token's result was stored by it."""
-        try:
-            token_key = json.loads(previous.checkpoint or "{}").get("token")
-        except (ValueError, AttributeError):
-            return False
+        token_key = _token_of_checkpoint(previous["checkpoint"])
         if not token_key:
             return False
         record = await _store(self.config.store.get(token_key))
-        return record is not None and record.state is RecordState.COMPLETED and record.owner == previous.owner
+        return record is not None and record.state is RecordState.COMPLETED and record.owner == previous["owner"]
 
     def check(self) -> None:
         """Raise ``IdempotencyLeaseLostError`` if the lock's lease is lost."""
@@ -174,7 +167,8 @@ class SessionTurn:
             return
         self._held = False
         lease = self.lease
-        release = True
+        # A turn taken over but not yet rolled back keeps its lock record: it names that turn for the next holder.
+        release = self._unfinished is None
         self._unfence_writes()
         try:
             if lease is not None:
@@ -184,12 +178,13 @@ class SessionTurn:
                 try:
                     self.conversation.rollback(self.checkpoint)
                 except Exception:
-                    # Keep the lock record (with its checkpoint) instead of deleting it: when its lease lapses, the
-                    # next holder finds a turn whose token was not completed and rolls it back.
+                    # Keep the lock record (with its checkpoint) instead of deleting it: the next holder finds a turn
+                    # whose token was not completed and rolls it back.
                     logger.exception("key=<%s> | could not roll back the turn; the next holder will", self.key)
                     release = False
         finally:
             if release:
                 await self.lock.release()
             else:
-                self.lock.abandon()
+                # Expired, not deleted: the next holder takes it over at once and rolls the turn back.
+                await self.lock.expire()
