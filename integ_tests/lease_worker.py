@@ -14,7 +14,6 @@ import faulthandler
 import hashlib
 import json
 import queue
-import signal
 import time
 from typing import Any
 
@@ -41,6 +40,8 @@ TOOL_INPUT = {"cents": 500}
 WAIT = 60.0
 # A warm process nobody gave a job to exits after this long (the test module kills it sooner).
 IDLE_SECONDS = 600.0
+# Longer than any job takes, shorter than the test waits for a report (30 s).
+HANG_SECONDS = 25.0
 HEARTBEAT_TASK = "strands-py-heartbeat"
 WRITES = ("PutItem", "UpdateItem", "DeleteItem")
 
@@ -213,15 +214,19 @@ def _break(broken: str | None) -> None:
 def serve(endpoint: str, probe: Probe) -> None:
     """A warm process: everything is imported; waits (bounded) for its one job, then runs it.
 
-    SIGUSR1 prints every thread's stack to stderr (the test sends it to a process that does not report in time).
+    A job still running after ``HANG_SECONDS`` prints every thread's stack to stderr (the test's output), before the
+    test gives up on its report.
     """
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         job = probe.jobs.get(timeout=IDLE_SECONDS)
     except queue.Empty:
         return
     label, token, options = job
-    run(label, endpoint, token, probe, **options)
+    faulthandler.dump_traceback_later(HANG_SECONDS)
+    try:
+        run(label, endpoint, token, probe, **options)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def run(

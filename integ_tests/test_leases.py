@@ -128,7 +128,7 @@ class Workers:
                 self.reports[label] = self.probes[label].out.get(timeout=WAIT)
             except queue.Empty:
                 # A hang, not a broken guarantee (TimeoutError: a negative control does not count it as its failure).
-                self.signal(label, signal.SIGUSR1)  # its threads' stacks go to its stderr, in the test's output
+                # The worker has printed its threads' stacks to the test's output (lease_worker.HANG_SECONDS).
                 raise TimeoutError(f"{label} did not report within {WAIT:g}s") from None
         return self.reports[label]
 
