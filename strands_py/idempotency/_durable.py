@@ -24,12 +24,11 @@ from strands.agent.agent_result import AgentResult
 from .. import telemetry
 from .._events import result_of
 from ..types.exceptions import (
-    IdempotencyError,
     IdempotencyKeyMismatchError,
     IdempotencyLeaseLostError,
-    IdempotencyStoreError,
     IdempotencyWaitTimeoutError,
 )
+from ._calls import _store
 from ._context import _RunContext
 from ._heartbeat import _Lease
 from .base import IdempotencyStore
@@ -143,16 +142,6 @@ async def _hand_back_when_landed(
     if existing is None or existing.owner == record.owner:
         logger.debug("key=<%s> | caller gave up during its claim, handing the claim back", record.key)
         await hand_back()
-
-
-async def _store(call: Awaitable[T]) -> T:
-    """Await a store primitive; anything but our own errors becomes ``IdempotencyStoreError`` (cause chained)."""
-    try:
-        return await call
-    except (IdempotencyError, asyncio.CancelledError):
-        raise
-    except Exception as e:
-        raise IdempotencyStoreError(f"idempotency store failed: {type(e).__name__}: {e}") from e
 
 
 async def durable_stream(
@@ -285,6 +274,12 @@ async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn |
         return
     try:
         await _complete(call, result)
+    except asyncio.CancelledError:
+        # Torn down mid-write (the loop is closing): whether the result landed is unknown, so the turn is neither
+        # kept nor rolled back here; the next holder of the session decides from the token's record.
+        if session is not None:
+            await session.suspend()
+        raise
     except BaseException:
         if session is not None:
             await session.abort()
@@ -318,8 +313,10 @@ async def locked_stream(
             session.check()
             result_seen = result_of(event)
             if result_seen is not None and result_seen.stop_reason != "cancelled":
-                committed = True  # from here the commit finishes even if our caller is cancelled
+                # The commit finishes even if our caller is cancelled meanwhile (the abort below is then a no-op);
+                # if it fails, the turn does not count and the abort below rolls it back.
                 await _shielded(session.commit())
+                committed = True
             yield event
     finally:
         try:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from ..types.exceptions import IdempotencyLeaseLostError
+from ._calls import _store
 from .base import IdempotencyStore
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class _Lease:
         if checkpoint is not None:
             self._checkpoint = checkpoint
         sent = time.monotonic()
-        if not await self.store.renew(self.key, self.owner, time.time() + self.lease_seconds, checkpoint):
+        if not await _store(self.store.renew(self.key, self.owner, time.time() + self.lease_seconds, checkpoint)):
             self._lose("the renewal was fenced off: another caller took the claim over")
             self.check()
         self._renewed(sent)

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 _POLL_FIRST_SECONDS = 0.02
 _POLL_MAX_SECONDS = 1.0
+# The checkpoint of a turn without a token that ended and counts: neither "messages" nor "pending".
+_COMMITTED = json.dumps({"v": 1, "token": None, "committed": True}, separators=(",", ":"))
 
 
 class _Ticket:
@@ -276,6 +278,17 @@ class SessionLock:
             logger.exception(
                 "key=<%s> | could not hand the session lock back; it frees itself when its lease lapses", self.key
             )
+
+    async def mark_committed(self) -> bool:
+        """End our lease and mark the record's turn as one that counts (nothing to roll back), in one fenced write.
+
+        Returns:
+            False if the lock is no longer ours.
+
+        Raises:
+            IdempotencyStoreError: The store failed.
+        """
+        return await _store(self.store.renew(self.key, self.owner, time.time(), _COMMITTED))
 
     async def expire(self) -> None:
         """End our lease now but keep the record (and the unfinished turn it names) for the next holder to roll back.

@@ -70,6 +70,8 @@ class SessionTurn:
         self._held = False
         self._fenced = False
         self._unfinished: dict[str, str] | None = None
+        self._token_key: str | None = None
+        self._closing = False
 
     async def begin(self, token_key: str | None, writable: Callable[[], bool] | None = None) -> None:
         """Take the lock, roll back a crashed turn if there was one, re-read the conversation, write the checkpoint.
@@ -104,7 +106,10 @@ class SessionTurn:
             logger.info("key=<%s> | the previous turn's owner died mid-turn, rolling the conversation back", self.key)
             self.conversation.rollback(previous["checkpoint"])
         else:
+            # A previous turn that counts is kept: nothing is left for anyone to roll back, even if we fail now.
+            self._unfinished = None
             self.conversation.reload()
+        self._token_key = token_key
         checkpoint = self.conversation.checkpoint(token_key)
         await self.lease.renew_now(checkpoint)
         self.checkpoint = checkpoint
@@ -155,36 +160,82 @@ class SessionTurn:
             self.lease.check()
 
     async def commit(self) -> None:
-        """The turn counts: release the lock (after the token's result was stored)."""
-        await self._finish(rollback=False)
+        """The turn counts: release the lock (after the token's result was stored).
+
+        A turn without a token has no record saying it counts but the lock's own: its lock record is marked
+        committed (and its lease ended) in one fenced write, instead of being deleted, so a lost release can never
+        make the next holder roll back a turn whose caller got its answer.
+
+        Raises:
+            IdempotencyStoreError: Without a token: the mark could not be written (the caller aborts the turn).
+            IdempotencyLeaseLostError: Without a token: the lock was lost before the mark.
+        """
+        if not self._held or self._closing:
+            return
+        self._closing = True
+        marked = False
+        try:
+            if self._token_key is None:
+                if self.lease is not None:
+                    await self.lease.stop()
+                self.check()
+                if not await self.lock.mark_committed():
+                    raise IdempotencyLeaseLostError(self.key, "the session lock was taken over before the turn ended")
+                marked = True
+        except BaseException:
+            self._closing = False  # the turn is not committed: the caller's abort rolls it back
+            raise
+        await self._finish(rollback=False, handed_back=marked)
 
     async def abort(self) -> None:
-        """The turn does not count: roll the conversation back (if we still hold the lock), release the lock."""
+        """The turn does not count: roll the conversation back (if we still hold the lock), release the lock.
+
+        A no-op once ``commit`` has started (it finishes even if its caller is cancelled meanwhile).
+        """
+        if self._closing:
+            return
         await self._finish(rollback=True)
 
-    async def _finish(self, *, rollback: bool) -> None:
+    async def suspend(self) -> None:
+        """Leave the turn for the next holder to judge: whether it counts is unknown (its result may have landed).
+
+        The lock record is kept and its lease ended; the next holder reads the token's record and keeps the turn or
+        rolls it back.
+        """
+        if self._closing:
+            return
+        await self._finish(rollback=False, keep_record=True)
+
+    async def _finish(self, *, rollback: bool, keep_record: bool = False, handed_back: bool = False) -> None:
         if not self._held:
             return
         self._held = False
         lease = self.lease
         # A turn taken over but not yet rolled back keeps its lock record: it names that turn for the next holder.
-        release = self._unfinished is None
+        release = self._unfinished is None and not keep_record
         self._unfence_writes()
         try:
             if lease is not None:
                 await lease.stop()
             still_ours = lease is not None and lease.lost is None and not lease.expired_locally()
-            if rollback and still_ours and self.checkpoint is not None:
-                try:
-                    self.conversation.rollback(self.checkpoint)
-                except Exception:
-                    # Keep the lock record (with its checkpoint) instead of deleting it: the next holder finds a turn
-                    # whose token was not completed and rolls it back.
-                    logger.exception("key=<%s> | could not roll back the turn; the next holder will", self.key)
+            if rollback and self.checkpoint is not None:
+                if not still_ours:
+                    # Not rolled back by us (our lease lapsed or was taken over): keep the record and its checkpoint
+                    # (a fenced expire does nothing if the lock is someone else's), so the next holder rolls back.
                     release = False
+                else:
+                    try:
+                        self.conversation.rollback(self.checkpoint)
+                    except Exception:
+                        # Keep the lock record (with its checkpoint) instead of deleting it: the next holder finds a
+                        # turn whose token was not completed and rolls it back.
+                        logger.exception("key=<%s> | could not roll back the turn; the next holder will", self.key)
+                        release = False
         finally:
-            if release:
+            if handed_back:
+                self.lock.abandon()
+            elif release:
                 await self.lock.release()
             else:
-                # Expired, not deleted: the next holder takes it over at once and rolls the turn back.
+                # Expired, not deleted: the next holder takes it over at once and decides about the turn.
                 await self.lock.expire()
