@@ -20,11 +20,13 @@ from strands_py.idempotency import (
     IdempotencyConfig,
     IdempotencyKeyMismatchError,
     IdempotencyRecord,
+    IdempotencyStore,
     IdempotencyWaitTimeoutError,
     InMemoryIdempotencyStore,
     RecordState,
 )
 from strands_py.idempotency.keys import make_key
+from strands_py.testing import CountingStore
 from strands_py.testing.bedrock import ScriptedBedrock
 
 WAIT = 10.0
@@ -95,7 +97,7 @@ async def test_aborted_duplicate_span_has_error_status(spans: InMemorySpanExport
     assert span.status.status_code is StatusCode.ERROR
 
 
-def _durable(script: ScriptedBedrock, store: InMemoryIdempotencyStore, **config: Any) -> Agent:
+def _durable(script: ScriptedBedrock, store: IdempotencyStore, **config: Any) -> Agent:
     return Agent(
         model=script.model(),
         tools=script.tools(),
@@ -135,15 +137,21 @@ async def test_wait_deadline_and_lease_takeover_events(spans: InMemorySpanExport
     agent = _durable(ScriptedBedrock(), store, wait_timeout_seconds=0.2)
     key = make_key("svc", TOKEN)
     now = time.time()
-    await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "other", now + 0.6, now + 60), now)
+    # A live owner for as long as the test needs (its lease is ended explicitly below, never by the clock).
+    await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "other", now + 60, now + 120), now)
     with pytest.raises(IdempotencyWaitTimeoutError):
-        await agent.invoke_async("weather?", idempotency_token=TOKEN)
+        await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token=TOKEN), WAIT)
     timed_out = _named(spans, telemetry.SPAN_CLAIM)[-1]
     assert {telemetry.EVENT_WAITING_FOR_OWNER, telemetry.EVENT_WAIT_DEADLINE_EXCEEDED} <= set(_events(timed_out))
     assert timed_out.attributes is not None and timed_out.attributes[P + "decision"] == "timeout"
 
-    patient = _durable(ScriptedBedrock(), store)
-    await asyncio.wait_for(patient.invoke_async("weather?", idempotency_token=TOKEN), WAIT)
+    counting = CountingStore(store)
+    patient = asyncio.create_task(
+        _durable(ScriptedBedrock(), counting).invoke_async("weather?", idempotency_token=TOKEN)
+    )
+    await _until(lambda: counting.calls["claim"] >= 1, WAIT, "the patient caller to meet the live owner")
+    assert await store.renew(key, "other", time.time())  # the owner dies: its lease lapses now
+    await asyncio.wait_for(patient, WAIT)
     taken = _named(spans, telemetry.SPAN_CLAIM)[-1]
     assert telemetry.EVENT_LEASE_TAKEN_OVER in _events(taken)
     assert taken.attributes is not None and taken.attributes[P + "decision"] == "claimed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -18,6 +19,8 @@ from strands_py import Agent, ConcurrencyException
 from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore
 from strands_py.idempotency.keys import make_key
 from strands_py.testing import ScriptedBedrock
+
+_STRANDS_CLOSES_ITS_LOOP = version("strands-agents") != "1.30.0"
 
 WAIT = 5.0
 
@@ -110,9 +113,13 @@ async def test_an_error_raised_while_closing_reaches_the_caller_and_the_claim_is
     except _Boom as e:
         raised = e
     # strands-agents 1.30 itself leaves its inner event loop generator to the garbage collector when its stream is
-    # closed, so its AfterInvocationEvent hooks do not run during aclose(); where they do (newer strands), their
-    # error must reach the caller of aclose().
-    assert (raised is not None) == bool(fired)
+    # closed: its AfterInvocationEvent hooks run later, in a task of the loop's async-generator finalizer (whenever
+    # the collector gets to it, possibly before aclose() returns), and their error cannot reach anyone. Newer strands
+    # closes it during aclose(), and then the error must reach the caller of aclose().
+    if _STRANDS_CLOSES_ITS_LOOP:
+        assert raised is not None and fired
+    else:
+        assert raised is None
     # and whatever upstream's cleanup did: nothing holds the token, and the agent runs the next call
     assert await store.get(make_key(agent._idempotency_scope, "t")) is None
     assert len(store) == 0
