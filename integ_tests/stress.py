@@ -6,6 +6,7 @@ per test are printed. Exit status 1 if any repetition failed.
 
     hatch run stress                       # every racing test, 200 times
     hatch run stress --count 20 -k redis   # a subset, fewer times (anything after the options goes to pytest)
+    hatch run stress --path tests          # only the racing tests under tests/ (repeatable)
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hatch run stress", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200, help="repetitions of each racing test (default 200)")
     parser.add_argument("--burners", type=int, default=2, help="CPU-burning processes beside the tests (default 2)")
+    parser.add_argument(
+        "--path", action="append", dest="paths", help="where to collect racing tests (default: tests, integ_tests)"
+    )
     args, pytest_args = parser.parse_known_args(argv)
     burners = [multiprocessing.get_context("spawn").Process(target=_burn, daemon=True) for _ in range(args.burners)]
     for burner in burners:
@@ -68,8 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.executable,
             "-m",
             "pytest",
-            "tests",
-            "integ_tests",
+            *(args.paths or ["tests", "integ_tests"]),
             "-m",
             "racing",
             "-p",

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -78,10 +79,11 @@ def _wait_for(predicate: Any, what: str) -> None:
 
 def test_eight_processes_four_calls_each_run_the_agent_once(endpoint: str) -> None:
     processes, calls = 8, 4
+    token = f"order-{uuid.uuid4().hex[:8]}"  # a token of its own per run (repeatable with --count)
     claims = SPAWN.Value("i", 0)
     gate, entered, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
     procs = [
-        SPAWN.Process(target=worker.run, args=(i, endpoint, "order-1234", calls, claims, gate, entered, out))
+        SPAWN.Process(target=worker.run, args=(i, endpoint, token, calls, claims, gate, entered, out))
         for i in range(processes)
     ]
     for p in procs:
@@ -117,13 +119,20 @@ def test_eight_processes_four_calls_each_run_the_agent_once(endpoint: str) -> No
 
 def test_crashed_primary_blocks_until_its_lease_lapses_then_runs_once(endpoint: str) -> None:
     lease = 4.0
+    token = f"order-crash-{uuid.uuid4().hex[:8]}"  # a token of its own per run (repeatable with --count)
     claims = SPAWN.Value("i", 0)
     gate, entered = SPAWN.Event(), SPAWN.Event()
-    crashed = SPAWN.Process(target=worker.hold_claim, args=(endpoint, "order-crash", claims, gate, entered, lease))
+    crashed = SPAWN.Process(target=worker.hold_claim, args=(endpoint, token, claims, gate, entered, lease))
     crashed.start()
     try:
         _wait_for(entered.is_set, "the doomed primary's model call")
-        claimed_at = time.time()
+        # While the owner lives (in its model call, heartbeating), a retry with a deadline waits, then gives up,
+        # however long that takes: the owner's lease is renewed all along, so no clock decides this.
+        impatient, impatient_script, _ = worker.make_agent(endpoint, claims, wait_timeout_seconds=0.5)
+        with pytest.raises(IdempotencyWaitTimeoutError):
+            impatient(worker.PROMPT, idempotency_token=token)
+        assert impatient_script.model_calls == 0
+        killed_at = time.time()
         os.kill(crashed.pid or 0, signal.SIGKILL)
         crashed.join(WAIT)
     finally:
@@ -131,24 +140,16 @@ def test_crashed_primary_blocks_until_its_lease_lapses_then_runs_once(endpoint: 
             crashed.kill()
     assert crashed.exitcode == -signal.SIGKILL
 
-    # Before the lease lapses: a retry with a deadline waits, then gives up; the agent did not run.
-    impatient, impatient_script, _ = worker.make_agent(endpoint, claims, wait_timeout_seconds=0.5)
-    with pytest.raises(IdempotencyWaitTimeoutError):
-        impatient(worker.PROMPT, idempotency_token="order-crash")
-    assert impatient_script.model_calls == 0
-    assert time.time() < claimed_at + lease  # the deadline fired, not the lease
-
-    # A patient retry waits for the lease to lapse, takes the claim over, and runs exactly once.
+    # A patient retry waits for the lease to lapse, takes the claim over, and runs exactly once. The owner's last
+    # renewal was at most a third of a lease before the kill, so the lease lapsed two thirds of a lease after it.
     patient, patient_script, patient_store = worker.make_agent(endpoint, claims)
-    result = patient(worker.PROMPT, idempotency_token="order-crash")
-    assert time.time() >= claimed_at + lease - 0.5
+    result = patient(worker.PROMPT, idempotency_token=token)
+    assert time.time() >= killed_at + lease * 2 / 3
     assert not isinstance(result, ReplayedAgentResult)
     assert patient_script.model_calls == 2 and patient_script.tool_calls == 1
     assert patient_store.calls["complete"] == 1
 
     # Later retries replay it.
     later, later_script, _ = worker.make_agent(endpoint, claims)
-    assert isinstance(
-        asyncio.run(later.invoke_async(worker.PROMPT, idempotency_token="order-crash")), ReplayedAgentResult
-    )
+    assert isinstance(asyncio.run(later.invoke_async(worker.PROMPT, idempotency_token=token)), ReplayedAgentResult)
     assert later_script.model_calls == 0
