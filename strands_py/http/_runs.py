@@ -296,8 +296,11 @@ class Run:
             if events:
                 continue
             try:
-                await asyncio.wait_for(self.changed(version), keepalive_seconds)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for can swallow a cancellation that arrives as
+                # the awaited call completes, and a cancelled stream would go on.
+                async with asyncio.timeout(keepalive_seconds):
+                    await self.changed(version)
+            except TimeoutError:
                 yield b": keepalive\n\n"
 
     def at_end(self, start: int) -> bool:

@@ -65,10 +65,12 @@ class _Lease:
         self._on_lost = on_lost
         self._task: asyncio.Task[None] | None = None
         self._checkpoint: str | None = None
+        self._stopping = False
 
     def start(self) -> None:
         """Start renewing on the running loop."""
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._renew_forever(), name="strands-py-heartbeat")
 
     async def stop(self) -> None:
@@ -76,8 +78,10 @@ class _Lease:
         task, self._task = self._task, None
         if task is None or task.done():
             return
+        self._stopping = True
         task.cancel()
-        # If our own caller is cancelled meanwhile, that propagates; the renewal task is cancelled regardless.
+        # If our own caller is cancelled meanwhile, that propagates; the renewal task is cancelled regardless (and
+        # ``_stopping`` ends it at its next step even if a library swallowed the cancellation).
         await asyncio.wait([task])
 
     def expired_locally(self) -> bool:
@@ -122,7 +126,7 @@ class _Lease:
     async def _renew_forever(self) -> None:
         interval = self.lease_seconds / 3
         delay = interval
-        while True:
+        while not self._stopping:
             await asyncio.sleep(delay)
             remaining = self.valid_until - time.monotonic()
             if remaining <= 0:
@@ -130,9 +134,10 @@ class _Lease:
                 return
             sent = time.monotonic()
             try:
-                renewed = await asyncio.wait_for(
-                    self.store.renew(self.key, self.owner, time.time() + self.lease_seconds, None), remaining
-                )
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation of ``stop()``
+                # when it arrives as the renewal completes, and the heartbeat would go on (and ``stop()`` wait) forever.
+                async with asyncio.timeout(remaining):
+                    renewed = await self.store.renew(self.key, self.owner, time.time() + self.lease_seconds, None)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure is transient until the lease runs out

@@ -209,7 +209,9 @@ class SessionLock:
                 if not ticket.turn.done():
                     if mode is SessionInvocationMode.THROW or (remaining is not None and remaining <= 0):
                         raise SessionBusyError("another request is running a turn of this session")
-                    await asyncio.wait_for(asyncio.shield(ticket.turn), remaining)
+                    # asyncio.timeout, not wait_for (which on Python 3.11 can swallow our caller's cancellation).
+                    async with asyncio.timeout(remaining):
+                        await asyncio.shield(ticket.turn)
                     continue
                 held, previous = await self._try(token_key)
                 if held is None:

@@ -190,3 +190,62 @@ async def test_no_heartbeat_outlives_its_invocation(ending: str) -> None:
 async def _drain(stream: Any) -> None:
     async for _ in stream:
         pass
+
+
+class _AnswerOnCue(InMemoryIdempotencyStore):
+    """``renew`` waits for the test's cue, so the test decides when the renewal completes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.cue: asyncio.Future[None] | None = None
+
+    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        self.cue = asyncio.get_running_loop().create_future()
+        self.entered.set()
+        await self.cue
+        return await super().renew(key, owner, lease_expires_at, checkpoint)
+
+
+async def _stop_as_a_renewal_completes(steps: int, patience: float = WAIT) -> None:
+    store = _AnswerOnCue()
+    now = time.time()
+    record = IdempotencyRecord("k", RecordState.IN_PROGRESS, "me", now + 60, now + 120)
+    assert await store.claim(record, now) is None
+    lease = _Lease(store, "k", "me", 0.03, claimed_at=time.monotonic())
+    lease.start()
+    await asyncio.wait_for(store.entered.wait(), WAIT)
+    assert store.cue is not None
+    store.cue.set_result(None)  # the renewal completes...
+    for _ in range(steps):  # ... and stop() is called this many loop steps later
+        await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(lease.stop(), patience)
+    except TimeoutError as e:
+        raise AssertionError(f"stop() never returned ({steps} steps after the renewal completed)") from e
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+async def test_stop_returns_whenever_it_meets_a_completing_renewal(steps: int) -> None:
+    # Was: the renewal ran under asyncio.wait_for, which on Python 3.11 swallows a cancellation that arrives as the
+    # awaited call completes; the heartbeat went on, and stop() (awaited by every ending invocation) waited forever.
+    # Seen as a session turn that never ended in `hatch run stress`.
+    await _stop_as_a_renewal_completes(steps)
+
+
+async def _renew_forever_with_wait_for(self: _Lease) -> None:
+    """The heartbeat of old: renewals under asyncio.wait_for, and no flag of its own to stop on."""
+    while True:
+        await asyncio.sleep(self.lease_seconds / 3)
+        renewed = await asyncio.wait_for(
+            self.store.renew(self.key, self.owner, time.time() + self.lease_seconds, None), WAIT
+        )
+        if renewed:
+            self._renewed(time.monotonic())
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: wait_for swallows stop()'s cancel")
+async def test_negative_control_a_heartbeat_under_wait_for_never_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_Lease, "_renew_forever", _renew_forever_with_wait_for)
+    for steps in range(4):
+        await _stop_as_a_renewal_completes(steps, patience=2.0)  # a hang is the expected failure: no need to wait long
