@@ -93,10 +93,15 @@ async def _shielded(work: Awaitable[T]) -> T:
     For store writes whose outcome is already decided: a cancellation between sending a write and hearing back must
     not leave the other half undone (a result stored but its turn rolled back; a claim nobody will hand back).
     """
+    return await asyncio.shield(_keep(work))
+
+
+def _keep(work: Awaitable[T]) -> asyncio.Future[T]:
+    """Run ``work`` as a task referenced until it ends (a task nobody references may be collected mid-way)."""
     task = asyncio.ensure_future(work)
     _background.add(task)
     task.add_done_callback(_forget)
-    return await asyncio.shield(task)
+    return task
 
 
 async def claim_or_hand_back(
@@ -119,9 +124,7 @@ async def claim_or_hand_back(
     try:
         return await asyncio.shield(attempt)
     except asyncio.CancelledError:
-        cleanup = asyncio.ensure_future(_hand_back_when_landed(record, attempt, hand_back))
-        _background.add(cleanup)
-        cleanup.add_done_callback(_forget)
+        _keep(_hand_back_when_landed(record, attempt, hand_back))
         raise
     except Exception:
         await _shielded(hand_back())

@@ -107,11 +107,8 @@ def _busy(store: IdempotencyStore, key: str) -> bool:
         return lines is not None and key in lines
 
 
-def _document(record: IdempotencyRecord) -> dict[str, Any]:
-    return _parse(record.checkpoint)
-
-
-def _parse(checkpoint: str | None) -> dict[str, Any]:
+def _document(checkpoint: str | None) -> dict[str, Any]:
+    """A lock record's checkpoint as a JSON object (empty when absent or malformed)."""
     try:
         document = json.loads(checkpoint or "{}")
     except ValueError:
@@ -121,7 +118,7 @@ def _parse(checkpoint: str | None) -> dict[str, Any]:
 
 def _token_of_checkpoint(checkpoint: str) -> str | None:
     """The token key a lock checkpoint names, if any."""
-    token = _parse(checkpoint).get("token")
+    token = _document(checkpoint).get("token")
     return token if isinstance(token, str) else None
 
 
@@ -137,7 +134,7 @@ def _unfinished_turn(record: IdempotencyRecord) -> dict[str, str] | None:
     otherwise the dead turn it took over and had not rolled back yet (``pending``), carried from holder to holder
     until someone rolls it back.
     """
-    document = _document(record)
+    document = _document(record.checkpoint)
     if "messages" in document and record.checkpoint is not None:
         return {"owner": record.owner, "checkpoint": record.checkpoint}
     pending = document.get("pending")
@@ -271,15 +268,7 @@ class SessionLock:
 
     async def _hand_back(self, record: IdempotencyRecord) -> None:
         """Give up a lock record we will not use; never raises. One carrying an unfinished turn is only expired."""
-        if _unfinished_turn(record) is not None:
-            await self.expire()
-            return
-        try:
-            await _store(self.store.release(self.key, self.owner))
-        except Exception:
-            logger.exception(
-                "key=<%s> | could not hand the session lock back; it frees itself when its lease lapses", self.key
-            )
+        await (self.expire() if _unfinished_turn(record) is not None else self.release())
 
     async def mark_committed(self) -> bool:
         """End our lease and mark the record's turn as one that counts (nothing to roll back), in one fenced write.

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
-from strands import tool
+from session_kit import ONE_TURN, BlockingTool, no_heartbeats, shape
 from strands.session.file_session_manager import FileSessionManager
 
 from strands_py import Agent, IdempotencyLeaseLostError, IdempotencyStoreError, SessionBusyError
@@ -26,7 +22,6 @@ from strands_py.idempotency import (
     ReplayedAgentResult,
     _durable,
 )
-from strands_py.idempotency._heartbeat import _Lease
 from strands_py.idempotency.keys import make_key
 from strands_py.session import _lock
 from strands_py.testing import CountingStore, ScriptedBedrock
@@ -37,18 +32,6 @@ LEASE = 1.0
 # Dead turns are real threads blocked in a tool while another turn takes the session over.
 pytestmark = pytest.mark.racing
 SCOPE = "s"
-
-
-def _shape(messages: list[Any]) -> list[tuple[str, tuple[str, ...]]]:
-    return [(m["role"], tuple(sorted(k for block in m["content"] for k in block))) for m in messages]
-
-
-ONE_TURN = [
-    ("user", ("text",)),
-    ("assistant", ("toolUse",)),
-    ("user", ("toolResult",)),
-    ("assistant", ("text",)),
-]
 
 
 class _Env:
@@ -74,42 +57,6 @@ class _Env:
     def persisted(self) -> list[Any]:
         manager = FileSessionManager(session_id="conv-1", storage_dir=self.dir)
         return [m.to_message() for m in manager.list_messages("conv-1", "default")]
-
-
-@contextmanager
-def _no_heartbeats() -> Iterator[None]:
-    """Leases started inside are never renewed: their owner looks dead once they lapse (a SIGKILLed host)."""
-
-    async def silent(self: _Lease) -> None:
-        return None
-
-    with mock.patch.object(_Lease, "_renew_forever", silent):
-        yield
-
-
-class _BlockingTool(ScriptedBedrock):
-    """The tool blocks until ``tool_gate`` is set: the turn is cut off mid-tool."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tool_gate = threading.Event()
-        self.tool_entered = threading.Event()
-
-    def tools(self) -> list[Any]:
-        script = self
-
-        @tool
-        def lookup_weather(city: str) -> str:
-            """Look up the weather.
-
-            Args:
-                city: The city.
-            """
-            script.tool_entered.set()
-            script.tool_gate.wait(WAIT)
-            return f"{city}: sunny"
-
-        return [lookup_weather]
 
 
 class _GetFailsOnce(CountingStore):
@@ -140,12 +87,12 @@ async def test_a_store_error_while_taking_over_a_dead_turn_does_not_forget_the_r
     # leaves the record (abandon, not release) so that the next holder still rolls the dead turn back.
     env = _Env(tmp_path, session_invocation_mode="enqueue")
     await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hello", idempotency_token="t0"), WAIT)
-    dead_script = _BlockingTool()
-    with _no_heartbeats():
+    dead_script = BlockingTool(WAIT)
+    with no_heartbeats():
         dead = asyncio.create_task(env.agent(dead_script).invoke_async("weather in Rome?", idempotency_token="t1"))
         await _until(dead_script.tool_entered.is_set, WAIT, "the doomed turn's tool")
     try:
-        assert _shape(env.persisted()) == ONE_TURN + ONE_TURN[:2]  # the dead turn's prompt and toolUse
+        assert shape(env.persisted()) == ONE_TURN + ONE_TURN[:2]  # the dead turn's prompt and toolUse
         # another host takes the lapsed lock over; one read of the dead turn's token record times out
         flaky = _GetFailsOnce(env.inner, make_key(SCOPE, "t1"))
         with pytest.raises(IdempotencyStoreError):
@@ -162,7 +109,7 @@ async def test_a_store_error_while_taking_over_a_dead_turn_does_not_forget_the_r
             WAIT,
         )
         persisted = env.persisted()
-        assert _shape(persisted) == ONE_TURN * 2, f"the dead turn's messages are still there: {_shape(persisted)}"
+        assert shape(persisted) == ONE_TURN * 2, f"the dead turn's messages are still there: {shape(persisted)}"
         assert persisted[4]["content"][0]["text"] == "weather in Lima?"
     finally:
         dead_script.tool_gate.set()  # the dead owner wakes up (its writes are fenced); never leave its thread behind
@@ -214,7 +161,7 @@ async def test_a_turn_cancelled_after_its_result_was_stored_is_not_rolled_back(t
         WAIT,
     )
     assert isinstance(retry, ReplayedAgentResult)
-    assert _shape(env.persisted()) == ONE_TURN, "the replayed turn was rolled back out of the conversation"
+    assert shape(env.persisted()) == ONE_TURN, "the replayed turn was rolled back out of the conversation"
 
 
 class _SessionClaimAnswersLate(CountingStore):
@@ -270,7 +217,7 @@ async def test_a_turn_cancelled_while_its_session_claim_is_in_flight_leaves_the_
 
 def _own_turn_only(record: IdempotencyRecord) -> dict[str, str] | None:
     """The takeover of old: a dead turn is only known from its own record, never carried forward."""
-    if "messages" in _lock._document(record) and record.checkpoint is not None:
+    if "messages" in _lock._document(record.checkpoint) and record.checkpoint is not None:
         return {"owner": record.owner, "checkpoint": record.checkpoint}
     return None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from strands import tool
+from session_kit import ONE_TURN, BlockingTool, shape
 from strands.session.file_session_manager import FileSessionManager
 
 from strands_py import Agent, IdempotencyStoreError
@@ -203,29 +203,6 @@ async def test_a_tokenless_turn_that_cannot_be_marked_counted_is_an_error_and_is
     assert after.stop_reason == "end_turn" and _texts(directory) == ["next?"]
 
 
-class _BlockingTool(ScriptedBedrock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tool_gate = threading.Event()
-        self.tool_entered = threading.Event()
-
-    def tools(self) -> list[Any]:
-        script = self
-
-        @tool
-        def lookup_weather(city: str) -> str:
-            """Look up the weather.
-
-            Args:
-                city: The city.
-            """
-            script.tool_entered.set()
-            script.tool_gate.wait(WAIT)
-            return f"{city}: sunny"
-
-        return [lookup_weather]
-
-
 class _HeartbeatsFail(CountingStore):
     """While ``failing``, heartbeats of the session lock fail (the store is unreachable for a while)."""
 
@@ -241,11 +218,7 @@ class _HeartbeatsFail(CountingStore):
 
 def _shape(directory: str) -> list[tuple[str, tuple[str, ...]]]:
     manager = FileSessionManager(session_id="conv-1", storage_dir=directory)
-    messages = [m.to_message() for m in manager.list_messages("conv-1", "default")]
-    return [(m["role"], tuple(sorted(k for block in m["content"] for k in block))) for m in messages]
-
-
-ONE_TURN = [("user", ("text",)), ("assistant", ("toolUse",)), ("user", ("toolResult",)), ("assistant", ("text",))]
+    return shape([m.to_message() for m in manager.list_messages("conv-1", "default")])
 
 
 async def test_a_turn_that_lost_its_lease_locally_is_rolled_back_by_the_next_holder(tmp_path: Path) -> None:
@@ -274,7 +247,7 @@ async def test_a_turn_that_lost_its_lease_locally_is_rolled_back_by_the_next_hol
         a._on_lease_lost = on_lost  # type: ignore[method-assign]
         return a
 
-    script = _BlockingTool()
+    script = BlockingTool(WAIT)
     first = asyncio.create_task(agent(script).invoke_async("weather in Rome?", idempotency_token="t1"))
     try:
         await _until(script.tool_entered.is_set, WAIT, "the tool")

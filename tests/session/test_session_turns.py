@@ -10,13 +10,12 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
+from session_kit import ONE_TURN, BlockingTool, no_heartbeats, shape
 from strands.session.file_session_manager import FileSessionManager
 
 from strands_py import Agent, ConcurrencyException, IdempotencyLeaseLostError, SessionBusyError
@@ -28,7 +27,6 @@ from strands_py.idempotency import (
     RecordState,
     ReplayedAgentResult,
 )
-from strands_py.idempotency._heartbeat import _Lease
 from strands_py.idempotency.keys import make_key, session_lock_key
 from strands_py.session._conversation import _Conversation
 from strands_py.session._turn import SessionTurn
@@ -37,19 +35,6 @@ from strands_py.testing import CountingStore, ScriptedBedrock
 WAIT = 20.0
 pytestmark = pytest.mark.racing
 LEASE = 2.0  # renewals every 0.67 s: margin for a loaded machine
-
-
-def _shape(messages: list[Any]) -> list[tuple[str, tuple[str, ...]]]:
-    """A conversation's shape: each message's role and the kinds of its blocks (ids and timestamps ignored)."""
-    return [(m["role"], tuple(sorted(k for block in m["content"] for k in block))) for m in messages]
-
-
-ONE_TURN = [
-    ("user", ("text",)),
-    ("assistant", ("toolUse",)),
-    ("user", ("toolResult",)),
-    ("assistant", ("text",)),
-]
 
 
 class _Env:
@@ -86,9 +71,9 @@ async def test_an_agent_built_before_the_lock_re_reads_the_conversation_under_it
     first, second = env.agent(ScriptedBedrock()), env.agent(ScriptedBedrock())  # both restore an empty conversation
     await asyncio.wait_for(first.invoke_async("weather in Paris?", idempotency_token="t1"), WAIT)
     await asyncio.wait_for(second.invoke_async("weather in Rome?", idempotency_token="t2"), WAIT)
-    assert _shape(env.persisted()) == ONE_TURN * 2
+    assert shape(env.persisted()) == ONE_TURN * 2
     assert env.persisted()[4]["content"][0]["text"] == "weather in Rome?"
-    assert _shape(second.messages) == ONE_TURN * 2
+    assert shape(second.messages) == ONE_TURN * 2
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
@@ -109,7 +94,7 @@ async def test_throw_mode_rejects_another_request_for_a_busy_session(tmp_path: P
     assert isinstance(raised.value, ConcurrencyException)
     gate.set()
     await asyncio.wait_for(running, WAIT)
-    assert _shape(env.persisted()) == ONE_TURN
+    assert shape(env.persisted()) == ONE_TURN
 
 
 async def test_enqueue_mode_runs_both_turns_one_after_the_other(tmp_path: Path) -> None:
@@ -124,7 +109,7 @@ async def test_enqueue_mode_runs_both_turns_one_after_the_other(tmp_path: Path) 
     gate.set()
     await asyncio.wait_for(asyncio.gather(running, queued), WAIT)
     persisted = env.persisted()
-    assert _shape(persisted) == ONE_TURN * 2
+    assert shape(persisted) == ONE_TURN * 2
     assert [persisted[0]["content"][0]["text"], persisted[4]["content"][0]["text"]] == [
         "weather in Paris?",
         "weather in Rome?",
@@ -161,7 +146,7 @@ async def test_a_retry_of_the_same_request_joins_and_never_queues(tmp_path: Path
         env.agent(ScriptedBedrock()).invoke_async("weather in Paris?", idempotency_token="t1"), WAIT
     )
     assert isinstance(later, ReplayedAgentResult)
-    assert _shape(env.persisted()) == ONE_TURN
+    assert shape(env.persisted()) == ONE_TURN
 
 
 async def test_a_failed_turn_is_rolled_back_and_its_retry_is_one_clean_turn(tmp_path: Path) -> None:
@@ -171,9 +156,9 @@ async def test_a_failed_turn_is_rolled_back_and_its_retry_is_one_clean_turn(tmp_
     with pytest.raises(Exception, match="model down"):
         await asyncio.wait_for(env.agent(failing).invoke_async("weather in Rome?", idempotency_token="t2"), WAIT)
     assert failing.tool_calls == 1
-    assert _shape(env.persisted()) == ONE_TURN  # the failed turn left nothing
+    assert shape(env.persisted()) == ONE_TURN  # the failed turn left nothing
     await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("weather in Rome?", idempotency_token="t2"), WAIT)
-    assert _shape(env.persisted()) == ONE_TURN * 2
+    assert shape(env.persisted()) == ONE_TURN * 2
 
 
 class _FailAfterTool(ScriptedBedrock):
@@ -185,67 +170,28 @@ class _FailAfterTool(ScriptedBedrock):
         return super().converse_stream(**request)
 
 
-@contextmanager
-def _no_heartbeats() -> Iterator[None]:
-    """Leases started inside are never renewed: their owner looks dead to everyone else once they lapse."""
-
-    async def silent(self: _Lease) -> None:
-        return None
-
-    with mock.patch.object(_Lease, "_renew_forever", silent):
-        yield
-
-
-class _BlockingTool(ScriptedBedrock):
-    """The tool blocks on ``tool_gate`` (and reports it entered), like a tool that hangs on a slow service."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tool_gate = threading.Event()
-        self.tool_entered = threading.Event()
-
-    def tools(self) -> list[Any]:
-        from strands import tool
-
-        script = self
-
-        @tool
-        def lookup_weather(city: str) -> str:
-            """Look up the weather.
-
-            Args:
-                city: The city.
-            """
-            script.tool_entered.set()
-            assert script.tool_gate.wait(WAIT)
-            script.tool_calls += 1
-            return f"{city}: sunny"
-
-        return [lookup_weather]
-
-
 async def test_a_dead_turn_is_rolled_back_by_the_retry_and_the_dead_owner_writes_nothing(tmp_path: Path) -> None:
     env = _Env(tmp_path)
     await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hello", idempotency_token="t0"), WAIT)
-    dead_script = _BlockingTool()
-    with _no_heartbeats():
+    dead_script = BlockingTool(WAIT, must_open=True)
+    with no_heartbeats():
         dead = asyncio.create_task(env.agent(dead_script).invoke_async("weather in Rome?", idempotency_token="t1"))
         await _until(dead_script.tool_entered.is_set, WAIT, "the doomed turn's tool")
     try:
         # persisted so far: the first turn, then the doomed turn's prompt and tool request
-        assert _shape(env.persisted()) == ONE_TURN + ONE_TURN[:2]
+        assert shape(env.persisted()) == ONE_TURN + ONE_TURN[:2]
         retry_script = ScriptedBedrock()
         result = await asyncio.wait_for(
             env.agent(retry_script, process="other").invoke_async("weather in Rome?", idempotency_token="t1"),
             WAIT + LEASE,
         )
         assert result.stop_reason == "end_turn" and retry_script.model_calls == 2
-        assert _shape(env.persisted()) == ONE_TURN * 2  # exactly one uninterrupted turn, the prompt once
+        assert shape(env.persisted()) == ONE_TURN * 2  # exactly one uninterrupted turn, the prompt once
         # the dead owner wakes up: its tool result must not reach the conversation
         dead_script.tool_gate.set()
         with pytest.raises(IdempotencyLeaseLostError):
             await asyncio.wait_for(dead, WAIT)
-        assert _shape(env.persisted()) == ONE_TURN * 2
+        assert shape(env.persisted()) == ONE_TURN * 2
         assert env.persisted()[4]["content"][0]["text"] == "weather in Rome?"
     finally:
         dead_script.tool_gate.set()  # never leave the blocked tool thread behind
@@ -270,7 +216,7 @@ async def test_a_turn_whose_result_was_stored_is_kept_when_its_owner_died_before
         env.agent(ScriptedBedrock(), process="other").invoke_async("weather in Rome?", idempotency_token="t2"),
         WAIT + LEASE,
     )
-    assert _shape(env.persisted()) == ONE_TURN * 2  # the first turn counted: it was not rolled back
+    assert shape(env.persisted()) == ONE_TURN * 2  # the first turn counted: it was not rolled back
 
 
 async def test_the_default_scope_includes_the_session(tmp_path: Path) -> None:
@@ -332,4 +278,4 @@ async def test_a_retry_waits_out_the_lock_of_its_own_dead_run_even_in_throw_mode
         await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hi", idempotency_token="t2"), WAIT)
     # the same request (its dead run held the lock): waits for that lock's lease instead of a spurious 409
     result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t1"), WAIT)
-    assert result.stop_reason == "end_turn" and _shape(env.persisted()) == ONE_TURN
+    assert result.stop_reason == "end_turn" and shape(env.persisted()) == ONE_TURN
