@@ -269,13 +269,15 @@ async def test_a_retry_waits_out_the_lock_of_its_own_dead_run_even_in_throw_mode
         lock_key,
         RecordState.IN_PROGRESS,
         "dead-owner",
-        now + 0.5,
+        now + 60,  # live for as long as the rejection below needs: no clock decides it
         now + 3600,
         checkpoint=json.dumps({"v": 1, "token": make_key(scope, "t1")}),
     )
     assert await env.config.store.claim(dead_lock, now) is None
     with pytest.raises(SessionBusyError):  # another request: rejected at once
         await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hi", idempotency_token="t2"), WAIT)
+    # the dead run's lease now runs out half a second from here
+    assert await env.config.store.renew(lock_key, "dead-owner", time.time() + 0.5)
     # the same request (its dead run held the lock): waits for that lock's lease instead of a spurious 409
     result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t1"), WAIT)
     assert result.stop_reason == "end_turn" and shape(env.persisted()) == ONE_TURN
