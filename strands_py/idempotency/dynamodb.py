@@ -24,53 +24,50 @@ T = TypeVar("T")
 
 # DynamoDB's item limit is 400 KB including attribute names and the other attributes; keep a margin.
 _MAX_RESULT_BYTES = 350_000
-# Attributes: ``expires_at`` is the exact expiry (decimal seconds) every decision uses; ``expiration`` is the same
-# instant rounded up to whole seconds, only for DynamoDB's TTL sweeper. Items written before ``expires_at`` existed
-# carry ``expiration`` alone, and are judged by it.
-_NAMES = {
-    "#id": "id",
-    "#status": "status",
-    "#owner": "owner",
-    "#lease": "lease",
-    "#expires_at": "expires_at",
-    "#expiration": "expiration",
-}
-# Claimable: absent, expired, or a lapsed claim.
-# The condition is kept short: it is evaluated on every claim, replays included. Items from before ``expires_at``
-# existed are rare and short-lived, so they get a second attempt of their own (``_CLAIMABLE_LEGACY``) only when
-# the first one failed on such an item whose ``expiration`` has passed.
-# Our own live claim (a retried PutItem whose first attempt landed) fails the condition and comes back as the old
-# item, which ``_claim`` recognises by its owner: no clause for it here.
-_CLAIMABLE = "attribute_not_exists(#id) OR #expires_at <= :now OR (#status = :in_progress AND #lease <= :now)"
-_CLAIM_NAMES = {k: v for k, v in _NAMES.items() if k not in ("#expiration", "#owner")}
-_CLAIMABLE_LEGACY = "attribute_not_exists(#expires_at) AND #expiration <= :now"
-_LEGACY_NAMES = {"#expires_at": "expires_at", "#expiration": "expiration"}
-_OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
-# renew, common case: the record already expires after the new lease, so only the lease (and checkpoint) change.
-_OWNED_EXPIRING_AFTER_LEASE = _OWNED_IN_PROGRESS + " AND #expires_at >= :lease"
-# renew, raising the expiry: compare-and-set against the expiry read back from the failed first attempt.
-_OWNED_EXPIRY_UNCHANGED = _OWNED_IN_PROGRESS + " AND #expires_at = :seen"
-_OWNED_LEGACY_EXPIRY_UNCHANGED = _OWNED_IN_PROGRESS + " AND attribute_not_exists(#expires_at) AND #expiration = :seen"
-# Each retry of renew's compare-and-set means the record changed between two writes while still ours, which only
-# a concurrent renewal by the same owner can do; a few attempts are plenty.
-_RENEW_ATTEMPTS = 3
+# The TTL attribute ``expiration`` lies this far beyond ``expires_at``: see the class docstring.
+_TTL_GRACE_SECONDS = 86_400
 _IN_PROGRESS = {"S": RecordState.IN_PROGRESS.value}
+_COMPLETED = {"S": RecordState.COMPLETED.value}
+# claim: the key is free when it holds nothing or a COMPLETED record expired at the caller's ``now``. No clause frees
+# an IN_PROGRESS record, whatever its age: only take_over replaces another owner's claim. Our own claim (a retried
+# PutItem whose first attempt landed) fails the condition and comes back as the old item, which ``_claim``
+# recognises by its owner: no clause for it here, so the condition stays short on the hot path (every replay).
+_CLAIMABLE = "attribute_not_exists(#id) OR (#status = :completed AND #expires_at <= :now)"
+_CLAIMABLE_NAMES = {"#id": "id", "#status": "status", "#expires_at": "expires_at"}
+# take_over: exactly the version the caller judged; an absent item has no version, so it fails too.
+_SAME_VERSION = "#version = :version"
+# complete, release, renew: the owner's IN_PROGRESS record.
+_OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
+_OWNED_NAMES = {"#owner": "owner", "#status": "status"}
+# A claim whose condition failed on a server that returns no old item reads the item; it is tried again only when
+# the item changed between the two calls (released, say), which takes another writer's progress each time.
+_CLAIM_ATTEMPTS = 5
 
 
 class DynamoDBIdempotencyStore(IdempotencyStore):
     """Idempotency records in a DynamoDB table, so retries are deduplicated across processes and hosts.
 
-    The table needs a string partition key ``id`` and, to have expired records deleted, DynamoDB TTL on the
-    ``expiration`` attribute. Every decision uses the exact expiry kept in ``expires_at`` (decimal seconds);
-    ``expiration`` is that instant rounded up to whole seconds, for the TTL sweeper only, which lags by up to days.
-    Items written by versions before ``expires_at`` existed are judged by ``expiration``.
+    The table needs a string partition key ``id`` and, to have old records deleted, DynamoDB TTL on the
+    ``expiration`` attribute. An item holds the record's fields (``status``, ``owner``, ``version``,
+    ``lease_seconds``, ``expires_at``, and ``fingerprint``, ``payload``, ``checkpoint`` when set) plus ``expiration``.
 
-    Claims are one conditional ``PutItem`` that returns the live record when its condition fails (no extra read);
-    completes (``PutItem``), releases (``DeleteItem``) and renewals (``UpdateItem``) are conditional on the owner
-    and the ``IN_PROGRESS`` status, so a primary whose lease was taken over cannot overwrite, delete or extend the
-    new owner's record. Throttling and transient errors are retried by botocore (``standard`` retry mode) unless
-    you pass your own client or config; what still fails (and any error but a failed condition) raises
-    ``IdempotencyStoreError`` with the botocore error chained.
+    Expiry: every decision uses the exact ``expires_at`` (decimal seconds): a claim replaces a ``COMPLETED`` record
+    past it at the caller's ``now``; no clock ever frees an ``IN_PROGRESS`` record (only ``take_over`` replaces
+    another owner's claim). ``expiration`` serves DynamoDB's TTL sweeper only, which runs on AWS's clock, lags by up
+    to days and deletes items in no particular order; it is ``expires_at`` rounded up to whole seconds plus one day
+    of grace, for every record. Records refer to each other (a session's lock record names the record of the token
+    its turn runs under) and their lifetimes are tied through ``expires_at``; the grace, far beyond any lag between
+    two items' deletions, keeps the sweeper from ever deleting a referred-to record before the one referring to it.
+    ``get`` returns an item as stored, even past its ``expires_at``: callers judge it.
+
+    Writes: a claim is one conditional ``PutItem`` that returns the record in the way when its condition fails (no
+    extra read); a takeover is a ``PutItem`` conditional on the version the caller judged; completes
+    (``PutItem``), releases (``DeleteItem``) and renewals (one ``UpdateItem``) are conditional on the owner and the
+    ``IN_PROGRESS`` status, so an owner whose claim was taken over cannot overwrite, delete or renew the new owner's
+    record. Throttling and transient errors are retried by botocore (``standard`` retry mode) unless you pass your
+    own client or config; what still fails (and any error but a failed condition) raises ``IdempotencyStoreError``
+    with the botocore error chained. A DynamoDB-compatible server that does not return the old item with a failed
+    condition costs a claim one extra read.
 
     IAM actions needed on the table: ``dynamodb:PutItem``, ``dynamodb:GetItem``, ``dynamodb:DeleteItem``,
     ``dynamodb:UpdateItem`` (and ``dynamodb:CreateTable``, ``dynamodb:DescribeTable``,
@@ -188,8 +185,12 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             raise self._closed_error()
         return self._claim(record, now)
 
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        """See ``IdempotencyStore.take_over``: a ``PutItem`` conditional on the stored version."""
+        return await self._blocking(self._take_over, record, version)
+
     async def get(self, key: str) -> IdempotencyRecord | None:
-        """See ``IdempotencyStore.get``; a strongly consistent read."""
+        """See ``IdempotencyStore.get``: a strongly consistent read; the item as stored, even past its expiry."""
         return await self._blocking(self._get, key)
 
     async def complete(self, record: IdempotencyRecord) -> bool:
@@ -200,74 +201,67 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         """See ``IdempotencyStore.release``: a ``DeleteItem`` conditional on owner and status."""
         return await self._blocking(self._release, key, owner)
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status, usually.
-
-        DynamoDB has no ``max()`` in update expressions, so "raise the expiry to at least the lease, never lower it"
-        is done with conditions. First, the common case (the expiry is already past the new lease, as it is while
-        ``expires_after_seconds`` exceeds the lease): set the lease only, on condition that the record is ours and
-        expires after the lease. If that condition fails, the item returned with the failure tells why: not ours
-        any more (False), or it expires too early (or has no exact expiry yet, written by an older version). Then
-        compare-and-set: write ``max(seen expiry, lease)`` on condition that the expiry is still the one seen.
-        """
-        return await self._blocking(self._renew, key, owner, lease_expires_at, checkpoint)
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
+        """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status."""
+        return await self._blocking(self._renew, key, owner, version, lease_seconds, expires_at, checkpoint)
 
     def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        try:
-            self._invoke(
-                self._client.put_item,
-                TableName=self.table_name,
-                Item=_to_item(record),
-                ConditionExpression=_CLAIMABLE,
-                ExpressionAttributeNames=_CLAIM_NAMES,
-                ExpressionAttributeValues={":now": _n(now), ":in_progress": _IN_PROGRESS},
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-            return None
-        except ClientError as e:  # only a failed condition reaches here (see _invoke)
-            old = e.response.get("Item")
-        if old is not None and old.get("owner", {}).get("S") == record.owner and old.get("status") == _IN_PROGRESS:
-            return None  # our own claim, met by a retry of the very write that made it
-        if old is not None and "expires_at" not in old and "expiration" in old:
-            legacy = _from_item(old)
-            if not legacy.is_live(now):
-                return self._claim_legacy(record, now)
-            return legacy
-        if old is not None:
-            return _from_item(old)
-        # Some DynamoDB-compatible servers do not return the old item: read it.
-        existing = self._get(record.key)
-        if existing is None or not existing.is_live(now):
-            # Removed or expired between our write and our read: try again from the top.
-            return self._claim(record, now)
-        return existing
+        item = _to_item(record)
+        for attempt in range(1, _CLAIM_ATTEMPTS + 1):
+            try:
+                self._invoke(
+                    self._client.put_item,
+                    TableName=self.table_name,
+                    Item=item,
+                    ConditionExpression=_CLAIMABLE,
+                    ExpressionAttributeNames=_CLAIMABLE_NAMES,
+                    ExpressionAttributeValues={":now": _n(now), ":completed": _COMPLETED},
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+                return None
+            except ClientError as e:  # only a failed condition reaches here (see _invoke)
+                old = e.response.get("Item")
+            if old is None:
+                # Some DynamoDB-compatible servers do not return the old item: read it.
+                existing = self._get(record.key)
+                if existing is None or existing.expired(now):
+                    # Removed, or replaced by a record expired at ``now``, between our write and our read.
+                    logger.debug("attempt=<%d> | record changed during the claim, claiming again", attempt)
+                    continue
+            else:
+                existing = _from_item(old)
+            # Our own claim, met by a retry of the very write that made it, is ours; any other record is in the way.
+            own = existing.state is RecordState.IN_PROGRESS and existing.owner == record.owner
+            return None if own else existing
+        raise IdempotencyStoreError(
+            f"claim on DynamoDB table {self.table_name} kept racing other writers ({_CLAIM_ATTEMPTS} attempts)"
+        )
 
-    def _claim_legacy(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        """Replace an expired item written before ``expires_at`` existed (judged by ``expiration``)."""
-        try:
-            self._invoke(
-                self._client.put_item,
-                TableName=self.table_name,
-                Item=_to_item(record),
-                ConditionExpression=_CLAIMABLE_LEGACY,
-                ExpressionAttributeNames=_LEGACY_NAMES,
-                ExpressionAttributeValues={":now": _n(now)},
-            )
-            return None
-        except ClientError:
-            # Changed meanwhile (claimed or rewritten in the new format): decide again from the top.
-            return self._claim(record, now)
+    def _take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        return self._fenced(
+            self._client.put_item,
+            TableName=self.table_name,
+            Item=_to_item(record),
+            ConditionExpression=_SAME_VERSION,
+            ExpressionAttributeNames={"#version": "version"},
+            ExpressionAttributeValues={":version": {"S": version}},
+        )
 
     def _get(self, key: str) -> IdempotencyRecord | None:
-        item = self._get_item(key)
-        return None if item is None else _from_item(item)
-
-    def _get_item(self, key: str) -> dict[str, Any] | None:
         response = self._invoke(
             self._client.get_item, TableName=self.table_name, Key={"id": {"S": key}}, ConsistentRead=True
         )
         item: dict[str, Any] | None = response.get("Item")
-        return item
+        return None if item is None else _from_item(item)
 
     def _complete(self, record: IdempotencyRecord) -> bool:
         return self._fenced(
@@ -275,7 +269,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             TableName=self.table_name,
             Item=_to_item(record),
             ConditionExpression=_OWNED_IN_PROGRESS,
-            ExpressionAttributeNames={"#owner": "owner", "#status": "status"},
+            ExpressionAttributeNames=_OWNED_NAMES,
             ExpressionAttributeValues={":owner": {"S": record.owner}, ":in_progress": _IN_PROGRESS},
         )
 
@@ -285,72 +279,45 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             TableName=self.table_name,
             Key={"id": {"S": key}},
             ConditionExpression=_OWNED_IN_PROGRESS,
-            ExpressionAttributeNames={"#owner": "owner", "#status": "status"},
+            ExpressionAttributeNames=_OWNED_NAMES,
             ExpressionAttributeValues={":owner": {"S": owner}, ":in_progress": _IN_PROGRESS},
         )
 
-    def _renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None) -> bool:
-        lease = _n(lease_expires_at)
-        update = "SET #lease = :lease"
-        values: dict[str, Any] = {":owner": {"S": owner}, ":in_progress": _IN_PROGRESS, ":lease": lease}
-        names = {"#owner": "owner", "#status": "status", "#lease": "lease", "#expires_at": "expires_at"}
+    def _renew(
+        self, key: str, owner: str, version: str, lease_seconds: float, expires_at: float, checkpoint: str | None
+    ) -> bool:
+        update = "SET #version = :version, #lease_seconds = :lease_seconds, #expires_at = :expires_at, #ttl = :ttl"
+        names = {
+            **_OWNED_NAMES,
+            "#version": "version",
+            "#lease_seconds": "lease_seconds",
+            "#expires_at": "expires_at",
+            "#ttl": "expiration",
+        }
+        values: dict[str, Any] = {
+            ":owner": {"S": owner},
+            ":in_progress": _IN_PROGRESS,
+            ":version": {"S": version},
+            ":lease_seconds": _n(lease_seconds),
+            ":expires_at": _n(expires_at),
+            ":ttl": _ttl(expires_at),
+        }
         if checkpoint is not None:
             update += ", #checkpoint = :checkpoint"
-            values[":checkpoint"] = {"S": checkpoint}
             names["#checkpoint"] = "checkpoint"
-        for _ in range(_RENEW_ATTEMPTS):
-            old = self._update(key, update, _OWNED_EXPIRING_AFTER_LEASE, names, values)
-            if old is None:
-                return True
-            if not _owned_in_progress(old, owner):
-                return False
-            seen = old.get("expires_at")
-            new_expiry = max(_expiry_of(old), lease_expires_at)
-            raise_names = {**names, "#expiration": "expiration"}
-            raise_values = {
-                **values,
-                ":seen": seen if seen is not None else old["expiration"],
-                ":expires_at": _n(new_expiry),
-                ":expiration": _ttl(new_expiry),
-            }
-            old = self._update(
-                key,
-                update + ", #expires_at = :expires_at, #expiration = :expiration",
-                _OWNED_EXPIRY_UNCHANGED if seen is not None else _OWNED_LEGACY_EXPIRY_UNCHANGED,
-                raise_names,
-                raise_values,
-            )
-            if old is None:
-                return True
-            if not _owned_in_progress(old, owner):
-                return False
-            logger.debug("key=<%s> | expiry changed during renewal, renewing again", key)
-        raise IdempotencyStoreError(f"renewal of idempotency key {key} kept racing another renewal by its owner")
-
-    def _update(
-        self, key: str, update: str, condition: str, names: dict[str, str], values: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """A conditional ``UpdateItem``: None if written, else the item as it is (empty if absent)."""
-        try:
-            self._invoke(
-                self._client.update_item,
-                TableName=self.table_name,
-                Key={"id": {"S": key}},
-                UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-            return None
-        except ClientError as e:  # only a failed condition reaches here (see _invoke)
-            old: dict[str, Any] | None = e.response.get("Item")
-        if old is None:
-            # Absent, or a DynamoDB-compatible server that does not return the old item: read it.
-            old = self._get_item(key)
-        return old or {}
+            values[":checkpoint"] = {"S": checkpoint}
+        return self._fenced(
+            self._client.update_item,
+            TableName=self.table_name,
+            Key={"id": {"S": key}},
+            UpdateExpression=update,
+            ConditionExpression=_OWNED_IN_PROGRESS,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
 
     def _fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
+        """A conditional write: True if written, False if its condition failed."""
         try:
             self._invoke(fn, **kwargs)
             return True
@@ -417,17 +384,8 @@ def _n(value: float) -> dict[str, str]:
 
 
 def _ttl(expires_at: float) -> dict[str, str]:
-    # DynamoDB TTL wants whole seconds since the epoch: round up, so the sweeper never deletes a live record.
-    return {"N": str(math.ceil(expires_at))}
-
-
-def _expiry_of(item: dict[str, Any]) -> float:
-    exact = item.get("expires_at")
-    return float((exact if exact is not None else item["expiration"])["N"])
-
-
-def _owned_in_progress(item: dict[str, Any], owner: str) -> bool:
-    return bool(item.get("owner", {}).get("S") == owner and item.get("status") == _IN_PROGRESS)
+    # Whole seconds since the epoch, as DynamoDB TTL wants: rounded up, plus the grace (see the class docstring).
+    return {"N": str(math.ceil(expires_at) + _TTL_GRACE_SECONDS)}
 
 
 def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
@@ -435,7 +393,8 @@ def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
         "id": {"S": record.key},
         "status": {"S": record.state.value},
         "owner": {"S": record.owner},
-        "lease": _n(record.lease_expires_at),
+        "version": {"S": record.version},
+        "lease_seconds": _n(record.lease_seconds),
         "expires_at": _n(record.expires_at),
         "expiration": _ttl(record.expires_at),
     }
@@ -455,8 +414,9 @@ def _from_item(item: dict[str, Any]) -> IdempotencyRecord:
             key=key,
             state=RecordState(item["status"]["S"]),
             owner=item["owner"]["S"],
-            lease_expires_at=float(item["lease"]["N"]),
-            expires_at=_expiry_of(item),
+            version=item["version"]["S"],
+            lease_seconds=float(item["lease_seconds"]["N"]),
+            expires_at=float(item["expires_at"]["N"]),
             fingerprint=item["fingerprint"]["S"] if "fingerprint" in item else None,
             payload=bytes(item["payload"]["B"]) if "payload" in item else None,
             checkpoint=item["checkpoint"]["S"] if "checkpoint" in item else None,
