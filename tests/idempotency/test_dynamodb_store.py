@@ -1,4 +1,4 @@
-"""DynamoDBIdempotencyStore beyond the shared contract: construction, errors, odd servers, bad items."""
+"""DynamoDBIdempotencyStore beyond the shared contract: construction, errors, odd servers, bad items, TTL."""
 
 from __future__ import annotations
 
@@ -23,12 +23,17 @@ from strands_py.idempotency import (
     DynamoDBIdempotencyStore,
     IdempotencyRecord,
     IdempotencyRecordCorruptedError,
+    IdempotencyStore,
     IdempotencyStoreError,
     RecordState,
 )
 from strands_py.idempotency import dynamodb as dynamodb_module
+from strands_py.idempotency.record import new_version
+from strands_py.testing.store_contract import SerialisedCalls, StoreContract
 
 WAIT = 10.0
+CONTRACT = StoreContract()
+_to_item = dynamodb_module._to_item
 
 
 @pytest.fixture
@@ -37,8 +42,19 @@ def aws() -> Iterator[None]:
         yield
 
 
-def _claim(key: str, owner: str, now: float) -> IdempotencyRecord:
-    return IdempotencyRecord(key, RecordState.IN_PROGRESS, owner, now + 60, now + 3600, "fp")
+def _claim(key: str, owner: str, now: float, *, expires_at: float | None = None) -> IdempotencyRecord:
+    expiry = now + 3600 if expires_at is None else expires_at
+    return IdempotencyRecord(key, RecordState.IN_PROGRESS, owner, new_version(), 60.0, expiry, "fp")
+
+
+def _completed(key: str, owner: str, expires_at: float, payload: bytes = b"z") -> IdempotencyRecord:
+    return IdempotencyRecord(key, RecordState.COMPLETED, owner, new_version(), 0.0, expires_at, "fp", payload)
+
+
+def _item(store: DynamoDBIdempotencyStore, key: str) -> dict[str, Any] | None:
+    """The raw item, read behind the store's back."""
+    item: dict[str, Any] | None = store._client.get_item(TableName=TABLE, Key={"id": {"S": key}}).get("Item")
+    return item
 
 
 @pytest.mark.parametrize("bad", [{"table_name": ""}, {"table_name": "t", "max_workers": 0}])
@@ -83,10 +99,11 @@ async def _every_primitive(store: DynamoDBIdempotencyStore) -> list[Any]:
     now = time.time()
     calls = [
         store.claim(_claim("s#k", "a", now), now),
+        store.take_over(_claim("s#k", "b", now), new_version()),
         store.get("s#k"),
-        store.complete(IdempotencyRecord("s#k", RecordState.COMPLETED, "a", now, now + 60, None, b"z")),
+        store.complete(_completed("s#k", "a", now + 60)),
         store.release("s#k", "a"),
-        store.renew("s#k", "a", now + 60),
+        store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 60),
     ]
     errors = []
     for call in calls:
@@ -96,7 +113,7 @@ async def _every_primitive(store: DynamoDBIdempotencyStore) -> list[Any]:
     return errors
 
 
-OPERATIONS = ["put_item", "get_item", "put_item", "delete_item", "update_item"]
+OPERATIONS = ["put_item", "put_item", "get_item", "put_item", "delete_item", "update_item"]
 
 
 @pytest.mark.parametrize(
@@ -183,46 +200,221 @@ async def test_other_runtime_errors_are_not_mistaken_for_a_closed_store(aws: Non
         await store.get("s#k")
 
 
-async def test_claim_reads_the_record_when_the_server_does_not_return_it(aws: None) -> None:
-    store = make_dynamodb_store()
-    now = time.time()
-    await store.claim(_claim("s#k", "a", now), now)
-    real_put = store._client.put_item
+def _condition_failed(operation: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": "ConditionalCheckFailedException", "Message": "The conditional request failed"}}, operation
+    )
 
-    def put_without_old_item(**kwargs: Any) -> Any:
+
+class NoOldItems:
+    """A DynamoDB-compatible server that does not return the old item with a failed condition (moto underneath)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def _without_old_item(self, operation: str, kwargs: dict[str, Any]) -> Any:
         try:
-            return real_put(**kwargs)
+            return getattr(self._client, operation)(**kwargs)
         except ClientError as e:
             e.response.pop("Item", None)
             raise
 
-    store._client.put_item = put_without_old_item
-    existing = await store.claim(_claim("s#k", "b", now), now)
-    assert existing is not None and existing.owner == "a"
-    # released between the failed write and the read: the claim is tried again, and succeeds
+    def put_item(self, **kwargs: Any) -> Any:
+        return self._without_old_item("put_item", kwargs)
+
+    def update_item(self, **kwargs: Any) -> Any:
+        return self._without_old_item("update_item", kwargs)
+
+    def delete_item(self, **kwargs: Any) -> Any:
+        return self._without_old_item("delete_item", kwargs)
+
+
+SERVERS = ["dynamodb", "no old item"]
+
+
+def _store_on(server: str) -> DynamoDBIdempotencyStore:
+    """A store over moto (inside ``mock_aws``), table created, on DynamoDB or on a server without old items."""
+    client = moto_client() if server == "dynamodb" else NoOldItems(moto_client())
+    store = DynamoDBIdempotencyStore(TABLE, client=SerialisedCalls(client))
+    store.create_table()
+    return store
+
+
+class TestDynamoDBCompatibleServerWithoutOldItems(StoreContract):
+    """The whole contract on a server that never returns the old item: claims read it instead."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[IdempotencyStore]:
+        with mock_aws():
+            store = DynamoDBIdempotencyStore(TABLE, client=NoOldItems(moto_client()))
+            store.create_table()
+            yield store
+            store.close()
+
+    @pytest.fixture
+    def racing_store(self, store: IdempotencyStore) -> Iterator[IdempotencyStore]:
+        """moto's backend is not atomic under threads: each boto3 call runs alone, as DynamoDB's items would."""
+        assert isinstance(store, DynamoDBIdempotencyStore)
+        serialised = DynamoDBIdempotencyStore(TABLE, client=SerialisedCalls(store._client))
+        yield serialised
+        serialised.close()
+
+
+async def test_claim_reads_the_record_when_the_server_does_not_return_it(aws: None) -> None:
+    store = _store_on("no old item")
+    now = time.time()
+    first = _claim("s#k", "a", now)
+    assert await store.claim(first, now) is None
+    reads: list[dict[str, Any]] = []
+    real_get = store._client.get_item
+
+    def counted_get(**kwargs: Any) -> Any:
+        reads.append(kwargs)
+        return real_get(**kwargs)
+
+    store._client.get_item = counted_get
+    assert await store.claim(_claim("s#k", "b", now), now) == first
+    assert len(reads) == 1 and reads[0]["ConsistentRead"] is True
+    # our own claim, retried after its first attempt landed, is recognised from the read too
+    assert await store.claim(first, now + 1) is None
+    # a completed record past its expiry at ``now`` is replaced by the write itself, without a read
+    assert await store.complete(_completed("s#k", "a", now + 10)) is True
+    reads.clear()
+    assert await store.claim(_claim("s#k", "c", now + 10), now + 10) is None
+    assert reads == []
+    store.close()
+
+
+async def test_a_claim_released_between_its_write_and_its_read_is_tried_again(aws: None) -> None:
+    store = _store_on("no old item")
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    real_put = store._client.put_item
     calls = {"n": 0}
 
     def put_racing_a_release(**kwargs: Any) -> Any:
         calls["n"] += 1
-        if calls["n"] == 1:
-            try:
-                return real_put(**kwargs)
-            except ClientError as e:
-                e.response.pop("Item", None)
+        try:
+            return real_put(**kwargs)
+        except ClientError:
+            if calls["n"] == 1:
                 store._client.delete_item(TableName=TABLE, Key={"id": {"S": "s#k"}})
-                raise
-        return real_put(**kwargs)
+            raise
 
     store._client.put_item = put_racing_a_release
     assert await store.claim(_claim("s#k", "c", now), now) is None
     got = await store.get("s#k")
-    assert got is not None and got.owner == "c"
+    assert got is not None and got.owner == "c" and calls["n"] == 2
     store.close()
 
 
-async def test_malformed_item_is_a_corrupt_record_naming_the_key(aws: None) -> None:
+async def test_a_claim_gives_up_when_the_record_keeps_changing_under_it(aws: None) -> None:
+    """Each retry takes another writer's progress; a server that never settles costs a store error, not a hang."""
+    store = _store_on("no old item")
+    puts = {"n": 0}
+
+    def put_that_always_loses(**kwargs: Any) -> Any:
+        puts["n"] += 1
+        raise _condition_failed("PutItem")  # and the item is gone again by the time it is read
+
+    store._client.put_item = put_that_always_loses
+    now = time.time()
+    with pytest.raises(IdempotencyStoreError, match="kept racing other writers"):
+        await store.claim(_claim("s#k", "a", now), now)
+    assert puts["n"] == dynamodb_module._CLAIM_ATTEMPTS
+    store.close()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_take_over_refuses_a_stale_version_and_an_absent_item(aws: None, server: str) -> None:
+    store = _store_on(server)
+    now = time.time()
+    judged = _claim("s#k", "crashed", now)
+    assert await store.claim(judged, now) is None
+    # the owner renewed after the caller judged its record
+    assert await store.renew("s#k", "crashed", version=new_version(), lease_seconds=60, expires_at=now + 600)
+    before = _item(store, "s#k")
+    assert await store.take_over(_claim("s#k", "late", now), judged.version) is False
+    assert _item(store, "s#k") == before
+    assert await store.take_over(_claim("s#gone", "late", now), judged.version) is False
+    assert _item(store, "s#gone") is None
+    # the version stored: replaced, by one PutItem conditional on it
+    current = await store.get("s#k")
+    assert current is not None
+    puts: list[dict[str, Any]] = []
+    real_put = store._client.put_item
+
+    def spy(**kwargs: Any) -> Any:
+        puts.append(kwargs)
+        return real_put(**kwargs)
+
+    store._client.put_item = spy
+    new = _claim("s#k", "new", now)
+    assert await store.take_over(new, current.version) is True
+    assert await store.get("s#k") == new
+    assert [p["ExpressionAttributeValues"] for p in puts] == [{":version": {"S": current.version}}]
+    store.close()
+
+
+_LOOSE_VERSION_CONDITION = "attribute_exists(#version) OR #version = :version"  # any stored version
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_a_take_over_not_conditional_on_the_version_replaces_a_newer_record(aws: None) -> None:
+    with mock.patch.object(dynamodb_module, "_SAME_VERSION", _LOOSE_VERSION_CONDITION):
+        CONTRACT.test_take_over_replaces_exactly_the_judged_version(_store_on("dynamodb"))
+
+
+# The previous claim condition's spirit: a claim frees another owner's IN_PROGRESS record by the caller's clock.
+_CLOCK_JUDGED_CONDITION = dynamodb_module._CLAIMABLE + " OR (#status <> :completed AND #expires_at <= :now)"
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_a_claim_condition_freeing_lapsed_claims_by_the_callers_clock(aws: None) -> None:
+    with mock.patch.object(dynamodb_module, "_CLAIMABLE", _CLOCK_JUDGED_CONDITION):
+        CONTRACT.test_no_clock_frees_another_owners_claim(_store_on("dynamodb"))
+
+
+async def test_a_claim_met_by_a_malformed_item_is_a_corrupt_record(aws: None) -> None:
     store = make_dynamodb_store()
-    store._client.put_item(TableName=TABLE, Item={"id": {"S": "s#bad"}, "status": {"S": "SOMETHING"}})
+    store._client.put_item(TableName=TABLE, Item=_previous_release_item("s#old", "a", time.time()))
+    now = time.time()
+    with pytest.raises(IdempotencyRecordCorruptedError, match="s#old"):
+        await store.claim(_claim("s#old", "b", now), now)
+    store.close()
+
+
+def _previous_release_item(key: str, owner: str, now: float) -> dict[str, Any]:
+    """An item as the previous release wrote it: a lease deadline, no version (never released: no migration)."""
+    return {
+        "id": {"S": key},
+        "status": {"S": "IN_PROGRESS"},
+        "owner": {"S": owner},
+        "lease": {"N": repr(now + 60)},
+        "expires_at": {"N": repr(now + 3600)},
+        "expiration": {"N": str(math.ceil(now + 3600))},
+    }
+
+
+def _good_item(key: str) -> dict[str, Any]:
+    return _to_item(_claim(key, "a", time.time()))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda key: {"id": {"S": key}, "status": {"S": "SOMETHING"}}, id="unknown-status"),
+        pytest.param(lambda key: _previous_release_item(key, "a", time.time()), id="previous-release"),
+        pytest.param(lambda key: {**_good_item(key), "lease_seconds": {"S": "sixty"}}, id="lease-not-a-number"),
+        pytest.param(lambda key: {k: v for k, v in _good_item(key).items() if k != "expires_at"}, id="no-expiry"),
+    ],
+)
+async def test_malformed_item_is_a_corrupt_record_naming_the_key(aws: None, bad: Any) -> None:
+    store = make_dynamodb_store()
+    store._client.put_item(TableName=TABLE, Item=bad("s#bad"))
     with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
         await store.get("s#bad")
     store.close()
@@ -308,179 +500,130 @@ def test_create_table_propagates_other_errors(aws: None) -> None:
     store.close()
 
 
-async def test_expiry_decisions_use_the_exact_expiry_not_the_ttl_attribute(aws: None) -> None:
-    """Issue 8 §3: the TTL attribute is rounded up to whole seconds; replaying until then was up to 1 s late."""
+async def test_get_returns_records_past_their_expiry_as_stored(aws: None) -> None:
+    """The contract lets ``get`` return them; callers judge. And no clock frees the running claim."""
+    store = make_dynamodb_store()
+    now = time.time()
+    running = _claim("s#run", "a", now - 100, expires_at=now - 1)
+    assert await store.claim(running, now) is None
+    assert await store.get("s#run") == running
+    assert await store.claim(_claim("s#run", "b", now), now) == running
+    await store.claim(_claim("s#done", "a", now - 100), now - 100)
+    done = _completed("s#done", "a", now - 1)
+    assert await store.complete(done) is True
+    assert await store.get("s#done") == done
+    store.close()
+
+
+async def test_renew_is_one_update_item(aws: None) -> None:
+    store = make_dynamodb_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    calls: list[str] = []
+    for name in ("put_item", "get_item", "update_item", "delete_item"):
+        real = getattr(store._client, name)
+
+        def spy(*, _name: str = name, _real: Any = real, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(**kwargs)
+
+        setattr(store._client, name, spy)
+    version = new_version()
+    assert await store.renew("s#k", "a", version=version, lease_seconds=0, expires_at=now + 5, checkpoint="cp")
+    fenced = await store.renew("s#k", "intruder", version=new_version(), lease_seconds=60, expires_at=now + 600)
+    assert fenced is False  # fenced off by the same single call, no read to find out why
+    assert calls == ["update_item", "update_item"]
+    got = await store.get("s#k")
+    assert got is not None and got.version == version and got.yielded and got.expires_at == now + 5
+    assert got.checkpoint == "cp"
+    store.close()
+
+
+# The TTL attribute: the exact expiry rounded up, plus a day of grace.
+
+DAY = 86_400
+
+
+async def test_the_ttl_attribute_is_a_day_past_the_exact_expiry_for_every_write(aws: None) -> None:
+    store = make_dynamodb_store()
+    now = math.floor(time.time()) + 0.25
+
+    def expiry_attributes(key: str) -> tuple[dict[str, str], int]:
+        item = _item(store, key)
+        assert item is not None
+        return item["expires_at"], int(item["expiration"]["N"])
+
+    assert await store.claim(_claim("s#k", "a", now, expires_at=now + 100), now) is None
+    assert expiry_attributes("s#k") == ({"N": repr(now + 100)}, math.ceil(now + 100) + DAY)
+    version = new_version()
+    assert await store.renew("s#k", "a", version=version, lease_seconds=60, expires_at=now + 200.5)
+    assert expiry_attributes("s#k") == ({"N": repr(now + 200.5)}, math.ceil(now + 200.5) + DAY)
+    assert await store.take_over(_claim("s#k", "b", now, expires_at=now + 300), version) is True
+    assert expiry_attributes("s#k") == ({"N": repr(now + 300)}, math.ceil(now + 300) + DAY)
+    assert await store.complete(_completed("s#k", "b", now + 400)) is True
+    assert expiry_attributes("s#k") == ({"N": repr(now + 400)}, math.ceil(now + 400) + DAY)
+    store.close()
+
+
+def _sweep(store: DynamoDBIdempotencyStore, key: str, aws_now: float) -> None:
+    """DynamoDB's TTL sweeper, taking one item (in whatever order it likes): deleted if its TTL has passed."""
+    item = _item(store, key)
+    if item is not None and int(item["expiration"]["N"]) <= aws_now:
+        store._client.delete_item(TableName=TABLE, Key={"id": {"S": key}})
+
+
+async def _a_referred_record_outlives_the_record_referring_to_it() -> None:
+    store = make_dynamodb_store()
+    now = time.time()
+    expires = now + 60  # tied lifetimes: the token's record lives as long as the lock record naming it
+    await store.claim(_claim("s#token", "turn", now, expires_at=expires), now)
+    await store.claim(_claim("s#lock", "turn", now, expires_at=expires), now)
+    # A writer whose clock is an hour behind AWS's reads the lock record just before it expires (it still counts);
+    # the sweeper, on AWS's clock, happens to take the token's record first.
+    writer_now = expires - 1
+    _sweep(store, "s#token", aws_now=writer_now + 3600)
+    lock = await store.get("s#lock")
+    assert lock is not None and not lock.expired(writer_now)
+    assert await store.get("s#token") is not None, "the sweeper deleted a record another live record refers to"
+    store.close()
+
+
+async def test_the_sweeper_never_deletes_a_record_while_a_record_referring_to_it_counts(aws: None) -> None:
+    await _a_referred_record_outlives_the_record_referring_to_it()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_a_ttl_attribute_without_grace(aws: None) -> None:
+    with mock.patch.object(dynamodb_module, "_TTL_GRACE_SECONDS", 0):
+        await _a_referred_record_outlives_the_record_referring_to_it()
+
+
+async def test_expiry_decisions_use_the_exact_expiry_not_whole_seconds(aws: None) -> None:
+    """Issue 8 §3: the TTL attribute is in whole seconds; replaying until the next second was up to 1 s late."""
     await _expired_at_the_exact_instant()
 
 
 async def _expired_at_the_exact_instant() -> None:
     store = make_dynamodb_store()
     second = math.floor(time.time())
-    expires = second + 0.25  # the TTL attribute says second + 1
+    expires = second + 0.25  # the TTL attribute says second + 1 (and a day)
     await store.claim(_claim("s#k", "a", second - 10), second - 10)
-    await store.complete(IdempotencyRecord("s#k", RecordState.COMPLETED, "a", second, expires, "fp", b"z"))
-    item = store._client.get_item(TableName=TABLE, Key={"id": {"S": "s#k"}})["Item"]
-    assert item["expiration"] == {"N": str(second + 1)}
-    got = await store.get("s#k")
-    assert got is not None and got.expires_at == expires
+    await store.complete(_completed("s#k", "a", expires))
     # just before the exact expiry: replayed; just after: claimable, though the TTL attribute is still ahead
     before = await store.claim(_claim("s#k", "b", second + 0.2), second + 0.2)
     assert before is not None and before.state is RecordState.COMPLETED
     assert await store.claim(_claim("s#k", "b", second + 0.5), second + 0.5) is None
+    assert before.expires_at == expires  # stored exactly
     store.close()
 
 
-_to_item = dynamodb_module._to_item
-
-
-def _old_to_item(record: IdempotencyRecord) -> dict[str, Any]:
+def _whole_seconds_to_item(record: IdempotencyRecord) -> dict[str, Any]:
     item = _to_item(record)
-    del item["expires_at"]
-    item["expiration"] = {"N": str(int(record.expires_at) + 1)}
+    item["expires_at"] = {"N": str(math.ceil(record.expires_at))}
     return item
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
-async def test_negative_control_deciding_by_the_ttl_attribute_replays_past_the_expiry(aws: None) -> None:
-    with mock.patch.object(dynamodb_module, "_to_item", _old_to_item):
+async def test_negative_control_deciding_by_whole_seconds_replays_past_the_expiry(aws: None) -> None:
+    with mock.patch.object(dynamodb_module, "_to_item", _whole_seconds_to_item):
         await _expired_at_the_exact_instant()
-
-
-async def test_items_without_exact_expiry_are_judged_by_the_ttl_attribute(aws: None) -> None:
-    store = make_dynamodb_store()
-    second = math.floor(time.time())
-    item = {**_legacy_item("s#old", "a", lease=second - 100, expiration=second + 1)}
-    item["status"] = {"S": "COMPLETED"}
-    item["payload"] = {"B": b"z"}
-    store._client.put_item(TableName=TABLE, Item=item)
-    got = await store.get("s#old")
-    assert got is not None and got.expires_at == second + 1 and got.state is RecordState.COMPLETED
-    blocked = await store.claim(_claim("s#old", "b", second + 0.5), second + 0.5)
-    assert blocked is not None and blocked.owner == "a"
-    assert await store.claim(_claim("s#old", "b", second + 1), second + 1) is None
-    store.close()
-
-
-def _legacy_item(key: str, owner: str, *, lease: float, expiration: int) -> dict[str, Any]:
-    """An item as the previous version wrote it: no exact ``expires_at``, only the rounded-up TTL attribute."""
-    return {
-        "id": {"S": key},
-        "status": {"S": "IN_PROGRESS"},
-        "owner": {"S": owner},
-        "lease": {"N": repr(lease)},
-        "expiration": {"N": str(expiration)},
-        "fingerprint": {"S": "fp"},
-    }
-
-
-async def test_renew_of_an_item_without_exact_expiry_raises_it_from_the_ttl_attribute(aws: None) -> None:
-    store = make_dynamodb_store()
-    now = time.time()
-    store._client.put_item(TableName=TABLE, Item=_legacy_item("s#old", "a", lease=now + 10, expiration=int(now) + 100))
-    # within the old expiry: the lease moves, the expiry is kept (and now written exactly)
-    assert await store.renew("s#old", "a", now + 50) is True
-    got = await store.get("s#old")
-    assert got is not None and got.lease_expires_at == now + 50 and got.expires_at == int(now) + 100
-    item = store._client.get_item(TableName=TABLE, Key={"id": {"S": "s#old"}})["Item"]
-    assert item["expires_at"] == {"N": repr(float(int(now) + 100))}
-    # past it: raised
-    store._client.put_item(TableName=TABLE, Item=_legacy_item("s#old2", "a", lease=now, expiration=int(now) + 5))
-    assert await store.renew("s#old2", "a", now + 50.5) is True
-    got = await store.get("s#old2")
-    assert got is not None and got.expires_at == now + 50.5
-    assert store._client.get_item(TableName=TABLE, Key={"id": {"S": "s#old2"}})["Item"]["expiration"] == {
-        "N": str(math.ceil(now + 50.5))
-    }
-    assert await store.renew("s#old2", "intruder", now + 60) is False
-    store.close()
-
-
-async def test_renew_compare_and_set_retries_when_the_expiry_moved_meanwhile(aws: None) -> None:
-    store = make_dynamodb_store()
-    now = time.time()
-    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
-    real_update = store._client.update_item
-    moved = {"n": 0}
-
-    def update_after_a_concurrent_renewal(**kwargs: Any) -> Any:
-        # Just before our compare-and-set, another renewal by the same owner raises the expiry.
-        if ":seen" in kwargs["ExpressionAttributeValues"] and moved["n"] == 0:
-            moved["n"] += 1
-            real_update(
-                TableName=TABLE,
-                Key={"id": {"S": "s#k"}},
-                UpdateExpression="SET expires_at = :e",
-                ExpressionAttributeValues={":e": {"N": repr(now + 40)}},
-            )
-        return real_update(**kwargs)
-
-    store._client.update_item = update_after_a_concurrent_renewal
-    assert await store.renew("s#k", "a", now + 30) is True
-    got = await store.get("s#k")
-    assert moved["n"] == 1 and got is not None and got.lease_expires_at == now + 30 and got.expires_at == now + 40
-    store.close()
-
-
-async def test_renew_gives_up_when_its_compare_and_set_keeps_losing(aws: None) -> None:
-    store = make_dynamodb_store()
-    now = time.time()
-    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
-    real_update = store._client.update_item
-    bump = {"n": 0}
-
-    def update_always_raced(**kwargs: Any) -> Any:
-        if ":seen" in kwargs["ExpressionAttributeValues"]:
-            bump["n"] += 1
-            real_update(
-                TableName=TABLE,
-                Key={"id": {"S": "s#k"}},
-                UpdateExpression="SET expires_at = :e",
-                ExpressionAttributeValues={":e": {"N": repr(now + 20 - bump["n"])}},
-            )
-        return real_update(**kwargs)
-
-    store._client.update_item = update_always_raced
-    with pytest.raises(IdempotencyStoreError, match="kept racing"):
-        await store.renew("s#k", "a", now + 30)
-    store.close()
-
-
-async def test_renew_fenced_after_the_compare_and_set_lost_to_a_takeover(aws: None) -> None:
-    store = make_dynamodb_store()
-    now = time.time()
-    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
-    real_update = store._client.update_item
-
-    def update_after_a_takeover(**kwargs: Any) -> Any:
-        if ":seen" in kwargs["ExpressionAttributeValues"]:
-            store._client.put_item(
-                TableName=TABLE,
-                Item={**_legacy_item("s#k", "b", lease=now + 60, expiration=int(now) + 99)},
-            )
-        return real_update(**kwargs)
-
-    store._client.update_item = update_after_a_takeover
-    assert await store.renew("s#k", "a", now + 30) is False
-    store.close()
-
-
-async def test_renew_reads_the_item_when_the_server_does_not_return_it(aws: None) -> None:
-    store = make_dynamodb_store()
-    now = time.time()
-    await store.claim(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 10, now + 20), now)
-    real_update = store._client.update_item
-
-    def update_without_old_item(**kwargs: Any) -> Any:
-        try:
-            return real_update(**kwargs)
-        except ClientError as e:
-            e.response.pop("Item", None)
-            raise
-
-    store._client.update_item = update_without_old_item
-    assert await store.renew("s#k", "a", now + 30) is True  # first attempt fails (expires too early): read, raise
-    assert await store.renew("s#k", "b", now + 30) is False
-    assert await store.renew("s#gone", "a", now + 30) is False
-    got = await store.get("s#k")
-    assert got is not None and got.expires_at == now + 30
-    store.close()
