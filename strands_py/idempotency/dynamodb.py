@@ -53,12 +53,15 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     Expiry: every decision uses the exact ``expires_at`` (decimal seconds): a claim replaces a ``COMPLETED`` record
     past it at the caller's ``now``; no clock ever frees an ``IN_PROGRESS`` record (only ``take_over`` replaces
-    another owner's claim). ``expiration`` serves DynamoDB's TTL sweeper only, which runs on AWS's clock, lags by up
-    to days and deletes items in no particular order; it is ``expires_at`` rounded up to whole seconds plus one day
-    of grace, for every record. Records refer to each other (a session's lock record names the record of the token
-    its turn runs under) and their lifetimes are tied through ``expires_at``; the grace, far beyond any lag between
-    two items' deletions, keeps the sweeper from ever deleting a referred-to record before the one referring to it.
-    ``get`` returns an item as stored, even past its ``expires_at``: callers judge it.
+    another owner's claim). ``get`` returns an item as stored, even past its ``expires_at``: callers judge it.
+
+    ``expiration`` serves DynamoDB's TTL sweeper only (which also collects abandoned claims: a running owner moves
+    ``expires_at`` forward at every heartbeat). The sweeper runs on AWS's clock, not the writers', lags by up to days
+    and deletes items in no particular order. So ``expiration`` is ``expires_at`` rounded up to whole seconds plus
+    one day of grace, for every record: records refer to each other (a session's lock record names the record of
+    the token its turn runs under) and their lifetimes are tied through ``expires_at``, and a day is far beyond any
+    skew between those clocks or lag between two items' deletions, so whatever order the sweeper takes, it never
+    deletes a referred-to record while a record referring to it still counts.
 
     Writes: a claim is one conditional ``PutItem`` that returns the record in the way when its condition fails (no
     extra read); a takeover is a ``PutItem`` conditional on the version the caller judged; completes
