@@ -252,8 +252,11 @@ class Run:
         with self._lock:
             return self._version
 
-    async def changed(self, version: int) -> None:
-        """Wait until the run has changed since ``version``.
+    async def changed(self, version: int, timeout: float | None = None) -> bool:
+        """Wait until the run has changed since ``version``, or ``timeout`` seconds have passed.
+
+        Returns:
+            Whether the run changed (False: the timeout passed first).
 
         Cancellation: only this waiter's own future is cancelled. Thread-safe: any loop may wait.
         """
@@ -261,10 +264,13 @@ class Run:
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             if self._version != version:
-                return
+                return True
             self._waiters.append((loop, future))
         try:
-            await future
+            # asyncio.wait, not wait_for or asyncio.timeout: it cancels nothing on a timeout, so it can never swallow
+            # a cancellation of our caller (wait_for can on 3.10 and 3.11), and it exists on every supported Python.
+            await asyncio.wait([future], timeout=timeout)
+            return future.done()
         finally:
             with self._lock:  # cancelled (or timed out): leave no waiter behind; notified: already gone
                 with contextlib.suppress(ValueError):
@@ -295,12 +301,7 @@ class Run:
                 return
             if events:
                 continue
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11, wait_for can swallow a cancellation that arrives as
-                # the awaited call completes, and a cancelled stream would go on.
-                async with asyncio.timeout(keepalive_seconds):
-                    await self.changed(version)
-            except TimeoutError:
+            if not await self.changed(version, keepalive_seconds):
                 yield b": keepalive\n\n"
 
     def at_end(self, start: int) -> bool:
