@@ -1,4 +1,4 @@
-"""The storage contract of the durable idempotency layer: five primitives, all policy elsewhere."""
+"""The storage contract of the durable idempotency layer: narrow primitives, all policy elsewhere."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ from .record import IdempotencyRecord
 class IdempotencyStore(abc.ABC):
     """Where idempotency records live.
 
-    A backend implements five primitives; ``keys.py``, ``codec.py`` and ``_durable.py`` own the policy (keys,
-    fingerprints, encoding, leases, heartbeats, waiting). ``strands_py.testing.store_contract`` holds the suite a
-    backend must pass.
+    A backend implements a few atomic primitives on one key each; the layers above own the policy (keys,
+    fingerprints, encoding, leases, heartbeats, waiting, takeover). ``strands_py.testing.StoreContract`` holds the
+    suite a backend must pass.
+
+    No primitive judges whether an owner is alive: that is the caller's, by watching versions (see
+    ``IdempotencyRecord``). A store compares versions and owners, and expires ``COMPLETED`` records by ``expires_at``;
+    it may delete an ``IN_PROGRESS`` record past its ``expires_at`` (garbage collection, measured on the store's own
+    clock or the reader's; the owner of a running claim moves it forward at every heartbeat).
 
     Every primitive is a coroutine. A backend doing blocking I/O runs it on an executor of its own, never on the
     event loop's default executor (that pool belongs to the model calls). Implementations must be safe to call
@@ -21,11 +26,11 @@ class IdempotencyStore(abc.ABC):
     Errors: a store that cannot be reached, times out or answers with an error raises ``IdempotencyStoreError``
     with the original error chained (nothing was decided; retrying later is safe). A stored record that cannot be
     decoded raises ``IdempotencyRecordCorruptedError``. A failed condition is never an error: it is the return
-    value (the live record for ``claim``, False for the fenced writes).
+    value (the record in the way for ``claim``, False for the conditional writes).
 
     Cancellation: cancelling a call stops the caller waiting; a write already sent may still take effect. That is
-    safe by construction: an orphaned claim expires with its lease, and complete / release / renew are fenced on
-    the owner.
+    safe by construction: the layers above hand back a claim whose caller gave up, and every other write is
+    conditional (fenced on the owner, or on the version the caller judged).
 
     Attributes:
         max_result_bytes: Largest encoded result the store accepts, or None for no limit.
@@ -38,26 +43,40 @@ class IdempotencyStore(abc.ABC):
 
     @abc.abstractmethod
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        """Store ``record`` (``IN_PROGRESS``) unless a live record has its key; one atomic conditional write.
+        """Store ``record`` (``IN_PROGRESS``) if the key is free; one atomic conditional write.
 
-        A record that has expired, or an ``IN_PROGRESS`` record whose lease has lapsed, is not live and is replaced.
-        A live ``IN_PROGRESS`` record of the same owner is replaced too: a claim retried after its first attempt
-        landed (the response was lost) is still the caller's own claim.
+        The key is free when it holds nothing, or a ``COMPLETED`` record that expired at ``now``
+        (``record.expired(now)``), or an ``IN_PROGRESS`` record of the same owner (a claim retried after its first
+        attempt landed and its response was lost is still the caller's own). Any other ``IN_PROGRESS`` record blocks
+        the claim whatever its age: only ``take_over`` replaces another owner's claim.
 
         Args:
-            record: The claim; ``record.owner`` is unique to the invocation.
-            now: The caller's clock (``time.time()``), against which leases and expiry are compared.
+            record: The claim; ``record.owner`` is unique to the invocation, ``record.version`` to this write.
+            now: The caller's wall clock (``time.time()``), against which ``COMPLETED`` records' expiry is compared.
 
         Returns:
-            None if ``record`` was stored (the caller owns the key), else the live record that prevented it.
+            None if ``record`` was stored (the caller owns the key), else the record that prevented it.
+        """
+
+    @abc.abstractmethod
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        """Replace the record under ``record.key`` with ``record``, only if the stored record's version is ``version``.
+
+        The compare-and-set of a takeover: the caller judged the record with that version abandoned (it saw the same
+        version for a whole lease) or yielded, and replaces exactly that record, or nothing. A key that holds another
+        version, or nothing at all, is not written: the caller starts over from a fresh read.
+
+        Returns:
+            False if the stored record is not the one the caller judged.
         """
 
     @abc.abstractmethod
     async def get(self, key: str) -> IdempotencyRecord | None:
         """Return the record stored under ``key`` (a strongly consistent read), or None.
 
-        A record past its ``expires_at`` may be returned or not (a store may drop it on read, or its server may
-        have deleted it); a lapsed ``IN_PROGRESS`` claim is returned.
+        An ``IN_PROGRESS`` record is returned until it is released, replaced, or deleted past its ``expires_at``. A
+        ``COMPLETED`` record past its ``expires_at`` may be returned or not (a store may drop it on read, or its server
+        may have deleted it).
         """
 
     @abc.abstractmethod
@@ -79,12 +98,21 @@ class IdempotencyStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        """Extend the owner's lease on its ``IN_PROGRESS`` record (a heartbeat), fenced on the owner like complete.
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
+        """A heartbeat: give the owner's ``IN_PROGRESS`` record a new version, fenced on the owner like complete.
 
-        Sets the record's ``lease_expires_at``; raises its ``expires_at`` to at least ``lease_expires_at`` (never
-        lowers it), so a long run's claim does not expire under it; when ``checkpoint`` is not None, stores it too
-        (None keeps the stored checkpoint). Payload and fingerprint are untouched.
+        Sets the record's ``version``, ``lease_seconds`` (0 yields the record: see ``IdempotencyRecord``) and
+        ``expires_at``; when ``checkpoint`` is not None, stores it too (None keeps the stored checkpoint). Payload and
+        fingerprint are untouched.
 
         Returns:
             False if the renewal was fenced off: the claim was taken over, completed, or is gone.

@@ -48,6 +48,11 @@ class CountingStore(IdempotencyStore):
             self._on_claim()
         return existing
 
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        """Count and forward."""
+        self.calls["take_over"] += 1
+        return await self.inner.take_over(record, version)
+
     async def get(self, key: str) -> IdempotencyRecord | None:
         """Count and forward."""
         self.calls["get"] += 1
@@ -64,7 +69,18 @@ class CountingStore(IdempotencyStore):
         self.calls["release"] += 1
         return await self.inner.release(key, owner)
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
         """Count and forward."""
         self.calls["renew"] += 1
-        return await self.inner.renew(key, owner, lease_expires_at, checkpoint)
+        return await self.inner.renew(
+            key, owner, version=version, lease_seconds=lease_seconds, expires_at=expires_at, checkpoint=checkpoint
+        )

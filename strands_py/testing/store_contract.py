@@ -19,8 +19,8 @@ event loop of its own, so no asyncio plugin is needed, and a store that only wor
 fails, as it would under strands' sync ``agent(...)``. They use the real clock (``time.time()``) with offsets of
 seconds, since a server's own expiry (Redis TTLs) follows the real clock.
 
-The threaded claim race carries the ``racing`` mark: register it (``markers = ["racing: ..."]``) if you run
-pytest with ``--strict-markers``. A test double that is not atomic under threads (moto's DynamoDB backend, say)
+The threaded races (claims, takeovers) carry the ``racing`` mark: register it (``markers = ["racing: ..."]``) if you
+run pytest with ``--strict-markers``. A test double that is not atomic under threads (moto's DynamoDB backend, say)
 cannot pass it; override the ``racing_store`` fixture to serialise access to it (``SerialisedCalls``), as the
 real server's per-item atomicity would, rather than accept a flaky suite.
 
@@ -30,10 +30,11 @@ This module needs pytest; ``strands_py.testing`` itself imports without it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 try:
@@ -42,7 +43,7 @@ except ImportError as e:  # pragma: no cover - exercised without pytest only
     raise ImportError("strands_py.testing.store_contract needs pytest: pip install pytest") from e
 
 from ..idempotency.base import IdempotencyStore
-from ..idempotency.record import IdempotencyRecord, RecordState
+from ..idempotency.record import IdempotencyRecord, RecordState, new_version
 
 T = TypeVar("T")
 
@@ -83,12 +84,15 @@ def _claim(
     lease: float = 60.0,
     ttl: float = 3600.0,
     fingerprint: str | None = "fp",
+    checkpoint: str | None = None,
 ) -> IdempotencyRecord:
-    return IdempotencyRecord(key, RecordState.IN_PROGRESS, owner, now + lease, now + lease + ttl, fingerprint)
+    return IdempotencyRecord(
+        key, RecordState.IN_PROGRESS, owner, new_version(), lease, now + lease + ttl, fingerprint, None, checkpoint
+    )
 
 
 def _completed(key: str, owner: str, *, now: float, ttl: float = 3600.0, payload: bytes = b"z") -> IdempotencyRecord:
-    return IdempotencyRecord(key, RecordState.COMPLETED, owner, now, now + ttl, "fp", payload)
+    return IdempotencyRecord(key, RecordState.COMPLETED, owner, new_version(), 0.0, now + ttl, "fp", payload)
 
 
 class StoreContract:
@@ -96,7 +100,7 @@ class StoreContract:
 
     Attributes:
         timeout_seconds: Bound on each test's store calls (a hung store fails instead of hanging the suite).
-        race_contenders: Threads racing for one key in ``test_claim_race_has_one_winner``.
+        race_contenders: Threads racing for one key in the race tests.
     """
 
     timeout_seconds: float = 30.0
@@ -109,7 +113,7 @@ class StoreContract:
 
     @pytest.fixture
     def racing_store(self, store: IdempotencyStore) -> IdempotencyStore:
-        """The store the threaded claim race uses: ``store`` itself unless overridden.
+        """The store the threaded races use: ``store`` itself unless overridden.
 
         Override it to serialise calls to a test double that is not atomic under threads (see ``SerialisedCalls``),
         never for a real server: there, the race is the point.
@@ -120,39 +124,18 @@ class StoreContract:
         """Run ``coroutine`` on a new event loop, bounded by ``timeout_seconds``."""
         return asyncio.run(asyncio.wait_for(coroutine, self.timeout_seconds))
 
-    # claim and get
-
-    def test_first_claim_wins_and_others_see_it(self, store: IdempotencyStore) -> None:
-        """The first claim stores the record; a second owner's claim gets the live record instead; get reads it."""
-
-        async def scenario() -> None:
-            now = time.time()
-            assert await store.get("contract#k") is None
-            assert await store.claim(_claim("contract#k", "a", now=now), now) is None
-            existing = await store.claim(_claim("contract#k", "b", now=now), now)
-            assert existing is not None, "a second owner's claim succeeded while the first claim was live"
-            assert existing.owner == "a" and existing.state is RecordState.IN_PROGRESS
-            assert existing.fingerprint == "fp" and existing.lease_expires_at == now + 60
-            got = await store.get("contract#k")
-            assert got is not None and got.owner == "a"
-
-        self.run(scenario())
-
-    @pytest.mark.racing
-    def test_claim_race_has_one_winner(self, racing_store: IdempotencyStore) -> None:
-        """Many threads, each with its own event loop, claim one key at once: exactly one wins."""
-        store = racing_store
+    def race(self, contend: Callable[[str], T]) -> dict[str, T]:
+        """Run ``contend(owner)`` on ``race_contenders`` threads released at once; their outcomes by owner."""
         contenders = self.race_contenders
         start = threading.Barrier(contenders)
-        outcomes: dict[str, IdempotencyRecord | None] = {}
+        outcomes: dict[str, T] = {}
         errors: list[BaseException] = []
         mutex = threading.Lock()
 
         def contender(owner: str) -> None:
             try:
                 start.wait(self.timeout_seconds)
-                now = time.time()
-                outcome = self.run(store.claim(_claim("contract#race", owner, now=now), now))
+                outcome = contend(owner)
                 with mutex:
                     outcomes[owner] = outcome
             except BaseException as e:  # reported below, on the test's thread
@@ -165,6 +148,35 @@ class StoreContract:
             t.join(self.timeout_seconds * 2)
         assert not errors, errors
         assert len(outcomes) == contenders
+        return outcomes
+
+    # claim and get
+
+    def test_first_claim_wins_and_others_see_it(self, store: IdempotencyStore) -> None:
+        """The first claim stores the record; a second owner's claim gets the stored record instead; get reads it."""
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.get("contract#k") is None
+            first = _claim("contract#k", "a", now=now)
+            assert await store.claim(first, now) is None
+            existing = await store.claim(_claim("contract#k", "b", now=now), now)
+            assert existing is not None, "a second owner's claim succeeded while the first claim was held"
+            assert existing == first
+            assert await store.get("contract#k") == first
+
+        self.run(scenario())
+
+    @pytest.mark.racing
+    def test_claim_race_has_one_winner(self, racing_store: IdempotencyStore) -> None:
+        """Many threads, each with its own event loop, claim one key at once: exactly one wins."""
+        store = racing_store
+
+        def contend(owner: str) -> IdempotencyRecord | None:
+            now = time.time()
+            return self.run(store.claim(_claim("contract#race", owner, now=now), now))
+
+        outcomes = self.race(contend)
         winners = [owner for owner, outcome in outcomes.items() if outcome is None]
         assert len(winners) == 1, f"{len(winners)} claims won: {sorted(winners)}"
         assert all(o is None or o.owner == winners[0] for o in outcomes.values()), "a loser saw another owner"
@@ -181,10 +193,8 @@ class StoreContract:
         assert self.run(store.complete(_completed("contract#k", "a", now=now))) is True
         done = store.claim_blocking(_claim("contract#k", "b", now=now), now)
         assert done is not None and done.state is RecordState.COMPLETED and done.payload == b"z"
-        # lapsed: taken over by a blocking claim, fenced for the old owner
-        self.run(store.claim(_claim("contract#lapsed", "a", now=now - 10, lease=5), now - 10))
-        assert store.claim_blocking(_claim("contract#lapsed", "b", now=now), now) is None
-        assert self.run(store.renew("contract#lapsed", "a", now + 60)) is False
+        # expired: replaced by a blocking claim
+        assert store.claim_blocking(_claim("contract#k", "b", now=now + 7200), now + 7200) is None
 
     def test_keys_of_different_scopes_are_independent(self, store: IdempotencyStore) -> None:
         """Keys that differ only in their scope are different records."""
@@ -203,11 +213,13 @@ class StoreContract:
 
         async def scenario() -> None:
             now = time.time()
-            assert await store.claim(_claim("contract#k", "a", now=now), now) is None
-            assert await store.claim(_claim("contract#k", "a", now=now + 1), now + 1) is None
+            first = _claim("contract#k", "a", now=now)
+            assert await store.claim(first, now) is None
+            retried = dataclasses.replace(first, expires_at=first.expires_at + 1)
+            assert await store.claim(retried, now + 1) is None
             got = await store.get("contract#k")
             # a retried write carries the very same record; whether the store rewrites it or keeps it is its choice
-            assert got is not None and got.owner == "a" and got.lease_expires_at in (now + 60, now + 61)
+            assert got in (first, retried)
             # but a completed record is never claimed again, not even by the owner that completed it
             assert await store.complete(_completed("contract#k", "a", now=now)) is True
             existing = await store.claim(_claim("contract#k", "a", now=now), now)
@@ -215,49 +227,105 @@ class StoreContract:
 
         self.run(scenario())
 
-    # expiry and takeover
+    # no clock decides a claim's liveness; takeover is a compare-and-set on the version
 
-    def test_lease_takeover_fences_the_old_owner(self, store: IdempotencyStore) -> None:
-        """A claim whose lease lapsed is taken over; its old owner's complete, release and renew are fenced off."""
+    def test_no_clock_frees_another_owners_claim(self, store: IdempotencyStore) -> None:
+        """However far ahead the caller's clock, and however short the lease, a claim blocks other owners' claims."""
 
         async def scenario() -> None:
             now = time.time()
-            await store.claim(_claim("contract#k", "crashed", now=now - 10, lease=5), now - 10)
-            # the lease lapsed 5 s ago: the claim is not live any more and is taken over
-            assert await store.claim(_claim("contract#k", "new", now=now), now) is None
+            first = _claim("contract#k", "a", now=now, lease=1.0)
+            assert await store.claim(first, now) is None
+            for ahead in (2.0, 600.0, 30 * 86400.0):
+                existing = await store.claim(_claim("contract#k", "b", now=now + ahead), now + ahead)
+                assert existing == first, f"a claim {ahead}s ahead replaced a running claim"
+            # a yielded claim too: only a takeover replaces it
+            assert await store.renew("contract#k", "a", version=new_version(), lease_seconds=0, expires_at=now + 60)
+            existing = await store.claim(_claim("contract#k", "b", now=now), now)
+            assert existing is not None and existing.owner == "a" and existing.yielded
+
+        self.run(scenario())
+
+    def test_take_over_replaces_exactly_the_judged_version(self, store: IdempotencyStore) -> None:
+        """``take_over`` writes only over the version the caller judged: not a newer one, not an empty key."""
+
+        async def scenario() -> None:
+            now = time.time()
+            judged = _claim("contract#k", "crashed", now=now)
+            await store.claim(judged, now)
+            # the owner renewed after the caller's read: the caller judged a record that is no longer there
+            assert await store.renew(
+                "contract#k", "crashed", version=new_version(), lease_seconds=60, expires_at=now + 600
+            )
+            assert await store.take_over(_claim("contract#k", "late", now=now), judged.version) is False
+            current = await store.get("contract#k")
+            assert current is not None and current.owner == "crashed"
+            # the version now stored: taken over, and the old owner is fenced off everywhere
+            new = _claim("contract#k", "new", now=now)
+            assert await store.take_over(new, current.version) is True
+            assert await store.get("contract#k") == new
             assert await store.complete(_completed("contract#k", "crashed", now=now)) is False
             assert await store.release("contract#k", "crashed") is False
-            assert await store.renew("contract#k", "crashed", now + 600) is False
+            renewed = await store.renew(
+                "contract#k", "crashed", version=new_version(), lease_seconds=60, expires_at=now + 600
+            )
+            assert renewed is False
+            assert await store.get("contract#k") == new
+            # the new owner released it: a stale judgement of any earlier version lands nowhere
+            assert await store.release("contract#k", "new") is True
+            assert await store.take_over(_claim("contract#k", "stale", now=now), new.version) is False
+            assert await store.take_over(_claim("contract#k", "stale", now=now), current.version) is False
+            assert await store.get("contract#k") is None
+
+        self.run(scenario())
+
+    def test_take_over_of_a_yielded_or_completed_record(self, store: IdempotencyStore) -> None:
+        """A yielded record keeps its checkpoint for the next holder, who takes it over by its version."""
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now, checkpoint="turn-1"), now)
+            version = new_version()
+            assert await store.renew("contract#k", "a", version=version, lease_seconds=0, expires_at=now + 60)
+            yielded = await store.get("contract#k")
+            assert yielded is not None and yielded.yielded and yielded.checkpoint == "turn-1"
+            assert yielded.version == version
+            assert await store.take_over(_claim("contract#k", "b", now=now), version) is True
             got = await store.get("contract#k")
-            assert got is not None and got.owner == "new" and got.lease_expires_at == now + 60
+            assert got is not None and got.owner == "b" and not got.yielded and got.checkpoint is None
 
         self.run(scenario())
 
-    def test_a_claim_within_its_lease_is_not_taken_over(self, store: IdempotencyStore) -> None:
-        """A claim is live until the instant its lease lapses, and not after."""
+    @pytest.mark.racing
+    def test_take_over_race_has_one_winner(self, racing_store: IdempotencyStore) -> None:
+        """Many threads take over one judged version at once: exactly one replaces it."""
+        store = racing_store
+        now = time.time()
+        judged = _claim("contract#race", "crashed", now=now)
+        assert self.run(store.claim(judged, now)) is None
+
+        def contend(owner: str) -> bool:
+            return self.run(store.take_over(_claim("contract#race", owner, now=time.time()), judged.version))
+
+        outcomes = self.race(contend)
+        winners = [owner for owner, won in outcomes.items() if won]
+        assert len(winners) == 1, f"{len(winners)} takeovers won: {sorted(winners)}"
+        got = self.run(store.get("contract#race"))
+        assert got is not None and got.owner == winners[0]
+
+    # expiry
+
+    def test_expired_completed_records_are_replaced(self, store: IdempotencyStore) -> None:
+        """A ``COMPLETED`` record past its ``expires_at`` no longer blocks claims; before it, it does."""
 
         async def scenario() -> None:
             now = time.time()
-            await store.claim(_claim("contract#k", "a", now=now, lease=5), now)
-            existing = await store.claim(_claim("contract#k", "b", now=now + 4.9), now + 4.9)
-            assert existing is not None and existing.owner == "a"
-            assert await store.claim(_claim("contract#k", "b", now=now + 5), now + 5) is None
-
-        self.run(scenario())
-
-    def test_expired_records_are_replaced(self, store: IdempotencyStore) -> None:
-        """A record past its ``expires_at`` (completed, or a claim whatever its lease) no longer blocks claims."""
-
-        async def scenario() -> None:
-            now = time.time()
-            await store.claim(_claim("contract#done", "a", now=now - 100), now - 100)
-            assert await store.complete(_completed("contract#done", "a", now=now - 100, ttl=10)) is True
-            assert await store.claim(_claim("contract#done", "b", now=now), now) is None
-            # an IN_PROGRESS claim past its expiry, whatever its lease says
-            expired = IdempotencyRecord("contract#claim", RecordState.IN_PROGRESS, "a", now + 60, now - 1, "fp")
-            await store.claim(expired, now - 2)
-            assert await store.claim(_claim("contract#claim", "b", now=now), now) is None
-            got = await store.get("contract#claim")
+            await store.claim(_claim("contract#done", "a", now=now), now)
+            assert await store.complete(_completed("contract#done", "a", now=now, ttl=10)) is True
+            existing = await store.claim(_claim("contract#done", "b", now=now + 9), now + 9)
+            assert existing is not None and existing.state is RecordState.COMPLETED and existing.payload == b"z"
+            assert await store.claim(_claim("contract#done", "b", now=now + 10), now + 10) is None
+            got = await store.get("contract#done")
             assert got is not None and got.owner == "b"
 
         self.run(scenario())
@@ -269,7 +337,6 @@ class StoreContract:
             now = time.time()
             await store.claim(_claim("contract#k", "a", now=now, lease=1), now)
             await store.complete(_completed("contract#k", "a", now=now))
-            # long after the claim's lease: a completed record has no lease, only its expiry
             existing = await store.claim(_claim("contract#k", "b", now=now + 600), now + 600)
             assert existing is not None and existing.state is RecordState.COMPLETED and existing.payload == b"z"
 
@@ -313,25 +380,17 @@ class StoreContract:
 
     # renew
 
-    def test_renew_extends_the_lease_and_never_lowers_the_expiry(self, store: IdempotencyStore) -> None:
-        """``renew`` sets the lease and raises the expiry to at least the lease, never lowering it."""
+    def test_renew_sets_version_lease_and_expiry(self, store: IdempotencyStore) -> None:
+        """``renew`` stores the new version, lease and expiry, and leaves owner, state and fingerprint alone."""
 
         async def scenario() -> None:
             now = time.time()
-            await store.claim(_claim("contract#k", "a", now=now, lease=10, ttl=100), now)
-            # a lease still inside the expiry: the lease moves, the expiry stays
-            assert await store.renew("contract#k", "a", now + 50) is True
+            first = _claim("contract#k", "a", now=now, lease=10, ttl=100)
+            await store.claim(first, now)
+            version = new_version()
+            assert await store.renew("contract#k", "a", version=version, lease_seconds=7.5, expires_at=now + 500.25)
             got = await store.get("contract#k")
-            assert got is not None and got.lease_expires_at == now + 50 and got.expires_at == now + 110
-            # a lease past the expiry: the expiry is raised to the lease
-            assert await store.renew("contract#k", "a", now + 500.25) is True
-            got = await store.get("contract#k")
-            assert got is not None and got.lease_expires_at == now + 500.25 and got.expires_at == now + 500.25
-            # a shorter lease again: the lease follows, the expiry is not lowered
-            assert await store.renew("contract#k", "a", now + 20) is True
-            got = await store.get("contract#k")
-            assert got is not None and got.lease_expires_at == now + 20 and got.expires_at == now + 500.25
-            assert got.state is RecordState.IN_PROGRESS and got.owner == "a" and got.fingerprint == "fp"
+            assert got == dataclasses.replace(first, version=version, lease_seconds=7.5, expires_at=now + 500.25)
 
         self.run(scenario())
 
@@ -340,15 +399,25 @@ class StoreContract:
 
         async def scenario() -> None:
             now = time.time()
+
+            async def renew(checkpoint: str | None = None) -> IdempotencyRecord | None:
+                renewed = await store.renew(
+                    "contract#k",
+                    "a",
+                    version=new_version(),
+                    lease_seconds=60,
+                    expires_at=now + 90,
+                    checkpoint=checkpoint,
+                )
+                assert renewed is True
+                return await store.get("contract#k")
+
             await store.claim(_claim("contract#k", "a", now=now), now)
-            assert await store.renew("contract#k", "a", now + 60, checkpoint="messages=3") is True
-            got = await store.get("contract#k")
+            got = await renew("messages=3")
             assert got is not None and got.checkpoint == "messages=3"
-            assert await store.renew("contract#k", "a", now + 90) is True
-            got = await store.get("contract#k")
-            assert got is not None and got.checkpoint == "messages=3" and got.lease_expires_at == now + 90
-            assert await store.renew("contract#k", "a", now + 90, checkpoint="") is True
-            got = await store.get("contract#k")
+            got = await renew()
+            assert got is not None and got.checkpoint == "messages=3"
+            got = await renew("")
             assert got is not None and got.checkpoint == ""
 
         self.run(scenario())
@@ -358,40 +427,33 @@ class StoreContract:
 
         async def scenario() -> None:
             now = time.time()
-            assert await store.renew("contract#missing", "a", now + 60) is False
-            await store.claim(_claim("contract#k", "a", now=now - 10, lease=5), now - 10)
-            assert await store.renew("contract#k", "intruder", now + 60) is False
-            # taken over after the lease lapsed: the old owner's heartbeat is fenced off, the new owner's is not
-            assert await store.claim(_claim("contract#k", "b", now=now), now) is None
-            assert await store.renew("contract#k", "a", now + 600, checkpoint="stale") is False
-            got = await store.get("contract#k")
-            assert got is not None and got.owner == "b" and got.checkpoint is None and got.lease_expires_at == now + 60
-            assert await store.renew("contract#k", "b", now + 120) is True
+
+            async def renew(key: str, owner: str, checkpoint: str | None = None) -> bool:
+                version = new_version()
+                return await store.renew(
+                    key, owner, version=version, lease_seconds=60, expires_at=now + 600, checkpoint=checkpoint
+                )
+
+            assert await renew("contract#missing", "a") is False
+            first = _claim("contract#k", "a", now=now)
+            await store.claim(first, now)
+            assert await renew("contract#k", "intruder") is False
+            assert await store.get("contract#k") == first
+            taken = _claim("contract#k", "b", now=now)
+            assert await store.take_over(taken, first.version) is True
+            assert await renew("contract#k", "a", checkpoint="stale") is False
+            assert await store.get("contract#k") == taken
+            assert await renew("contract#k", "b") is True
             # completed: nothing to renew, and the completed record is untouched
-            assert await store.complete(_completed("contract#k", "b", now=now)) is True
-            assert await store.renew("contract#k", "b", now + 180, checkpoint="late") is False
-            done = await store.get("contract#k")
-            assert done is not None and done.state is RecordState.COMPLETED
-            assert done.lease_expires_at == now and done.checkpoint is None
+            done = _completed("contract#k", "b", now=now)
+            assert await store.complete(done) is True
+            assert await renew("contract#k", "b", checkpoint="late") is False
+            assert await store.get("contract#k") == done
             # released: gone
             await store.claim(_claim("contract#other", "c", now=now), now)
             assert await store.release("contract#other", "c") is True
-            assert await store.renew("contract#other", "c", now + 60) is False
+            assert await renew("contract#other", "c") is False
             assert await store.get("contract#other") is None
-
-        self.run(scenario())
-
-    def test_a_renewed_lease_keeps_others_out_until_it_lapses(self, store: IdempotencyStore) -> None:
-        """A lapsed claim renewed before anyone took it over is live again."""
-
-        async def scenario() -> None:
-            now = time.time()
-            await store.claim(_claim("contract#k", "a", now=now - 10, lease=5), now - 10)
-            # lapsed 5 s ago but not taken over yet: the owner's heartbeat catches up and the claim is live again
-            assert await store.renew("contract#k", "a", now + 30) is True
-            existing = await store.claim(_claim("contract#k", "b", now=now), now)
-            assert existing is not None and existing.owner == "a"
-            assert await store.claim(_claim("contract#k", "b", now=now + 31), now + 31) is None
 
         self.run(scenario())
 
@@ -403,15 +465,19 @@ class StoreContract:
         async def scenario() -> None:
             now = time.time()
             claim = IdempotencyRecord(
-                "contract#k", RecordState.IN_PROGRESS, "a", now + 60.125, now + 3600.5, None, None, "cp-1"
+                "contract#k", RecordState.IN_PROGRESS, "a", new_version(), 60.125, now + 3600.5, None, None, "cp-1"
             )
             assert await store.claim(claim, now) is None
             assert await store.get("contract#k") == claim
             payload = bytes(range(256)) * 4
-            done = IdempotencyRecord("contract#k", RecordState.COMPLETED, "a", now, now + 3600.125, "f" * 64, payload)
+            done = IdempotencyRecord(
+                "contract#k", RecordState.COMPLETED, "a", new_version(), 0.0, now + 3600.125, "f" * 64, payload
+            )
             assert await store.complete(done) is True
             assert await store.get("contract#k") == done
-            empty = IdempotencyRecord("contract#empty", RecordState.COMPLETED, "a", now, now + 60, None, b"")
+            empty = IdempotencyRecord(
+                "contract#empty", RecordState.COMPLETED, "a", new_version(), 0.0, now + 60, None, b""
+            )
             await store.claim(_claim("contract#empty", "a", now=now, fingerprint=None), now)
             assert await store.complete(empty) is True
             assert await store.get("contract#empty") == empty
