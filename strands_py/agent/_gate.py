@@ -15,30 +15,31 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from strands.agent.agent_result import AgentResult
 from strands.types.exceptions import ConcurrencyException
 
 from .. import telemetry
 from .._events import result_of
-from ..idempotency._durable import DurableCall, _release, durable_stream, locked_stream
-from ..idempotency._registry import _InflightRegistry, registry_for
+from ..idempotency._context import _RunContext
 from ..idempotency.codec import decode_result
+from ..idempotency.config import IdempotencyConfig
 from ..idempotency.record import IdempotencyRecord, RecordState
+from ..session._turn import SessionTurn
+from ..turn import DurableCall, durable_stream, locked_stream
 from ..types.exceptions import (
     IdempotencyError,
     IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
     IdempotencyStoreError,
     ReentrantInvocationError,
 )
-from ._concurrency import _BeginResult, _InflightInvocation, _running, _waits_for_itself
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from ._concurrency import _BeginResult, _ConcurrencyController, _InflightInvocation, _running, _waits_for_itself
+from ._registry import _InflightRegistry, registry_for
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,34 @@ HANDOFF = "_strands_py_begun"
 _ABANDON_RELEASE_SECONDS = 10.0
 
 _BUSY = "Agent is already processing a request. Concurrent invocations are not supported."
+
+
+class Agent(Protocol):
+    """What the gate needs of ``strands_py.Agent`` (a protocol, so that this module does not import ``agent.py``)."""
+
+    idempotency: IdempotencyConfig | None
+    _idempotency_gate: _ConcurrencyController
+    _max_buffered_events: int
+
+    def _session_of_call(self, kwargs: dict[str, Any]) -> str | None: ...
+
+    def _durable_call(
+        self, prompt: Any, token: Any, kwargs: dict[str, Any], session_id: str | None
+    ) -> DurableCall | None: ...
+
+    def _session_turn(self, session_id: str | None, owner: str) -> SessionTurn | None: ...
+
+    def _callback_handler_for(self, kwargs: dict[str, Any]) -> Callable[..., Any] | None: ...
+
+    def _follow_primary(
+        self, inflight: _InflightInvocation, kwargs: dict[str, Any], stream_duplicate: bool
+    ) -> AsyncGenerator[Any, None]: ...
+
+    def _upstream_stream(
+        self, prompt: Any, kwargs: dict[str, Any], context: _RunContext | None
+    ) -> AsyncGenerator[Any, None]: ...
+
+    def _on_lease_lost(self, error: IdempotencyLeaseLostError) -> None: ...
 
 
 @dataclass
@@ -252,16 +281,8 @@ def replay_blocking(agent: Agent, begun: _Begun) -> AgentResult | None:
     try:
         now = time.time()
         claimed_at = time.monotonic()
-        record = IdempotencyRecord(
-            key=call.key,
-            state=RecordState.IN_PROGRESS,
-            owner=call.owner,
-            lease_expires_at=now + config.lease_seconds,
-            expires_at=now + config.lease_seconds + config.expires_after_seconds,
-            fingerprint=call.fingerprint,
-        )
         try:
-            existing = claim_blocking(record, now)
+            existing = claim_blocking(call.claim_record(now), now)
         except Exception as e:
             # The write may have been applied before the call failed (a read timeout, a reset connection): hand
             # it back (fenced on our owner), or every retry waits a whole lease for an owner that is not running.
@@ -269,19 +290,17 @@ def replay_blocking(agent: Agent, begun: _Begun) -> AgentResult | None:
             if isinstance(e, IdempotencyError):
                 raise
             raise IdempotencyStoreError(f"idempotency store failed: {type(e).__name__}: {e}") from e
-        if existing is None or (existing.owner == call.owner and existing.state is RecordState.IN_PROGRESS):
+        if existing is None or call.owns(existing):
             decision = "claimed"
             begun.claimed_at = claimed_at
             return None
-        if (
-            call.fingerprint is not None
-            and existing.fingerprint is not None
-            and existing.fingerprint != call.fingerprint
-        ):
+        try:
+            call.check_request(existing)
+        except IdempotencyKeyMismatchError:
             decision = "mismatch"
             telemetry.add_event(span, telemetry.EVENT_FINGERPRINT_MISMATCH, {"key": call.key})
-            raise IdempotencyKeyMismatchError(call.key)
-        if existing.state is not RecordState.COMPLETED:
+            raise
+        if existing.state is not RecordState.COMPLETED or existing.expired(now):
             # Another owner runs it: the async path waits (the claim span continues there).
             decision = "waiting"
             begun.seen = existing
@@ -317,8 +336,6 @@ def abandon(agent: Agent, begun: _Begun) -> None:
 def _release_blocking(call: DurableCall) -> None:
     """Release ``call``'s claim from a synchronous caller; never raises, waits a bounded time."""
     # The caller's thread may run an event loop of its own: release from a thread of ours, with one of its own.
-    releaser = threading.Thread(
-        target=asyncio.run, args=(_release(call.config, call.key, call.owner),), name="strands-py-release"
-    )
+    releaser = threading.Thread(target=asyncio.run, args=(call.release(),), name="strands-py-release")
     releaser.start()
     releaser.join(_ABANDON_RELEASE_SECONDS)

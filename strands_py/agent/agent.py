@@ -16,11 +16,11 @@ from strands.types.agent import ConcurrentInvocationMode
 
 from .. import telemetry
 from ..idempotency._context import STATE_KEY, _RunContext, run_context_of
-from ..idempotency._durable import DurableCall
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import make_key, request_fingerprint, session_lock_key
 from ..session._conversation import session_id_of
 from ..session._turn import SessionTurn
+from ..turn import DurableCall
 from ..types.exceptions import (
     IdempotencyAbortedError,
     IdempotencyLeaseLostError,

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..agent.agent import Agent
+from ..idempotency._heartbeat import LeaseWatch
 from ..idempotency.codec import decode_result
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import make_key, request_fingerprint
@@ -294,16 +295,20 @@ class InvocationService:
         config, retry_after = self.config, self.options.retry_after_seconds
         started = time.monotonic()
         delay = _POLL_FIRST_SECONDS
+        # An owner that stopped renewing its claim for a whole lease (on our clock) is gone: its run has no result.
+        watch = LeaseWatch()
         while True:
             try:
                 record = await config.store.get(key)
-                now = time.time()
-                if record is None or not record.is_live(now):
+                if record is not None and record.state is RecordState.COMPLETED and not record.expired(time.time()):
+                    return Run.replay(key, decode_result(record, None))
+                abandoned_in = 0.0
+                if record is not None and record.state is RecordState.IN_PROGRESS:
+                    abandoned_in = watch.remaining(record, time.monotonic())
+                if abandoned_in <= 0:
                     raise ProblemError(
                         Problem(404, NOT_FOUND, "Invocation not found", "No invocation with this Idempotency-Key.")
                     )
-                if record.state is RecordState.COMPLETED:
-                    return Run.replay(key, decode_result(record, None))
             except IdempotencyError as e:
                 raise ProblemError(problem_for(e, retry_after)) from e
             except ProblemError:
@@ -320,7 +325,7 @@ class InvocationService:
             pause = random.uniform(delay / 2, delay)
             if timeout is not None:
                 pause = min(pause, timeout - waited)
-            await asyncio.sleep(max(0.0, min(pause, record.lease_expires_at - now + 0.01)))
+            await asyncio.sleep(min(pause, abandoned_in + 0.01))
             delay = min(delay * 2, _POLL_MAX_SECONDS)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------

@@ -1,10 +1,21 @@
-"""Heartbeats: a running primary keeps its lease alive, and learns at once when it has lost it.
+"""Leases without clocks: an owner's heartbeat (``_Lease``), and a waiter's judgement of another owner (``LeaseWatch``).
 
-A claim is honoured for ``lease_seconds`` after its last renewal. While the primary runs, a task on the primary's
-own event loop (no thread) renews it every ``lease_seconds / 3``, so a crashed owner is taken over about one lease
-after it died, and no invocation is too long for its lease. The lease is lost when a renewal is fenced off (someone
-took the claim over) or when no renewal succeeded for a whole lease (the store is unreachable, or this process was
-paused): the owner must then stop before doing more, because another caller may already be running the token.
+Every renewal gives the record a new version. A waiter takes a record over only after it has seen the *same* version
+for a whole ``lease_seconds`` on its own monotonic clock, and then with a compare-and-set on that version
+(``IdempotencyStore.take_over``). The owner, for its part, counts its lease from when its last successful renewal was
+*sent*, on its own monotonic clock. The renewal that wrote the version a waiter saw was sent before the waiter read it,
+so the owner's lease always ends before the waiter's judgement does. No host ever compares its wall clock with
+another's: a host whose clock runs minutes ahead or behind, or steps, takes over exactly as any other. What this
+assumes is only that monotonic clocks advance at about the same rate everywhere (they do, to parts per million).
+
+Under a pause (a VM or process stopped past its lease), the owner finds its lease expired locally when it resumes and
+stops before doing more; its writes are fenced on its owner id anyway. A paused waiter resumes with a judgement that
+the compare-and-set refuses if the owner renewed meanwhile.
+
+While the primary runs, a task on its own event loop (no thread) renews every ``lease_seconds / 3``, so a crashed
+owner is taken over about one lease after its last renewal (plus one poll), and no invocation is too long for its
+lease. The lease is lost when a renewal is fenced off (someone took the claim over) or when no renewal succeeded for a
+whole lease (the store is unreachable, or this process was paused): the owner must then stop before doing more.
 """
 
 from __future__ import annotations
@@ -12,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..types.exceptions import IdempotencyLeaseLostError
 from ._calls import _store
 from .base import IdempotencyStore
+from .record import IdempotencyRecord, new_version
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +54,7 @@ class _Lease:
         owner: str,
         lease_seconds: float,
         *,
+        expires_after_seconds: float,
         claimed_at: float,
         on_lost: Callable[[IdempotencyLeaseLostError], None] | None = None,
     ) -> None:
@@ -52,6 +65,7 @@ class _Lease:
             key: The claimed key.
             owner: The claim's owner id.
             lease_seconds: Length of the lease; renewals every third of it.
+            expires_after_seconds: How long after each renewal the store may collect the record if it hears no more.
             claimed_at: Monotonic time the claim was sent.
             on_lost: Called once, on the loop, when the lease is lost (e.g. to cancel the run).
         """
@@ -59,12 +73,12 @@ class _Lease:
         self.key = key
         self.owner = owner
         self.lease_seconds = lease_seconds
+        self.expires_after_seconds = expires_after_seconds
         self.valid_until = claimed_at + lease_seconds
         self.lost: IdempotencyLeaseLostError | None = None
         self.renewals = 0
         self._on_lost = on_lost
         self._task: asyncio.Task[None] | None = None
-        self._checkpoint: str | None = None
         self._stopping = False
 
     def start(self) -> None:
@@ -103,13 +117,22 @@ class _Lease:
             IdempotencyStoreError: The store failed (the lease is not lost by that alone).
         """
         self.check()
-        if checkpoint is not None:
-            self._checkpoint = checkpoint
         sent = time.monotonic()
-        if not await _store(self.store.renew(self.key, self.owner, time.time() + self.lease_seconds, checkpoint)):
+        if not await _store(self._renew(self.lease_seconds, checkpoint)):
             self._lose("the renewal was fenced off: another caller took the claim over")
             self.check()
         self._renewed(sent)
+
+    def _renew(self, lease_seconds: float, checkpoint: str | None) -> Awaitable[bool]:
+        """One renewal: a new version, the lease, and the collection horizon moved past it."""
+        return self.store.renew(
+            self.key,
+            self.owner,
+            version=new_version(),
+            lease_seconds=lease_seconds,
+            expires_at=time.time() + self.lease_seconds + self.expires_after_seconds,
+            checkpoint=checkpoint,
+        )
 
     def _renewed(self, sent: float) -> None:
         self.renewals += 1
@@ -133,14 +156,20 @@ class _Lease:
                 self._lose("no renewal succeeded for a whole lease")
                 return
             sent = time.monotonic()
+            renewal = asyncio.ensure_future(self._renew(self.lease_seconds, None))
             try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation of ``stop()``
-                # when it arrives as the renewal completes, and the heartbeat would go on (and ``stop()`` wait) forever.
-                async with asyncio.timeout(remaining):
-                    renewed = await self.store.renew(self.key, self.owner, time.time() + self.lease_seconds, None)
+                # asyncio.wait, not wait_for: wait_for can swallow the cancellation of ``stop()`` when it arrives as
+                # the renewal completes (3.10, 3.11), and the heartbeat would go on (and ``stop()`` wait) forever;
+                # asyncio.timeout does not exist on 3.10. A renewal still running at the deadline is abandoned.
+                await asyncio.wait([renewal], timeout=remaining)
+                if not renewal.done():
+                    raise TimeoutError(f"renewal took longer than the {remaining:.3f}s left of the lease")
+                renewed = renewal.result()
             except asyncio.CancelledError:
+                renewal.cancel()
                 raise
             except Exception as e:  # noqa: BLE001 - any failure is transient until the lease runs out
+                renewal.cancel()
                 # Not lost yet: the stored lease still runs. Try again soon, within what is left of it.
                 logger.debug("key=<%s>, error=<%s> | lease renewal failed, retrying", self.key, type(e).__name__)
                 delay = min(interval, max(_RETRY_MIN_SECONDS, self.lease_seconds * _RETRY_FRACTION))
@@ -150,3 +179,31 @@ class _Lease:
                 return
             self._renewed(sent)
             delay = interval
+
+
+class LeaseWatch:
+    """A waiter's judgement of the ``IN_PROGRESS`` records it meets on one key, on this host's monotonic clock only.
+
+    Feed it every record read (``remaining``); it answers how long until the record may be taken over: a whole
+    ``lease_seconds`` after the read that first showed its current version, or at once for a yielded record. A new
+    version (the owner renewed, or another owner took over) starts the count again.
+
+    Thread-safety: one waiter's; not shared.
+    """
+
+    __slots__ = ("_since", "_version")
+
+    def __init__(self) -> None:
+        """Watch nothing yet."""
+        self._version: str | None = None
+        self._since = 0.0
+
+    def remaining(self, record: IdempotencyRecord, read_at: float) -> float:
+        """Seconds until ``record`` may be taken over (0: now), given the monotonic time its read returned."""
+        if record.yielded:
+            return 0.0
+        if record.version != self._version:
+            # Counted from when the read *returned*: the renewal that wrote this version was sent before that, so the
+            # owner's own lease (counted from its send) ends before ours does.
+            self._version, self._since = record.version, read_at
+        return max(0.0, self._since + record.lease_seconds - time.monotonic())

@@ -2,12 +2,20 @@
 
 The lock is a record in the idempotency store (an ``IN_PROGRESS`` claim under the session's key), taken with the
 store's atomic ``claim``, kept alive by a heartbeat, and handed back with the fenced ``release``. A holder that dies
-leaves its record behind until its lease lapses; whoever takes the lock over then reads it (its checkpoint says where
-the dead turn began).
+leaves its record behind; a waiter takes it over only after seeing the same version of it for a whole lease on its
+own monotonic clock (no wall clock decides: see ``idempotency/_heartbeat.py``).
+
+Taking over is where a conversation can be lost, so it is done in one order. The waiter first *judges* the dead
+holder's turn from the record it read: the turn counts if its token's result was stored by that holder; otherwise it
+must be rolled back, and if the holder still owns its token's claim, that claim is revoked first (a fenced release),
+so a holder that was only paused can never store its result after its turn was judged void. Then the waiter replaces
+exactly the record it judged (``take_over``, a compare-and-set on its version), carrying the verdict in its own
+record ("pending": the checkpoint to roll back to) until it has rolled back, or starts over if the record changed.
+A verdict is therefore made once, from one read, and never depends on records that may have expired since.
 
 Within one process, callers waiting for the same session line up in arrival order and hold no thread: only the head
-of the line polls the store (capped backoff, waking when the holder's lease lapses); the others wait on a future of
-their own loop until the head is served. Across processes the store decides, by polling.
+of the line polls the store (capped backoff, waking when the holder's lease could have lapsed); the others wait on a
+future of their own loop until the head is served. Across processes the store decides, by polling.
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
-from ..idempotency._durable import _store, claim_or_hand_back
+from ..idempotency._calls import _store, claim_or_hand_back
+from ..idempotency._heartbeat import LeaseWatch
 from ..idempotency._identity import _PerObject
 from ..idempotency.base import IdempotencyStore
-from ..idempotency.record import IdempotencyRecord, RecordState
-from ..types.exceptions import SessionBusyError
+from ..idempotency.record import IdempotencyRecord, RecordState, new_version
+from ..types.exceptions import IdempotencyStoreError, SessionBusyError
 from ..types.session import SessionInvocationMode
 
 logger = logging.getLogger(__name__)
@@ -127,17 +137,9 @@ def _token_of(record: IdempotencyRecord) -> str | None:
     return _token_of_checkpoint(record.checkpoint or "")
 
 
-def _unfinished_turn(record: IdempotencyRecord) -> dict[str, str] | None:
-    """The turn a lock record says may need rolling back: ``{"owner", "checkpoint"}``, or None.
-
-    Its own turn if its holder got as far as checkpointing the conversation (and so may have written to it);
-    otherwise the dead turn it took over and had not rolled back yet (``pending``), carried from holder to holder
-    until someone rolls it back.
-    """
-    document = _document(record.checkpoint)
-    if "messages" in document and record.checkpoint is not None:
-        return {"owner": record.owner, "checkpoint": record.checkpoint}
-    pending = document.get("pending")
+def _pending_of(record: IdempotencyRecord) -> dict[str, str] | None:
+    """The verdict a lock record carries: the turn to roll back (``{"owner", "checkpoint"}``), or None."""
+    pending = _document(record.checkpoint).get("pending")
     if (
         isinstance(pending, dict)
         and isinstance(pending.get("owner"), str)
@@ -145,6 +147,34 @@ def _unfinished_turn(record: IdempotencyRecord) -> dict[str, str] | None:
     ):
         return {"owner": pending["owner"], "checkpoint": pending["checkpoint"]}
     return None
+
+
+# A token's record is read again after a revocation that was fenced off (the token changed meanwhile): at most this
+# many times, since the only change that fences it off is its owner completing it, after which it no longer changes.
+_JUDGE_ATTEMPTS = 3
+
+
+class _Attempt:
+    """What one attempt at the lock found.
+
+    Taken (and the turn to roll back), held (and how long until it may be judged abandoned), or neither: the record
+    changed under our judgement, so the caller starts over from a fresh read.
+    """
+
+    __slots__ = ("held", "pending", "taken", "wait")
+
+    def __init__(
+        self,
+        *,
+        taken: bool = False,
+        pending: dict[str, str] | None = None,
+        held: IdempotencyRecord | None = None,
+        wait: float = 0.0,
+    ) -> None:
+        self.taken = taken
+        self.pending = pending
+        self.held = held
+        self.wait = wait
 
 
 class SessionLock:
@@ -179,13 +209,12 @@ class SessionLock:
 
         The lock record names the turn's token (``token_key``) from the start. A lock held under the caller's own
         token is a dead run of the very same request (the caller holds the token's claim, so that run lost it): the
-        caller waits for its lease to lapse even in THROW mode, since that is no other request.
+        caller waits for it to be judged abandoned even in THROW mode, since that is no other request.
 
         Returns:
-            The turn a holder whose lease lapsed left unfinished (``{"owner", "checkpoint"}``: to be rolled back
-            unless that owner stored its token's result), or None. Until this lock's holder writes a checkpoint of
-            its own, the lock record carries that turn forward, so a holder that fails before rolling it back
-            leaves it to the next one.
+            The turn a dead holder left unfinished and that does not count (``{"owner", "checkpoint"}``: to be
+            rolled back), or None. Until this lock's holder writes a checkpoint of its own, the lock record carries
+            that verdict forward, so a holder that fails before rolling back leaves it to the next one.
 
         Raises:
             SessionBusyError: Another request holds the session (at once in THROW mode; after
@@ -196,6 +225,7 @@ class SessionLock:
         if mode is SessionInvocationMode.THROW and _busy(self.store, self.key):
             raise SessionBusyError("another request of this process is running a turn of this session")
         ticket = self._ticket = _join(self.store, self.key)
+        watch = LeaseWatch()
         acquired = False
         try:
             delay = _POLL_FIRST_SECONDS
@@ -206,72 +236,122 @@ class SessionLock:
                 if not ticket.turn.done():
                     if mode is SessionInvocationMode.THROW or (remaining is not None and remaining <= 0):
                         raise SessionBusyError("another request is running a turn of this session")
-                    # asyncio.timeout, not wait_for (which on Python 3.11 can swallow our caller's cancellation).
-                    async with asyncio.timeout(remaining):
-                        await asyncio.shield(ticket.turn)
+                    # asyncio.wait: cancels nothing on a timeout, so it never swallows our caller's cancellation (as
+                    # wait_for can on 3.10 and 3.11), and exists on every supported Python (asyncio.timeout: 3.11+).
+                    await asyncio.wait([ticket.turn], timeout=remaining)
                     continue
-                held, previous = await self._try(token_key)
-                if held is None:
+                attempt = await self._try(token_key, watch)
+                if attempt.taken:
                     acquired = True
-                    return previous
+                    return attempt.pending
+                held = attempt.held
+                if held is None:
+                    continue  # the record changed under our judgement: start over from a fresh read
                 same_request = token_key is not None and _token_of(held) == token_key
                 if (mode is SessionInvocationMode.THROW and not same_request) or (
                     remaining is not None and remaining <= 0
                 ):
                     raise SessionBusyError("another request is running a turn of this session")
                 pause = random.uniform(delay / 2, delay)
-                # Wake when the holder's lease lapses (a crashed holder), not a whole backoff step later.
-                pause = min(pause, max(0.0, held.lease_expires_at - time.time() + 0.01))
+                # Wake when the holder could be judged gone (a crashed holder), not a whole backoff step later.
+                pause = min(pause, attempt.wait + 0.01)
                 if remaining is not None:
                     pause = min(pause, remaining)
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, _POLL_MAX_SECONDS)
-        except asyncio.TimeoutError:
-            raise SessionBusyError(f"waited {wait_timeout_seconds}s for the session, in vain") from None
         finally:
             if not acquired:
                 _leave(self.store, self.key, ticket)
                 self._ticket = None
 
-    async def _try(self, token_key: str | None) -> tuple[IdempotencyRecord | None, dict[str, str] | None]:
-        """One attempt: (the live holder, None) if busy; (None, the unfinished turn to roll back or None) if taken."""
-        now = time.time()
+    async def _try(self, token_key: str | None, watch: LeaseWatch) -> _Attempt:
+        """One attempt at the lock: see ``_Attempt``."""
         current = await _store(self.store.get(self.key))
-        if current is not None and current.is_live(now) and current.owner != self.owner:
-            return current, None
-        unfinished = None
-        if current is not None and current.state is RecordState.IN_PROGRESS:
-            # A lapsed holder (or our own claim, retried): keep what it left unfinished in the record we write, so
-            # that the dead turn's checkpoint is never lost before someone has rolled it back.
-            unfinished = _unfinished_turn(current)
+        read_at = time.monotonic()
+        if current is None:
+            record = self._record(token_key, None)
+            existing = await claim_or_hand_back(
+                self.store.claim(record, time.time()),
+                lambda existing: existing is None or existing.owner == self.owner,
+                lambda: self._hand_back(record),
+            )
+            if existing is None:
+                return _Attempt(taken=True)
+            current, read_at = existing, time.monotonic()
+        if current.owner == self.owner and current.state is RecordState.IN_PROGRESS:
+            # Our own earlier claim (its response was lost): it carries the verdict we wrote into it, if any.
+            self.claimed_at = time.monotonic()
+            return _Attempt(taken=True, pending=_pending_of(current))
+        wait = watch.remaining(current, read_at)
+        if wait > 0:
+            return _Attempt(held=current, wait=wait)
+        pending = await self._judge(current)
+        record = self._record(token_key, pending)
+        won = await claim_or_hand_back(
+            self.store.take_over(record, current.version), lambda won: won, lambda: self._hand_back(record)
+        )
+        if not won:
+            return _Attempt()
+        if pending is not None:
+            logger.debug("key=<%s> | took over a session lock whose holder left a turn that does not count", self.key)
+        return _Attempt(taken=True, pending=pending)
+
+    def _record(self, token_key: str | None, pending: dict[str, str] | None) -> IdempotencyRecord:
+        """Our lock record, naming our token and carrying the verdict on the turn we took over."""
         document: dict[str, Any] = {"v": 1, "token": token_key}
-        if unfinished is not None:
-            document["pending"] = unfinished
+        if pending is not None:
+            document["pending"] = pending
+        now = time.time()
         self.claimed_at = time.monotonic()
-        record = IdempotencyRecord(
+        return IdempotencyRecord(
             key=self.key,
             state=RecordState.IN_PROGRESS,
             owner=self.owner,
-            lease_expires_at=now + self.lease_seconds,
+            version=new_version(),
+            lease_seconds=self.lease_seconds,
             expires_at=now + self.lease_seconds + self.expires_after_seconds,
             checkpoint=json.dumps(document, separators=(",", ":")),
         )
-        existing = await claim_or_hand_back(self.store, record, now, lambda: self._hand_back(record))
-        if existing is not None and existing.owner != self.owner:
-            return existing, None
-        if existing is not None:
-            # Our own earlier claim (its response was lost): it carries what we must roll back.
-            unfinished = _unfinished_turn(existing)
-        if unfinished is not None:
-            logger.debug("key=<%s> | took over a session lock whose holder left a turn unfinished", self.key)
-        return None, unfinished
+
+    async def _judge(self, dead: IdempotencyRecord) -> dict[str, str] | None:
+        """The verdict on the turn of the lock record ``dead`` (abandoned or yielded): the turn to roll back, or None.
+
+        A verdict the record already carries (its holder took over a turn and died before rolling it back) stands.
+        Otherwise the holder's own turn: nothing to do if it never checkpointed (it wrote nothing) or marked it
+        committed; a turn without a token does not count; a turn with a token counts exactly when its holder stored
+        the token's result. A result that is absent was never stored: a completed token record outlives every lock
+        record that names it (see ``SessionTurn``), so it cannot have expired while this record stands.
+        """
+        carried = _pending_of(dead)
+        if carried is not None:
+            return carried
+        document = _document(dead.checkpoint)
+        if "messages" not in document or dead.checkpoint is None:
+            return None
+        turn = {"owner": dead.owner, "checkpoint": dead.checkpoint}
+        token_key = document.get("token")
+        if not isinstance(token_key, str) or not token_key:
+            return turn
+        for _ in range(_JUDGE_ATTEMPTS):
+            token = await _store(self.store.get(token_key))
+            if token is None or token.owner != dead.owner:
+                # Never stored, or released, or claimed by someone else since: its owner can no longer complete it.
+                return turn
+            if token.state is RecordState.COMPLETED:
+                return None
+            # Its owner still holds the token's claim: it may be paused rather than dead. Revoke the claim (fenced
+            # on that owner) before judging the turn void, so its result can never land after we roll the turn back.
+            if await _store(self.store.release(token_key, dead.owner)):
+                logger.debug("key=<%s> | revoked the dead holder's token claim", self.key)
+                return turn
+        raise IdempotencyStoreError("the dead session holder's token record kept changing while it was judged")
 
     async def _hand_back(self, record: IdempotencyRecord) -> None:
-        """Give up a lock record we will not use; never raises. One carrying an unfinished turn is only expired."""
-        await (self.expire() if _unfinished_turn(record) is not None else self.release())
+        """Give up a lock record we will not use; never raises. One carrying a verdict is only yielded."""
+        await (self.expire() if _pending_of(record) is not None else self.release())
 
     async def mark_committed(self) -> bool:
-        """End our lease and mark the record's turn as one that counts (nothing to roll back), in one fenced write.
+        """Yield the lock, marking the record's turn as one that counts (nothing to roll back), in one fenced write.
 
         Returns:
             False if the lock is no longer ours.
@@ -279,26 +359,34 @@ class SessionLock:
         Raises:
             IdempotencyStoreError: The store failed.
         """
-        return await _store(self.store.renew(self.key, self.owner, time.time(), _COMMITTED))
+        return await _store(self._renew(lease_seconds=0.0, checkpoint=_COMMITTED))
+
+    def _renew(self, *, lease_seconds: float, checkpoint: str | None) -> Awaitable[bool]:
+        return self.store.renew(
+            self.key,
+            self.owner,
+            version=new_version(),
+            lease_seconds=lease_seconds,
+            expires_at=time.time() + self.lease_seconds + self.expires_after_seconds,
+            checkpoint=checkpoint,
+        )
 
     async def expire(self) -> None:
-        """End our lease now but keep the record (and the unfinished turn it names) for the next holder to roll back.
+        """Yield the lock but keep the record (and the turn it names) for the next holder to judge, at once.
 
-        Fenced like ``release``; never raises (on failure the lease lapses by itself).
+        Fenced like ``release``; never raises (on failure, the record is taken over after a lease).
         """
         try:
-            await _store(self.store.renew(self.key, self.owner, time.time()))
+            await _store(self._renew(lease_seconds=0.0, checkpoint=None))
         except Exception:
-            logger.exception(
-                "key=<%s> | could not expire the session lock; it frees itself when its lease lapses", self.key
-            )
+            logger.exception("key=<%s> | could not yield the session lock; it is taken over after a lease", self.key)
         finally:
             ticket, self._ticket = self._ticket, None
             if ticket is not None:
                 _leave(self.store, self.key, ticket)
 
     def abandon(self) -> None:
-        """Leave the line without touching the store: the record stays until its lease lapses."""
+        """Leave the line without touching the store: the record stays until taken over."""
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
             _leave(self.store, self.key, ticket)
@@ -308,9 +396,7 @@ class SessionLock:
         try:
             await _store(self.store.release(self.key, self.owner))
         except Exception:
-            logger.exception(
-                "key=<%s> | could not release the session lock; it frees itself when its lease lapses", self.key
-            )
+            logger.exception("key=<%s> | could not release the session lock; it is taken over after a lease", self.key)
         finally:
             ticket, self._ticket = self._ticket, None
             if ticket is not None:

@@ -3,13 +3,20 @@
 The order is what makes a crash at any point leave one clean turn:
 
 1. (durable) the token is claimed first, so a retry of the same request joins or replays and never queues;
-2. the session lock is taken (or waited for); if its previous holder died mid-turn (lease lapsed) and that turn's
-   token was not completed by it, the conversation is rolled back to the dead turn's checkpoint;
+2. the session lock is taken (or waited for); if its previous holder died mid-turn and that turn does not count
+   (its token's result was not stored by it), the conversation is rolled back to the dead turn's checkpoint (the
+   verdict is made by the lock: see ``_lock.py``);
 3. the conversation is re-read under the lock, and the checkpoint (where it stands now) written into the lock record;
 4. the agent runs; strands' session hooks persist the turn as it goes;
-5. the token's result is stored, and only then the lock is released. A crash between 5 and the release leaves a
-   lock whose token is completed: the next holder keeps that turn. A crash before 5 leaves a lock whose token is not
-   completed: the next holder (any request, or the retry of this one) rolls the turn back.
+5. the lock's heartbeat stops (``seal``), the token's result is stored, and only then the lock is released. A crash
+   between 5 and the release leaves a lock whose token is completed: the next holder keeps that turn. A crash before
+   5 leaves a lock whose token is not completed: the next holder (any request, or the retry of this one) rolls the
+   turn back.
+
+Lifetimes are tied so that the verdict of step 2 never reads an expired record as "not stored": a lock record may
+be collected ``lease_seconds + expires_after_seconds`` after its last write, and its heartbeat stops before the
+token's result is written; that result is kept ``expires_after_seconds + 2 * lease_seconds`` (``RESULT_MARGIN``), so
+it outlives the lock record that names it, on every store's clock.
 
 A turn that ends without a stored result (failure, cancellation, abort) is rolled back before the lock is released,
 so its retry starts from the same conversation.
@@ -21,15 +28,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..idempotency._durable import _store
 from ..idempotency._heartbeat import _Lease
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import session_lock_key
-from ..idempotency.record import RecordState
 from ..types.exceptions import IdempotencyLeaseLostError
 from ..types.session import SessionInvocationMode
 from ._conversation import _Conversation
-from ._lock import SessionLock, _token_of_checkpoint
+from ._lock import SessionLock
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +100,18 @@ class SessionTurn:
             self.key,
             self.lock.owner,
             config.lease_seconds,
+            expires_after_seconds=config.expires_after_seconds,
             claimed_at=self.lock.claimed_at,
             on_lost=self._on_lost,
         )
         self.lease.start()
-        # Until our own checkpoint replaces it below, the lock record names this unfinished turn: if anything fails
-        # before then (the store, the rollback, this host), the next holder still rolls it back.
+        # Until our own checkpoint replaces it below, the lock record carries the verdict on the dead turn: if
+        # anything fails before then (the store, the rollback, this host), the next holder still rolls it back.
         self._unfinished = previous
-        if previous is not None and not await self._committed(previous):
+        if previous is not None:
             logger.info("key=<%s> | the previous turn's owner died mid-turn, rolling the conversation back", self.key)
             self.conversation.rollback(previous["checkpoint"])
         else:
-            # A previous turn that counts is kept: nothing is left for anyone to roll back, even if we fail now.
-            self._unfinished = None
             self.conversation.reload()
         self._token_key = token_key
         checkpoint = self.conversation.checkpoint(token_key)
@@ -146,18 +150,23 @@ class SessionTurn:
         for name in _FENCED_WRITES:
             manager.__dict__.pop(name, None)
 
-    async def _committed(self, previous: dict[str, str]) -> bool:
-        """Whether the dead holder's turn counts: its token's result was stored by it."""
-        token_key = _token_of_checkpoint(previous["checkpoint"])
-        if not token_key:
-            return False
-        record = await _store(self.config.store.get(token_key))
-        return record is not None and record.state is RecordState.COMPLETED and record.owner == previous["owner"]
-
     def check(self) -> None:
         """Raise ``IdempotencyLeaseLostError`` if the lock's lease is lost."""
         if self.lease is not None:
             self.lease.check()
+
+    async def seal(self) -> None:
+        """Stop the lock's heartbeat before the token's result is stored, and check the lock is still ours.
+
+        From here the lock record is written only to be released (or yielded), so its lifetime is fixed before the
+        result's begins: see the module docstring.
+
+        Raises:
+            IdempotencyLeaseLostError: The lock was lost.
+        """
+        if self.lease is not None:
+            await self.lease.stop()
+        self.check()
 
     async def commit(self) -> None:
         """The turn counts: release the lock (after the token's result was stored).

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import threading
 
-from ..agent._concurrency import _InflightInvocation
-from ._identity import _PerObject
-from .base import IdempotencyStore
+from ..idempotency._identity import _PerObject
+from ..idempotency.base import IdempotencyStore
+from ._concurrency import _InflightInvocation
 
 
 class _InflightRegistry:

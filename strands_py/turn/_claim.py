@@ -1,0 +1,161 @@
+"""A token's claim: take it, or wait for its owner and replay, or take it over from an owner judged gone.
+
+No clock of another host is trusted: an owner is judged gone only after this process has seen the same version of its
+claim for a whole lease on its own monotonic clock (``LeaseWatch``), and the takeover is a compare-and-set on that
+version (``take_over``). A claim whose caller gave up while its write was in flight is handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from opentelemetry.trace import Span
+from pydantic import BaseModel
+
+from .. import telemetry
+from ..idempotency._calls import _store, claim_or_hand_back, release_quietly
+from ..idempotency._heartbeat import LeaseWatch
+from ..idempotency.config import IdempotencyConfig
+from ..idempotency.record import IdempotencyRecord, RecordState, new_version
+from ..types.exceptions import IdempotencyKeyMismatchError, IdempotencyWaitTimeoutError
+
+logger = logging.getLogger(__name__)
+
+# Polling another process's invocation: capped exponential backoff with jitter, never a parked thread.
+_POLL_FIRST_SECONDS = 0.05
+_POLL_MAX_SECONDS = 1.0
+
+# Owner ids: unique across processes (a random prefix per process) and calls (a counter), cheaper than a uuid each.
+_OWNER_PREFIX = uuid.uuid4().hex[:20]
+_owner_counter = itertools.count()
+
+
+def new_owner() -> str:
+    """A fresh owner id, unique across processes and calls."""
+    return f"{_OWNER_PREFIX}{next(_owner_counter):012x}"
+
+
+@dataclass
+class DurableCall:
+    """One call's durable identity: what the gate computed before deciding anything.
+
+    Attributes:
+        config: The agent's idempotency configuration.
+        key: The durable key (scope and keyed digest of the token).
+        fingerprint: The request fingerprint, or None when payloads are not validated.
+        structured_output_model: The model a replay rebuilds ``structured_output`` with (the call's, else the
+            agent's default).
+        owner: A fresh random owner id for this call's claim.
+    """
+
+    config: IdempotencyConfig
+    key: str
+    fingerprint: str | None
+    structured_output_model: type[BaseModel] | None
+    owner: str = field(default_factory=new_owner)
+
+    def claim_record(self, now: float) -> IdempotencyRecord:
+        """This call's claim, written at ``now`` (``time.time()``): leased, and collectable a window after its lease."""
+        config = self.config
+        return IdempotencyRecord(
+            key=self.key,
+            state=RecordState.IN_PROGRESS,
+            owner=self.owner,
+            version=new_version(),
+            lease_seconds=config.lease_seconds,
+            expires_at=now + config.lease_seconds + config.expires_after_seconds,
+            fingerprint=self.fingerprint,
+        )
+
+    def owns(self, record: IdempotencyRecord) -> bool:
+        """Whether ``record`` is this call's own claim (a write retried after its response was lost)."""
+        return record.owner == self.owner and record.state is RecordState.IN_PROGRESS
+
+    def check_request(self, record: IdempotencyRecord) -> None:
+        """Refuse a record of the same key made for another request.
+
+        Raises:
+            IdempotencyKeyMismatchError: The fingerprints differ.
+        """
+        if self.fingerprint is not None and record.fingerprint is not None and record.fingerprint != self.fingerprint:
+            raise IdempotencyKeyMismatchError(self.key)
+
+    async def release(self) -> None:
+        """Release this call's claim so that a retry runs at once; never raises."""
+        await release_quietly(self.config.store, self.key, self.owner)
+
+
+async def claim_or_wait(
+    call: DurableCall, span: Span, seen: IdempotencyRecord | None = None
+) -> tuple[IdempotencyRecord | None, float]:
+    """Claim the key (returns None) or return its completed record, waiting while another owner runs it.
+
+    ``seen``: a claim was already attempted and met this record; start by waiting on it.
+
+    Returns:
+        The completed record (or None when we claimed it), and the monotonic time our winning write was sent.
+
+    Raises:
+        IdempotencyKeyMismatchError: The key's record is another request's.
+        IdempotencyWaitTimeoutError: The other owner did not finish within ``wait_timeout_seconds``.
+        IdempotencyStoreError: The store failed (a claim of ours that may have landed was handed back).
+    """
+    config, key, store = call.config, call.key, call.config.store
+    started = time.monotonic()
+    delay = _POLL_FIRST_SECONDS
+    watch = LeaseWatch()
+    existing: IdempotencyRecord | None = seen
+    read_at = time.monotonic()
+    while True:
+        if existing is None:
+            sent = time.monotonic()
+            existing = await claim_or_hand_back(
+                store.claim(call.claim_record(time.time()), time.time()),
+                lambda found: found is None or found.owner == call.owner,
+                call.release,
+            )
+            read_at = time.monotonic()
+            if existing is None or call.owns(existing):
+                logger.debug("key=<%s> | claimed", key)
+                return None, sent
+            logger.debug("key=<%s>, state=<%s> | token already claimed", key, existing.state.value)
+            if existing.state is RecordState.IN_PROGRESS:
+                telemetry.add_event(span, telemetry.EVENT_WAITING_FOR_OWNER, {"key": key})
+        call.check_request(existing)
+        if existing.state is RecordState.COMPLETED:
+            if not existing.expired(time.time()):
+                return existing, read_at
+            existing = None  # its window is over: the claim decides (the store compares expiry atomically)
+            continue
+        wait = watch.remaining(existing, read_at)
+        if wait <= 0:
+            sent = time.monotonic()
+            won = await claim_or_hand_back(
+                store.take_over(call.claim_record(time.time()), existing.version), lambda won: won, call.release
+            )
+            if won:
+                logger.debug("key=<%s> | previous owner judged gone, took its claim over", key)
+                telemetry.add_event(span, telemetry.EVENT_LEASE_TAKEN_OVER, {"key": key})
+                return None, sent
+            existing = None  # it changed under our judgement: decide again from a fresh claim
+            continue
+        waited = time.monotonic() - started
+        timeout = config.wait_timeout_seconds
+        if timeout is not None and waited >= timeout:
+            raise IdempotencyWaitTimeoutError(key, waited)
+        pause = random.uniform(delay / 2, delay)
+        if timeout is not None:
+            pause = min(pause, timeout - waited)
+        # Wake up when the owner could be judged gone, not a whole backoff step later.
+        await asyncio.sleep(min(pause, wait + 0.01))
+        delay = min(delay * 2, _POLL_MAX_SECONDS)
+        existing = await _store(store.get(key))
+        read_at = time.monotonic()
+        if existing is None:
+            continue  # released after a failure, or collected: claim it

@@ -1,0 +1,314 @@
+"""One durable turn, in one place: claim → session lock → heartbeats → run → settle → release.
+
+Policy lives here, storage in the stores: when a result is stored (never a failure, an abort or a cancelled run),
+what a primary does when it loses its lease, and what a store fault while storing the answer does to the turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from strands.agent.agent_result import AgentResult
+
+from .. import telemetry
+from .._events import result_of
+from ..idempotency._calls import _store, shielded
+from ..idempotency._context import _RunContext
+from ..idempotency._heartbeat import _Lease
+from ..idempotency.codec import decode_result, encode_result
+from ..idempotency.record import IdempotencyRecord, RecordState, new_version
+from ..session._turn import SessionTurn
+from ..types.exceptions import (
+    IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
+    IdempotencyStoreError,
+    IdempotencyWaitTimeoutError,
+)
+from ._claim import DurableCall, claim_or_wait
+
+logger = logging.getLogger(__name__)
+
+# A session turn's result is kept this many leases beyond ``expires_after_seconds``, so that it outlives the lock
+# record that names it (collectable ``lease + expires_after`` after its last write, which precedes the result's):
+# the next holder of the session must never read "no result" for a turn whose answer was stored. See session/_turn.
+RESULT_MARGIN_LEASES = 2
+
+
+class _Stored(enum.Enum):
+    """What storing a result came to."""
+
+    STORED = "stored"
+    NOT_STORED = "not stored"  # the write failed and our claim was released: nothing will replay it
+    UNKNOWN = "unknown"  # the write failed and whether it landed cannot be learned now
+
+
+async def durable_stream(
+    call: DurableCall,
+    callback_handler: Callable[..., Any] | None,
+    run_primary: Callable[[_RunContext], AsyncGenerator[Any, None]],
+    on_lease_lost: Callable[[IdempotencyLeaseLostError], None],
+    session: SessionTurn | None = None,
+    *,
+    claimed_at: float | None = None,
+    seen: IdempotencyRecord | None = None,
+) -> AsyncGenerator[Any, None]:
+    """Run ``run_primary`` at most once per token and window, across every process sharing ``call.config.store``.
+
+    Yields the primary's events, or for a replay one ``{"result": ReplayedAgentResult}`` event (after firing
+    ``callback_handler(result=...)`` once). The primary's result is stored *before* its result event is yielded,
+    so whoever sees the result sees the token's result. With ``session``, the turn takes the session lock after the
+    token's claim (a retry of the same request joins or replays, it never queues) and releases it after the result
+    is stored; a turn whose result is not stored is rolled back first. ``claimed_at`` says the claim was already taken
+    (at that monotonic time); ``seen`` is a record another owner holds, met by a claim already attempted.
+
+    A store fault while storing the result: without a session the caller still gets its result (nothing else
+    depends on it; a retry would run again). With a session the answer is acknowledged only if it is kept: the turn
+    is rolled back and the caller gets ``IdempotencyStoreError`` (its retry runs on the conversation as it was), or,
+    when whether the result landed cannot be learned, the turn is left for the next holder of the session to judge
+    from the token's record (kept if the result landed, rolled back if not) and the caller gets the error too.
+
+    Raises:
+        IdempotencyKeyMismatchError: The token's record has a different request fingerprint.
+        IdempotencyWaitTimeoutError: Another process's invocation did not finish within ``wait_timeout_seconds``.
+        IdempotencyRecordCorruptedError: The completed record cannot be decoded.
+        IdempotencyResultTooLargeError: The completed result was too large to store.
+        IdempotencyStoreError: The store failed before anything ran, or (a session turn) while storing its answer.
+        IdempotencyLeaseLostError: The primary lost its claim while running; nothing was stored.
+        SessionBusyError: With ``session``: another request holds the session.
+    """
+    config, key = call.config, call.key
+    span = telemetry.start_span(telemetry.SPAN_CLAIM, {"key": key})
+    started = time.monotonic()
+    decision = "error"
+    error: BaseException | None = None
+    try:
+        if claimed_at is None:
+            completed, claimed_at = await claim_or_wait(call, span, seen)
+        else:
+            completed = None
+        if completed is None:
+            decision = "claimed"
+        else:
+            result = decode_result(completed, call.structured_output_model)
+            decision = "replayed"
+            telemetry.add_event(span, telemetry.EVENT_RESULT_REPLAYED, {"key": key})
+    except IdempotencyKeyMismatchError as e:
+        decision, error = "mismatch", e
+        telemetry.add_event(span, telemetry.EVENT_FINGERPRINT_MISMATCH, {"key": key})
+        raise
+    except IdempotencyWaitTimeoutError as e:
+        decision, error = "timeout", e
+        telemetry.add_event(span, telemetry.EVENT_WAIT_DEADLINE_EXCEEDED, {"key": key})
+        raise
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        telemetry.end_span(span, {"decision": decision, "wait_seconds": time.monotonic() - started}, error)
+
+    if completed is not None:
+        logger.debug("key=<%s> | completed within the window, replaying stored result", key)
+        if callback_handler is not None:
+            callback_handler(result=result)
+        yield {"result": result}
+        return
+
+    lease = _Lease(
+        config.store,
+        key,
+        call.owner,
+        config.lease_seconds,
+        expires_after_seconds=config.expires_after_seconds,
+        claimed_at=claimed_at,
+        on_lost=on_lease_lost,
+    )
+    context = _RunContext(key=key, hmac_key=config.hmac_key, leases=[lease])
+    settled = False  # the claim was completed or released on the way: nothing is left to hand back
+    events: AsyncGenerator[Any, None] | None = None
+    lease.start()
+    try:
+        if session is not None:
+            await session.begin(key, lambda: not context.lease_lost())
+            if session.lease is not None:
+                context.leases.append(session.lease)
+        events = run_primary(context)
+        try:
+            async for event in events:
+                result_seen = result_of(event)
+                if result_seen is None:
+                    _check(lease, session)
+                    yield event
+                    continue
+                await lease.stop()
+                _check(lease, session)
+                # The outcome is decided: carry it out to the end even if our caller is cancelled meanwhile (a
+                # result stored but its turn rolled back, or a claim left to lapse, would break every retry).
+                settled = True
+                await shielded(_settle(call, result_seen, session))
+                yield event
+        except Exception as e:
+            # A run that failed after losing its lease failed because of that loss (e.g. a fenced session write).
+            try:
+                _check(lease, session)
+            except IdempotencyLeaseLostError as lost:
+                raise lost from e
+            raise
+    finally:
+        try:
+            await lease.stop()
+        finally:
+            try:
+                if events is not None:
+                    await events.aclose()
+            finally:
+                # Failed, aborted, closed early, lease lost, or cleanup raised: nothing stored. Undo the turn and
+                # release the session first (a retry of this token must not find the session still held), then hand
+                # the claim back (fenced: a claim already taken over is not touched) so the next retry runs at once.
+                if not settled:
+                    try:
+                        if session is not None:
+                            await shielded(session.abort())
+                    finally:
+                        await shielded(call.release())
+
+
+async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn | None) -> None:
+    """Store the primary's result and commit its turn; or, for a cancelled run, undo the turn and release.
+
+    Raises:
+        IdempotencyLeaseLostError: The claim or the session was lost before the result could be stored.
+        IdempotencyStoreError: A session turn whose answer could not be stored (see ``durable_stream``).
+    """
+    if result.stop_reason == "cancelled":
+        # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's answer. Undo the
+        # turn and release the claim so that a retry runs; this caller still gets what upstream returned.
+        logger.debug("key=<%s> | run was cancelled, releasing the claim instead of storing it", call.key)
+        try:
+            if session is not None:
+                await session.abort()
+        finally:
+            await call.release()
+        return
+    try:
+        if session is not None:
+            # The lock's lifetime is fixed before the result's begins (see RESULT_MARGIN_LEASES).
+            await session.seal()
+        stored = await _complete(call, result, margin=RESULT_MARGIN_LEASES if session is not None else 0)
+    except asyncio.CancelledError:
+        # Torn down mid-write (the loop is closing): whether the result landed is unknown, so the turn is neither
+        # kept nor rolled back here; the next holder of the session decides from the token's record.
+        if session is not None:
+            await session.suspend()
+        raise
+    except BaseException:
+        if session is not None:
+            await session.abort()
+        raise
+    if session is None:
+        return
+    if stored is _Stored.STORED:
+        await session.commit()
+        return
+    if stored is _Stored.NOT_STORED:
+        await session.abort()
+    else:
+        await session.suspend()
+    raise IdempotencyStoreError(
+        f"the answer could not be stored ({stored.value}); the turn does not count unless it was: retry the request"
+    )
+
+
+def _check(lease: _Lease, session: SessionTurn | None) -> None:
+    lease.check()
+    if session is not None:
+        session.check()
+
+
+async def locked_stream(
+    session: SessionTurn, run_primary: Callable[[_RunContext], AsyncGenerator[Any, None]]
+) -> AsyncGenerator[Any, None]:
+    """A turn without a token under the session lock: the same lock, rollback and checkpoint, nothing stored.
+
+    Raises:
+        SessionBusyError: Another request holds the session.
+        IdempotencyLeaseLostError: The lock was lost while running.
+    """
+    events: AsyncGenerator[Any, None] | None = None
+    committed = False
+    try:
+        await session.begin(None)
+        context = _RunContext(key=None, hmac_key=None, leases=[session.lease] if session.lease is not None else [])
+        events = run_primary(context)
+        async for event in events:
+            session.check()
+            result_seen = result_of(event)
+            if result_seen is not None and result_seen.stop_reason != "cancelled":
+                # The commit finishes even if our caller is cancelled meanwhile (the abort below is then a no-op);
+                # if it fails, the turn does not count and the abort below rolls it back.
+                await shielded(session.commit())
+                committed = True
+            yield event
+    finally:
+        try:
+            if events is not None:
+                await events.aclose()
+        finally:
+            if not committed:
+                await shielded(session.abort())
+
+
+async def _complete(call: DurableCall, result: AgentResult, *, margin: int) -> _Stored:
+    """Store the result for replay, kept ``expires_after_seconds`` plus ``margin`` leases.
+
+    Raises:
+        IdempotencyLeaseLostError: The claim is no longer ours: another owner took it over, so this result is not
+            the token's result (the new owner's will be).
+
+    A store failure is logged; the claim is released if it is still ours and unused, which tells whether the write
+    landed (``NOT_STORED``), or the outcome stays ``UNKNOWN`` when even that fails.
+    """
+    config, key, owner = call.config, call.key, call.owner
+    # A result over the store's limit is stored as a marker: its replays raise IdempotencyResultTooLargeError.
+    payload = encode_result(result, config.store.max_result_bytes)
+    now = time.time()
+    record = IdempotencyRecord(
+        key=key,
+        state=RecordState.COMPLETED,
+        owner=owner,
+        version=new_version(),
+        lease_seconds=0.0,
+        expires_at=now + config.expires_after_seconds + margin * config.lease_seconds,
+        fingerprint=call.fingerprint,
+        payload=payload,
+    )
+    try:
+        if await _store(config.store.complete(record)):
+            return _Stored.STORED
+        current = await _store(config.store.get(key))
+    except IdempotencyStoreError:
+        logger.exception("key=<%s> | could not store the result", key)
+        return await _learn_outcome(call)
+    if current is not None and current.owner == owner and current.state is RecordState.COMPLETED:
+        # Our own complete, retried by the client after its response was lost, met the record it had written.
+        return _Stored.STORED
+    raise IdempotencyLeaseLostError(key, "the claim was taken over, or lost by the store, before the result was stored")
+
+
+async def _learn_outcome(call: DurableCall) -> _Stored:
+    """After a failed complete: release our claim (fenced) if the write did not land, else find the record it wrote."""
+    store, key, owner = call.config.store, call.key, call.owner
+    try:
+        if await _store(store.release(key, owner)):
+            return _Stored.NOT_STORED
+        current = await _store(store.get(key))
+    except IdempotencyStoreError:
+        logger.warning("key=<%s> | whether the result was stored is unknown; the claim is taken over later", key)
+        return _Stored.UNKNOWN
+    if current is not None and current.owner == owner and current.state is RecordState.COMPLETED:
+        return _Stored.STORED
+    raise IdempotencyLeaseLostError(key, "the claim was taken over before the result was stored")
