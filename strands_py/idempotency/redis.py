@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
@@ -36,59 +37,88 @@ T = TypeVar("T")
 _DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
 _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
 
-# Data layout: one hash per record, at key_prefix + record.key, with the record's expiry on the key itself
-# (PEXPIREAT), so Redis deletes a record when it stops counting. Fields (all text but payload, which is bytes):
-#   status       IN_PROGRESS | COMPLETED
-#   owner        the claim's owner id
-#   lease        lease_expires_at, seconds since the epoch (Python repr of the float: exact when read back)
-#   expires_at   expires_at, same format; every decision uses it (the key's TTL is only its ceiling in ms)
+# Data layout: one hash per record, at key_prefix + record.key, its lifetime on the key itself. Fields (all text but
+# payload, which is bytes):
+#   status         IN_PROGRESS | COMPLETED
+#   owner          the claim's owner id
+#   version        unique to the write (record.version); take_over compares it
+#   lease_seconds  record.lease_seconds (Python repr of the float: exact when read back; 0 is a yielded claim)
+#   expires_at     record.expires_at, seconds since the epoch on the writer's clock (repr, exact); a claim compares a
+#                  COMPLETED record's with the caller's now
 #   fingerprint, payload, checkpoint   present only when not None
-# A hash rather than one encoded string: the scripts compare status, owner, lease and expiry without decoding
-# anything (no cjson/cmsgpack in Lua), renew rewrites three small fields instead of the whole payload, and the
-# record is readable with redis-cli (HGETALL).
+# A hash rather than one encoded string: the scripts compare status, owner, version and expiry without decoding
+# anything (no cjson/cmsgpack in Lua), renew rewrites a few small fields instead of the whole payload, and the
+# record is readable with redis-cli (HGETALL). A hash of the unreleased earlier layout (`lease`, no `version`) reads as
+# corrupted: there is nothing to migrate.
 #
-# The scripts take the caller's clock (``now``) as an argument, like the other stores: records' times are the
-# callers' time.time(), comparable across hosts; the server's clock only drives deletion of expired keys.
+# Lifetime: every write sets the key's TTL with PEXPIRE, a duration in milliseconds (rounded up, at least 1) that the
+# caller computes as expires_at - now: the claim's own `now`, time.time() for the other writes. The writer's clock
+# only measures a difference between two readings of itself, and the server counts that duration down on its own
+# clock, so no host's skew (minutes ahead or behind) deletes a running claim early or keeps a record late. (An
+# absolute PEXPIREAT would be judged on the server's clock against the writer's: a host ten minutes behind would
+# write claims Redis deletes ten minutes early.) A write whose expires_at is already past gets the minimum TTL, 1 ms:
+# written, then deleted by Redis, instead of an error for a record that simply stopped counting. Redis keeps the TTL
+# as a time of its own clock, and hands that time to replicas and its append-only file: keep the servers' clocks in
+# sync (NTP), as a failover to a replica whose clock is off moves every deadline by the difference.
+#
+# No script judges an IN_PROGRESS record by a clock: whether its owner is alive is the caller's judgement, by watching
+# versions (IdempotencyRecord), and only take_over, a compare-and-set on the version, replaces another owner's claim.
+#
+# Each script is one atomic step on one key (KEYS[1], the record's key), so Redis Cluster works.
 
-# claim: store the claim unless a live record holds the key. One atomic step on one key (Redis Cluster safe).
-#   KEYS[1]   the record's key
-#   ARGV[1]   now: the caller's clock, seconds since the epoch
-#   ARGV[2]   the claiming owner
-#   ARGV[3]   PEXPIREAT of the claim: its expires_at in milliseconds, rounded up
+# claim: store the claim unless the key holds another owner's IN_PROGRESS record (whatever its age) or a COMPLETED
+# record not yet expired at the caller's now.
+#   ARGV[1]   the claiming owner
+#   ARGV[2]   now: the caller's clock, seconds since the epoch, compared with a COMPLETED record's expires_at
+#   ARGV[3]   the claim's TTL in milliseconds
 #   ARGV[4..] the claim's hash fields, as name, value, name, value, ...
-#   returns   nil if the claim was stored (the caller owns the key), else the live record (HGETALL's flat list)
-# Not live, so replaced: past its expires_at, or IN_PROGRESS with its lease lapsed, or IN_PROGRESS of the same
-# owner (a claim retried after its first attempt landed). A record whose lease or expiry is not a number is kept
-# and returned: the caller reports it as corrupted instead of overwriting what it cannot read.
+#   returns   nil if the claim was stored (the caller owns the key), else the record in the way (HGETALL's flat list)
+# Replaced: the same owner's IN_PROGRESS record (a claim retried after its first attempt landed), or a COMPLETED
+# record whose expires_at <= now. A record the script cannot read (a status it does not know, a missing owner or
+# version, a lease or expiry that is not a number) is kept and returned: the caller reports it as corrupted instead
+# of overwriting what it cannot read. HMGET raises WRONGTYPE on a key of another type.
 _CLAIM = """
 local unpack = unpack or table.unpack
-local status = redis.call('HGET', KEYS[1], 'status')
-if status then
-    local now = tonumber(ARGV[1])
-    local expires_at = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
-    local lease = tonumber(redis.call('HGET', KEYS[1], 'lease'))
-    local live = true
-    if expires_at ~= nil and lease ~= nil then
-        if expires_at <= now then
-            live = false
-        elseif status == 'IN_PROGRESS' then
-            live = lease > now and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]
+local stored = redis.call('HMGET', KEYS[1], 'status', 'owner', 'version', 'lease_seconds', 'expires_at')
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    local status, owner, expires_at = stored[1], stored[2], tonumber(stored[5])
+    local free = false
+    if owner and stored[3] and tonumber(stored[4]) ~= nil and expires_at ~= nil then
+        if status == 'IN_PROGRESS' then
+            free = owner == ARGV[1]
+        elseif status == 'COMPLETED' then
+            free = expires_at <= tonumber(ARGV[2])
         end
     end
-    if live then
+    if not free then
         return redis.call('HGETALL', KEYS[1])
     end
     redis.call('DEL', KEYS[1])
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return nil
 """
 
+# take_over: replace the stored record only if its version is the one the caller judged (compare-and-set).
+#   ARGV[1]   the judged version
+#   ARGV[2]   the new record's TTL in milliseconds
+#   ARGV[3..] the new record's hash fields, as name, value, ...
+#   returns   1 if replaced, 0 if the key holds another version or nothing (nothing written)
+_TAKE_OVER = """
+local unpack = unpack or table.unpack
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 # complete: replace the owner's IN_PROGRESS record with the completed record, fenced on owner and status.
-#   KEYS[1]   the record's key
 #   ARGV[1]   the owner
-#   ARGV[2]   PEXPIREAT of the completed record (milliseconds, rounded up)
+#   ARGV[2]   the completed record's TTL in milliseconds
 #   ARGV[3..] the completed record's hash fields, as name, value, ...
 #   returns   1 if written, 0 if fenced off (taken over, completed, or gone)
 _COMPLETE = """
@@ -98,12 +128,11 @@ if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1]
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
 # release: delete the owner's IN_PROGRESS record, fenced on owner and status.
-#   KEYS[1]   the record's key
 #   ARGV[1]   the owner
 #   returns   1 if deleted, 0 if fenced off
 _RELEASE = """
@@ -114,27 +143,25 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# renew: extend the owner's lease, fenced on owner and status; the expiry is raised to the lease, never lowered.
-#   KEYS[1]   the record's key
+# renew: a heartbeat, fenced on owner and status: a new version, lease and expiry (set as given, earlier or later
+# than before), the key's TTL from that expiry, and the checkpoint if one is given. Payload and fingerprint stay.
 #   ARGV[1]   the owner
-#   ARGV[2]   the new lease_expires_at (seconds, same format as the hash field)
-#   ARGV[3]   PEXPIREAT for the new lease (milliseconds, rounded up), used only when the expiry is raised
-#   ARGV[4]   '1' to store ARGV[5] as the checkpoint, '0' to keep the stored one
-#   ARGV[5]   the checkpoint
+#   ARGV[2]   the TTL in milliseconds
+#   ARGV[3]   the new version
+#   ARGV[4]   the new lease_seconds (repr)
+#   ARGV[5]   the new expires_at (repr)
+#   ARGV[6]   '1' to store ARGV[7] as the checkpoint, '0' to keep the stored one
+#   ARGV[7]   the checkpoint
 #   returns   1 if renewed, 0 if fenced off
 _RENEW = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
     return 0
 end
-redis.call('HSET', KEYS[1], 'lease', ARGV[2])
-local expires_at = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
-if expires_at == nil or expires_at < tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[1], 'expires_at', ARGV[2])
-    redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'version', ARGV[3], 'lease_seconds', ARGV[4], 'expires_at', ARGV[5])
+if ARGV[6] == '1' then
+    redis.call('HSET', KEYS[1], 'checkpoint', ARGV[7])
 end
-if ARGV[4] == '1' then
-    redis.call('HSET', KEYS[1], 'checkpoint', ARGV[5])
-end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -142,12 +169,19 @@ return 1
 class RedisIdempotencyStore(IdempotencyStore):
     """Idempotency records in Redis or Valkey, so retries are deduplicated across processes and hosts.
 
-    One hash per record, its expiry on the key (see the data layout above the scripts in this module). Each
+    One hash per record, its lifetime on the key (see the data layout above the scripts in this module). Each
     primitive is one Lua script on one key, so one round trip and one atomic step, and Redis Cluster works:
-    ``claim`` stores the claim or returns the live record; ``complete``, ``release`` and ``renew`` are fenced on
-    the owner and the ``IN_PROGRESS`` status, so a primary whose lease was taken over cannot overwrite, delete or
-    extend the new owner's record. Scripts are sent by SHA (``EVALSHA``, via redis-py's ``register_script``) and
-    loaded again when the server does not know them (after a restart or ``SCRIPT FLUSH``).
+    ``claim`` stores the claim or returns the record in the way; ``take_over`` is a compare-and-set on the version;
+    ``complete``, ``release`` and ``renew`` are fenced on the owner and the ``IN_PROGRESS`` status, so a primary whose
+    claim was taken over cannot overwrite, delete or extend the new owner's record. Scripts are sent by SHA
+    (``EVALSHA``, via redis-py's ``register_script``) and loaded again when the server does not know them (after a
+    restart or ``SCRIPT FLUSH``).
+
+    Clocks: no script judges a running claim by time. Records are deleted by Redis on its own clock, after a duration
+    each write sets (``expires_at`` minus the writer's ``now``), so a host whose clock is minutes ahead or behind
+    neither frees a running claim nor keeps a finished one late. Only a ``COMPLETED`` record's replay window is
+    compared with a caller's clock (``claim``'s ``now``), as the contract says. A record written with its
+    ``expires_at`` already past lives 1 ms.
 
     Durability is the server's: a Redis without persistence (no AOF, no snapshots) forgets every record when it
     restarts, claims of running invocations included, and their retries run again. Give the server
@@ -202,6 +236,7 @@ class RedisIdempotencyStore(IdempotencyStore):
         self._client = client
         self._close_client = close_client
         self._claim = client.register_script(_CLAIM)
+        self._take_over = client.register_script(_TAKE_OVER)
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
@@ -285,35 +320,66 @@ class RedisIdempotencyStore(IdempotencyStore):
             raise _closed_error()
         return self._claim_record(record, now)
 
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        """See ``IdempotencyStore.take_over``: one script, a compare-and-set on the stored version."""
+        return bool(await self._blocking(self._write, self._take_over, record.key, [version], record))
+
     async def get(self, key: str) -> IdempotencyRecord | None:
-        """See ``IdempotencyStore.get``: one ``HGETALL``; Redis has deleted an expired record already."""
+        """See ``IdempotencyStore.get``: one ``HGETALL``, no clock.
+
+        Redis deletes a record when its TTL runs out; until then a ``COMPLETED`` record is returned even if the
+        reader's clock says it expired (``record.expired(now)`` tells).
+        """
         fields = await self._blocking(self._execute, key, self._client.hgetall, None)
         return _from_fields(key, fields) if fields else None
 
     async def complete(self, record: IdempotencyRecord) -> bool:
         """See ``IdempotencyStore.complete``: one script, fenced on owner and status."""
-        args = [record.owner, _pexpireat(record.expires_at), *_fields(record)]
-        return bool(await self._blocking(self._execute, record.key, self._complete, args))
+        return bool(await self._blocking(self._write, self._complete, record.key, [record.owner], record))
 
     async def release(self, key: str, owner: str) -> bool:
         """See ``IdempotencyStore.release``: one script, fenced on owner and status."""
         return bool(await self._blocking(self._execute, key, self._release, [owner]))
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
         """See ``IdempotencyStore.renew``: one script, fenced on owner and status."""
+        return bool(
+            await self._blocking(self._renew_record, key, owner, version, lease_seconds, expires_at, checkpoint)
+        )
+
+    def _claim_record(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        # The claim's duration is measured from the caller's own ``now``: the very reading its expires_at came from.
+        args = [record.owner, repr(float(now)), _ttl_ms(record.expires_at, now), *_fields(record)]
+        existing = self._execute(record.key, self._claim, args)
+        return None if existing is None else _from_fields(record.key, _pairs(existing))
+
+    def _write(self, script: Callable[..., Any], key: str, head: list[str], record: IdempotencyRecord) -> Any:
+        """Run ``script`` with ``head``, then ``record``'s TTL from now and its fields; on the calling thread."""
+        # time.time() read here, on the worker, just before the call: time spent queued is not added to the TTL.
+        return self._execute(key, script, [*head, _ttl_ms(record.expires_at, time.time()), *_fields(record)])
+
+    def _renew_record(
+        self, key: str, owner: str, version: str, lease_seconds: float, expires_at: float, checkpoint: str | None
+    ) -> Any:
         args = [
             owner,
-            repr(float(lease_expires_at)),
-            _pexpireat(lease_expires_at),
+            _ttl_ms(expires_at, time.time()),
+            version,
+            repr(float(lease_seconds)),
+            repr(float(expires_at)),
             "0" if checkpoint is None else "1",
             checkpoint or "",
         ]
-        return bool(await self._blocking(self._execute, key, self._renew, args))
-
-    def _claim_record(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        args = [repr(float(now)), record.owner, _pexpireat(record.expires_at), *_fields(record)]
-        existing = self._execute(record.key, self._claim, args)
-        return None if existing is None else _from_fields(record.key, _pairs(existing))
+        return self._execute(key, self._renew, args)
 
     async def _blocking(self, fn: Callable[..., T], /, *args: Any) -> T:
         """Run ``fn(*args)`` on the store's executor."""
@@ -363,9 +429,13 @@ def _outcome(call: Callable[[], T]) -> tuple[T | None, Exception | None]:
         return None, e
 
 
-def _pexpireat(expires_at: float) -> int:
-    # Milliseconds, rounded up (the + 1 absorbs the float product's rounding): Redis never deletes a live record.
-    return math.floor(expires_at * 1000) + 1
+def _ttl_ms(expires_at: float, now: float) -> int:
+    """``expires_at - now`` in milliseconds for PEXPIRE: rounded up (Redis never deletes a record early), at least 1.
+
+    A record already past its expiry gets 1 ms: its write lands as any other, and Redis deletes it a millisecond later
+    (a PEXPIRE of zero or less would delete the key inside the very script that wrote it).
+    """
+    return max(1, math.ceil((expires_at - now) * 1000))
 
 
 def _fields(record: IdempotencyRecord) -> list[str | bytes]:
@@ -374,8 +444,10 @@ def _fields(record: IdempotencyRecord) -> list[str | bytes]:
         record.state.value,
         "owner",
         record.owner,
-        "lease",
-        repr(float(record.lease_expires_at)),
+        "version",
+        record.version,
+        "lease_seconds",
+        repr(float(record.lease_seconds)),
         "expires_at",
         repr(float(record.expires_at)),
     ]
@@ -404,7 +476,8 @@ def _from_fields(key: str, fields: Mapping[bytes, bytes]) -> IdempotencyRecord:
             key=key,
             state=RecordState(fields[b"status"].decode()),
             owner=fields[b"owner"].decode(),
-            lease_expires_at=float(fields[b"lease"]),
+            version=fields[b"version"].decode(),
+            lease_seconds=float(fields[b"lease_seconds"]),
             expires_at=float(fields[b"expires_at"]),
             fingerprint=_text(fields, b"fingerprint"),
             payload=fields.get(b"payload"),
