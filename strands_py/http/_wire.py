@@ -1,4 +1,4 @@
-"""The wire format: strands events become a small, documented JSON event vocabulary, framed as Server-Sent Events.
+r"""The wire format: strands events become a small, documented JSON event vocabulary, framed as Server-Sent Events.
 
 | event       | data                                                                              |
 |-------------|-----------------------------------------------------------------------------------|
@@ -12,6 +12,11 @@
 Every event carries ``id: <run>:<position>``: ``position`` counts the events of one run from 1, ``run`` names the
 run (``r`` for a replay of a stored result, which is always the two events ``message`` and ``result``).
 ``bytes`` in messages (images, documents) travel as base64 strings, as in the Bedrock Converse JSON API.
+
+Text that is not valid Unicode, such as a file name or a subprocess's output a tool decoded with
+``errors="surrogateescape"`` (``"report-\udcff.txt"``), travels as JSON's ``\udcff`` escape: valid JSON text
+in valid UTF-8, which ``json.loads`` and ``JSON.parse`` turn back into the very same string. Everything else that is
+not ASCII travels as UTF-8.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +36,10 @@ from strands.agent.agent_result import AgentResult
 from .._events import result_of
 
 REPLAY_TAG = "r"
+
+# A lone surrogate: a str may hold one, UTF-8 cannot encode it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_DEPTH = 200
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,57 @@ def _json_default(value: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON on one line (so that it is one SSE ``data:`` line), non-ASCII kept as is."""
-    return json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+    r"""Compact JSON on one line (so that it is one SSE ``data:`` line) that always encodes as UTF-8.
+
+    Non-ASCII is kept as is, except lone surrogates, which become ``\uXXXX`` escapes (see the module's
+    documentation). Never raises: what JSON cannot hold (keys that are not strings, NaN and infinities, integers
+    too long to print, a circular reference, nesting deeper than JSON decoders allow) is served as text rather
+    than fail a response after the agent ran.
+    """
+    try:
+        text = json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except Exception:  # TypeError, ValueError, RecursionError, or whatever a model_dump or __str__ raised
+        text = json.dumps(_plain(value, 0, set()), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # Surrogates can only be inside JSON strings (everything else json.dumps writes is ASCII), where the escape of
+    # a character means that character: the text stays the same JSON value.
+    return text if text.isascii() else _SURROGATE.sub(_escape_surrogate, text)
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _plain(value: Any, depth: int, seen: set[int]) -> Any:
+    """``value`` as plain JSON values: str keys, no cycles, bounded depth (the rest as text). For ``dumps`` only."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, int):
+        try:
+            int.__repr__(value)  # longer than sys.get_int_max_str_digits() cannot be printed
+        except ValueError:
+            return f"<int of {value.bit_length()} bits>"
+        return value
+    if depth >= _MAX_DEPTH or id(value) in seen:
+        return "..." if depth >= _MAX_DEPTH else "<circular>"
+    if isinstance(value, dict):
+        seen.add(id(value))
+        try:
+            return {str(key): _plain(item, depth + 1, seen) for key, item in value.items()}
+        finally:
+            seen.discard(id(value))
+    if isinstance(value, list | tuple):
+        seen.add(id(value))
+        try:
+            return [_plain(item, depth + 1, seen) for item in value]
+        finally:
+            seen.discard(id(value))
+    try:
+        converted = _json_default(value)
+    except Exception:  # a model_dump or __str__ that fails: a placeholder, never a failed response
+        return f"<{type(value).__name__}>"
+    return converted if isinstance(converted, str) else _plain(converted, depth + 1, seen)
 
 
 def frame(tag: str, position: int, name: str, data: str) -> WireEvent:
