@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,12 @@ from ._problems import BODY_TOO_LARGE, INVALID_BODY, KEY_INVALID, UNSUPPORTED_ME
 
 IDEMPOTENCY_KEY_HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
+
+# Numbers in headers: ASCII digits only (str.isdigit and int accept other scripts' digits, and int() of a very long
+# one raises), at most 18 of them, so that int() of a match always works and fits in 64 bits.
+_DIGITS = re.compile("[0-9]{1,18}")
+# RFC 9110 section 12.4.2: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 
 # Content blocks whose `source.bytes` travels as base64 in JSON (as in the Bedrock Converse JSON API).
 _BINARY_BLOCKS = ("image", "document", "video")
@@ -106,10 +113,8 @@ def wants_event_stream(accept: str | None) -> bool:
         for param in params.split(";"):
             name, _, value = param.strip().partition("=")
             if name.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
+                # Not a qvalue ("oops", "nan", "1e9", "-1"): not acceptable, rather than a guess.
+                quality = float(value) if _QVALUE.fullmatch(value.strip()) else 0.0
         sse = max(sse, _match(media_range, "text/event-stream", quality), key=lambda m: m[1])
         json_ = max(json_, _match(media_range, "application/json", quality), key=lambda m: m[1])
     return sse[0] > 0 and (sse[0] > json_[0] or (sse[0] == json_[0] and sse[1] > json_[1]))
@@ -127,11 +132,17 @@ def _match(media_range: str, media_type: str, quality: float) -> tuple[float, in
 
 
 def parse_last_event_id(value: str | None) -> tuple[str, int] | None:
-    """``<run>:<position>`` from a ``Last-Event-ID`` header; None when absent or not one of ours."""
+    """``<run>:<position>`` from a ``Last-Event-ID`` header; None when absent or not one of ours.
+
+    Anything else is ignored, never an error: ``EventSource`` sends back whatever id it saw last, and a client that
+    sends an id that is not ours gets the whole sequence. ``position`` is ASCII digits only (``str.isdigit`` also
+    accepts ``"²"``, which ``int`` refuses), at most 18 of them (no run has more events; ``int`` refuses a very long
+    one).
+    """
     if not value:
         return None
     tag, sep, position = value.strip().rpartition(":")
-    if not sep or not tag or not position.isdigit():
+    if not sep or not tag or _DIGITS.fullmatch(position) is None:
         return None
     return tag, int(position)
 
@@ -153,8 +164,10 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
     too_large = ProblemError(
         Problem(413, BODY_TOO_LARGE, "Request body too large", f"The request body is limited to {max_bytes} bytes.")
     )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    declared = request.headers.get("content-length", "").strip()
+    # Servers check Content-Length before the app sees it; behind one that does not, a length that is not ours to
+    # parse is left to the limit enforced while reading, and more digits than _DIGITS takes is too large anyway.
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
         raise too_large
     chunks: list[bytes] = []
     size = 0
