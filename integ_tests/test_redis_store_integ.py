@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import os
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 import redis
 import redis_worker as worker
 from _servers import RedisServer, running_redis
 
+import strands_py.idempotency.redis as redis_module
 from strands_py.idempotency import (
+    IdempotencyRecord,
+    IdempotencyRecordCorruptedError,
     IdempotencyStore,
     IdempotencyStoreError,
     IdempotencyWaitTimeoutError,
@@ -25,12 +30,17 @@ from strands_py.idempotency import (
     ReplayedAgentResult,
 )
 from strands_py.idempotency.keys import make_key
+from strands_py.idempotency.record import new_version
 from strands_py.idempotency.redis import RedisIdempotencyStore
 from strands_py.testing.bedrock import STUB_ANSWER
 from strands_py.testing.store_contract import StoreContract
 
 WAIT = 60.0
 SPAWN = multiprocessing.get_context("spawn")
+PREFIX = "strands-py:idempotency:"
+SKEW = 600.0  # ten minutes
+# Bound on the time between a write and the PTTL read that checks it, under any load: far below the skews tested.
+SLACK_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +84,7 @@ def _stop(*procs: Any) -> None:
 
 
 class _Stamp:
-    """An ``entered`` for ScriptedBedrock that remembers when the model was first called."""
+    """An ``entered`` for ScriptedBedrock that remembers when (monotonic) the model was first called."""
 
     def __init__(self) -> None:
         self.at: float | None = None
@@ -82,7 +92,7 @@ class _Stamp:
 
     def set(self) -> None:
         if self.at is None:
-            self.at = time.time()
+            self.at = time.monotonic()
         self._event.set()
 
     def is_set(self) -> bool:
@@ -144,28 +154,25 @@ def test_a_killed_owner_is_taken_over_after_its_lease_and_runs_once(url: str) ->
         worker.close(impatient_store)
         os.kill(doomed.pid or 0, signal.SIGKILL)
         doomed.join(WAIT)
-        killed_at = time.time()
+        killed_at = time.monotonic()
     finally:
         _stop(doomed)
     assert doomed.exitcode == -signal.SIGKILL
 
     key = make_key(worker.SCOPE, "order-crash")
     held = asyncio.run(store.inner.get(key))
-    assert held is not None and held.state is RecordState.IN_PROGRESS
-    lapses_at = held.lease_expires_at  # the lease as the dead owner last left it (renewed or not)
+    assert held is not None and held.state is RecordState.IN_PROGRESS and held.lease_seconds == lease
 
-    # A patient retry takes the claim over once the lease lapses (never before), and runs exactly once.
+    # A patient retry takes the claim over only after it has seen the dead owner's last version for a whole lease
+    # (it began watching after the kill, on its own monotonic clock), and runs exactly once.
     stamp = _Stamp()
     script.entered = stamp
     result = agent(worker.PROMPT, idempotency_token="order-crash")
     assert not isinstance(result, ReplayedAgentResult)
     assert script.model_calls == 2 and script.tool_calls == 1 and store.calls["complete"] == 1
-    assert stamp.at is not None and stamp.at >= lapses_at
-    # A measurement, not an assertion (how soon after the lapse depends on the machine's load).
-    print(
-        f"takeover: {stamp.at - killed_at:.2f}s after SIGKILL, {stamp.at - lapses_at:.2f}s after the lease lapsed "
-        f"(lease {lease}s)"
-    )
+    assert stamp.at is not None and stamp.at - killed_at >= lease
+    # A measurement, not an assertion (how soon after the lease depends on the machine's load and the poll).
+    print(f"takeover: {stamp.at - killed_at:.2f}s after SIGKILL (lease {lease}s)")
     worker.close(store)
 
     later, later_script, later_store = worker.make_agent(url, claims)
@@ -270,3 +277,298 @@ def test_the_server_fixture_stops_what_it_starts() -> None:
         client.close()
     with pytest.raises(redis.ConnectionError):
         redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1).ping()
+
+
+# Lifetimes are durations on the server's clock; no clock frees a running claim; takeover is a compare-and-set.
+
+
+def _record(key: str, owner: str, now: float, *, lease: float = 30.0, ttl: float = 270.0) -> IdempotencyRecord:
+    return IdempotencyRecord(key, RecordState.IN_PROGRESS, owner, new_version(), lease, now + lease + ttl, "fp")
+
+
+def _completed(key: str, owner: str, now: float, *, ttl: float) -> IdempotencyRecord:
+    return IdempotencyRecord(key, RecordState.COMPLETED, owner, new_version(), 0.0, now + ttl, "fp", b"result")
+
+
+def _assert_ttl(client: redis.Redis, key: str, seconds: float) -> None:
+    """The key's TTL on the server is ``seconds`` (rounded up to ms), less the little time since the write."""
+    intended = math.ceil(seconds * 1000)
+    pttl = client.pttl(PREFIX + key)
+    assert intended - SLACK_MS < pttl <= intended, f"PTTL {pttl} ms, intended {intended} ms"
+
+
+def _skewed_clock(offset: float) -> Any:
+    """Patches ``time.time`` of this whole process (the server is another process): this host's clock is off."""
+    real = time.time
+    return mock.patch("time.time", lambda: real() + offset)
+
+
+class _AbsoluteDeadlines(RedisIdempotencyStore):
+    """Negative control (the layout before this one): PEXPIREAT at expires_at, a time of the writer's clock."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(client, close_client=True)
+        self._claim, self._take_over, self._complete, self._renew = (
+            client.register_script(script.replace("'PEXPIRE'", "'PEXPIREAT'"))
+            for script in (redis_module._CLAIM, redis_module._TAKE_OVER, redis_module._COMPLETE, redis_module._RENEW)
+        )
+
+
+def _absolute_ms(expires_at: float, now: float) -> int:
+    return math.floor(expires_at * 1000) + 1
+
+
+class _ClockJudgesClaims(RedisIdempotencyStore):
+    """Negative control: a claim script that frees another owner's claim past its expires_at by the caller's now."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(client, close_client=True)
+        judged = redis_module._CLAIM.replace(
+            "free = owner == ARGV[1]", "free = owner == ARGV[1] or expires_at <= tonumber(ARGV[2])"
+        )
+        assert judged != redis_module._CLAIM
+        self._claim = client.register_script(judged)
+
+
+@pytest.fixture
+def lifetimes(request: pytest.FixtureRequest, url: str) -> Iterator[RedisIdempotencyStore]:
+    """The store, or (``indirect`` param "absolute-deadlines") the variant writing deadlines of the writer's clock."""
+    if getattr(request, "param", "durations") == "durations":
+        with RedisIdempotencyStore.from_url(url) as store:
+            yield store
+        return
+    with mock.patch.object(redis_module, "_ttl_ms", _absolute_ms), _AbsoluteDeadlines(redis.Redis.from_url(url)) as v:
+        yield v
+
+
+LIFETIMES = [
+    "durations",
+    pytest.param("absolute-deadlines", marks=pytest.mark.xfail(strict=True, raises=AssertionError)),
+]
+
+
+def _renew(store: RedisIdempotencyStore, now: float, judged: IdempotencyRecord) -> Awaitable[bool]:
+    return store.renew("s#k", judged.owner, version=new_version(), lease_seconds=30, expires_at=now + 400)
+
+
+def _take_over(store: RedisIdempotencyStore, now: float, judged: IdempotencyRecord) -> Awaitable[bool]:
+    return store.take_over(_record("s#k", "b", now, lease=30, ttl=370), judged.version)
+
+
+def _complete(store: RedisIdempotencyStore, now: float, judged: IdempotencyRecord) -> Awaitable[bool]:
+    return store.complete(_completed("s#k", judged.owner, now, ttl=400))
+
+
+@pytest.mark.parametrize("lifetimes", LIFETIMES, indirect=True)
+@pytest.mark.parametrize("offset", [SKEW, -SKEW])
+def test_a_skewed_host_writes_records_for_their_intended_duration_on_the_server(
+    lifetimes: RedisIdempotencyStore, url: str, offset: float
+) -> None:
+    """A host ten minutes ahead or behind: every record it writes lives its duration on the server's clock.
+
+    The claim's duration is measured from its own ``now``; the other writes' from the host's clock at the write. An
+    absolute deadline (PEXPIREAT, the negative control) would live ten minutes too long, or be deleted at once.
+    """
+    store = lifetimes
+    client = redis.Redis.from_url(url)
+    writes: list[Callable[[RedisIdempotencyStore, float, IdempotencyRecord], Awaitable[bool]]]
+    writes = [_renew, _take_over, _complete]
+    try:
+        for write in writes:
+            client.delete(PREFIX + "s#k")
+            with _skewed_clock(offset):
+                now = time.time()
+                claim = _record("s#k", "a", now)
+                assert asyncio.run(store.claim(claim, now)) is None
+            _assert_ttl(client, "s#k", 300)
+            with _skewed_clock(offset):
+                assert asyncio.run(write(store, time.time(), claim)) is True
+            _assert_ttl(client, "s#k", 400)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def claims_of_a_skewed_host(request: pytest.FixtureRequest, url: str) -> Iterator[RedisIdempotencyStore]:
+    """The store, or (``indirect`` param "clock-judges-claims") the variant whose claims judge leases by a clock."""
+    if getattr(request, "param", "store") == "store":
+        with RedisIdempotencyStore.from_url(url) as store:
+            yield store
+        return
+    with _ClockJudgesClaims(redis.Redis.from_url(url)) as variant:
+        yield variant
+
+
+@pytest.mark.parametrize(
+    "claims_of_a_skewed_host",
+    ["store", pytest.param("clock-judges-claims", marks=pytest.mark.xfail(strict=True, raises=AssertionError))],
+    indirect=True,
+)
+def test_a_claim_from_a_skewed_host_never_frees_a_running_claim(
+    claims_of_a_skewed_host: RedisIdempotencyStore, url: str
+) -> None:
+    """A running claim (short lease, short expiry) blocks claims from hosts ten minutes, or a month, ahead or behind.
+
+    The claim's owner never renews here: only a waiter watching its version for a whole lease may take it over.
+    """
+    skewed_store = claims_of_a_skewed_host
+    client = redis.Redis.from_url(url)
+    try:
+        with RedisIdempotencyStore.from_url(url) as store:
+            now = time.time()
+            running = _record("s#k", "a", now, lease=1.0, ttl=300.0)
+            assert asyncio.run(store.claim(running, now)) is None
+            for offset in (SKEW, -SKEW, 30 * 86400.0):
+                with _skewed_clock(offset):
+                    skewed_now = time.time()
+                    existing = asyncio.run(skewed_store.claim(_record("s#k", f"b{offset}", skewed_now), skewed_now))
+                assert existing == running, f"a claim {offset}s off replaced a running claim"
+            assert asyncio.run(store.get("s#k")) == running
+            _assert_ttl(client, "s#k", 301)  # and its lifetime is its own, untouched by the failed claims
+    finally:
+        client.close()
+
+
+class _CheckThenTakeOver(RedisIdempotencyStore):
+    """Negative control: checks the version with a read, then writes unconditionally (every taker checks first)."""
+
+    def __init__(self, client: redis.Redis, takers: int) -> None:
+        super().__init__(client, max_workers=takers + 1, close_client=True)
+        self._all_checked = threading.Barrier(takers)
+        blind = redis_module._TAKE_OVER.replace("redis.call('HGET', KEYS[1], 'version') ~= ARGV[1]", "false")
+        assert blind != redis_module._TAKE_OVER
+        self._overwrite = client.register_script(blind)
+
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        current = await self.get(record.key)
+        if current is None or current.version != version:
+            return False
+        self._all_checked.wait(WAIT)  # deterministic interleaving: nobody writes before every taker has checked
+        return bool(await self._blocking(self._write, self._overwrite, record.key, [version], record))
+
+
+TAKERS = 8
+RENEWALS = 200
+
+
+@pytest.fixture
+def racing_takeovers(request: pytest.FixtureRequest, url: str) -> Iterator[RedisIdempotencyStore]:
+    """The store, or (``indirect`` param "check-then-act") a take_over that reads, then writes blindly."""
+    if getattr(request, "param", "store") == "store":
+        with RedisIdempotencyStore.from_url(url, max_workers=TAKERS + 1) as store:
+            yield store
+        return
+    with _CheckThenTakeOver(redis.Redis.from_url(url), TAKERS) as variant:
+        yield variant
+
+
+@pytest.mark.racing
+@pytest.mark.parametrize(
+    "racing_takeovers",
+    ["store", pytest.param("check-then-act", marks=pytest.mark.xfail(strict=True, raises=AssertionError))],
+    indirect=True,
+)
+def test_take_over_is_a_compare_and_set_against_a_renewing_owner_and_other_takers(
+    racing_takeovers: RedisIdempotencyStore,
+) -> None:
+    """Takers read the record and take over the version they read, while its owner renews as fast as it can.
+
+    Exactly one taker wins, with a version the owner wrote; no renewal lands after the takeover (the winner's record
+    is what remains, to the byte), and every other taker, having lost, finds the winner's record.
+    """
+    store = racing_takeovers
+    now = time.time()
+    first = _record("s#race", "owner", now)
+    assert asyncio.run(store.claim(first, now)) is None
+    renewing = threading.Event()  # set once the owner is well into its renewals: the takers race against them
+    written = [first.version]  # versions the owner wrote, in order
+    wins: list[tuple[IdempotencyRecord, str]] = []  # (the winner's record, the version it judged)
+    stale: list[str] = []  # takeovers refused: the version judged was gone (renewed, or taken over) by the write
+    errors: list[BaseException] = []
+
+    async def heartbeat() -> None:
+        try:
+            for i in range(RENEWALS):
+                version = new_version()
+                renewed = await store.renew(
+                    "s#race", "owner", version=version, lease_seconds=30, expires_at=time.time() + 300
+                )
+                if not renewed:
+                    return  # fenced off: taken over
+                written.append(version)
+                if i == RENEWALS // 10:
+                    renewing.set()
+        finally:
+            renewing.set()
+
+    async def take(name: str) -> None:
+        assert renewing.wait(WAIT)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            seen = await store.get("s#race")
+            assert seen is not None
+            if seen.owner != "owner":
+                return  # another taker won: a judgement now would be of its record, not the owner's
+            mine = _record("s#race", name, time.time())
+            if await store.take_over(mine, seen.version):
+                wins.append((mine, seen.version))
+                return
+            stale.append(name)
+        raise AssertionError(f"{name} neither won nor saw a winner")
+
+    def run(coroutine: Callable[[], Awaitable[None]]) -> None:
+        try:
+            asyncio.run(asyncio.wait_for(coroutine(), WAIT))
+        except BaseException as e:  # reported on the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(heartbeat,))]
+    threads += [threading.Thread(target=run, args=(lambda n=f"taker-{i}": take(n),)) for i in range(TAKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 2)
+    assert not errors, errors
+    assert len(wins) == 1, f"{len(wins)} takeovers won"
+    [(winner, judged)] = wins
+    assert judged in written
+    assert asyncio.run(store.get("s#race")) == winner
+    # A measurement: how contended the race was on this run.
+    print(
+        f"take_over race: the owner renewed {len(written) - 1} times, the winner took version "
+        f"#{written.index(judged)}, {len(stale)} takeovers were refused"
+    )
+
+
+def test_a_key_of_another_type_is_a_corrupt_record_on_the_real_server(url: str) -> None:
+    """Redis 7 reports WRONGTYPE from inside a script with the script's name appended: still a corrupt record."""
+    client = redis.Redis.from_url(url)
+    client.set(PREFIX + "s#bad", "not a hash")
+    now = time.time()
+    with RedisIdempotencyStore.from_url(url) as store:
+        calls = [
+            store.claim(_record("s#bad", "a", now), now),
+            store.take_over(_record("s#bad", "a", now), "v"),
+            store.get("s#bad"),
+            store.complete(_completed("s#bad", "a", now, ttl=60)),
+            store.release("s#bad", "a"),
+            store.renew("s#bad", "a", version="v", lease_seconds=30, expires_at=now + 60),
+        ]
+        for call in calls:
+            with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
+                asyncio.run(call)
+    assert client.get(PREFIX + "s#bad") == b"not a hash"
+    client.close()
+
+
+def test_a_record_written_past_its_expiry_lands_and_is_deleted_by_the_server(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    now = time.time()
+    with RedisIdempotencyStore.from_url(url) as store:
+        assert asyncio.run(store.claim(_record("s#k", "a", now), now)) is None
+        assert asyncio.run(store.complete(_completed("s#k", "a", now, ttl=-60))) is True
+        assert client.pttl(PREFIX + "s#k") in (-2, 0, 1)  # gone, or going within a millisecond
+        # a claim whose expiry is past: stored (the caller owns the key), then deleted
+        assert asyncio.run(store.claim(_record("s#past", "a", now - 7200), now)) is None
+        assert client.pttl(PREFIX + "s#past") in (-2, 0, 1)
+    client.close()
