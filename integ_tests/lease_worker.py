@@ -27,6 +27,7 @@ from strands_py.idempotency import (
     IdempotencyConfig,
     IdempotencyRecord,
     IdempotencyStore,
+    RecordState,
     _context,
     _heartbeat,
 )
@@ -44,17 +45,24 @@ IDLE_SECONDS = 600.0
 HANG_SECONDS = 25.0
 HEARTBEAT_TASK = "strands-py-heartbeat"
 WRITES = ("PutItem", "UpdateItem", "DeleteItem")
+# Room for a record version (``new_version()``: 16 hex digits and a counter).
+VERSION_BYTES = 64
 
 
 class Probe:
     """One worker process as the test sees it. Picklable only when the process is spawned (it is its argument).
 
+    Times are ``time.monotonic()``: on Linux one clock for every process of the machine (``CLOCK_MONOTONIC``), so the
+    test compares them across processes, and no wall clock decides anything.
+
     Queues: ``jobs`` (the one call the process makes, sent by the test), ``keys`` (the key of every tool call),
     ``out`` (the report). Events: ``ready`` (agent built), ``go`` (the test lets it call), ``gate`` (releases gated
     model calls), ``entered`` (a gated model call started), ``renewed`` (set after every successful renewal; the
-    test clears it). Values: ``claim_attempts``, ``renewals`` (successful ones), ``claimed_at`` (wall time our
-    claim was stored, 0 if never), ``lease_until`` (the lease of our last successful claim or renewal),
-    ``model_started_at`` (wall time of the first model call).
+    test clears it). Values: ``claim_attempts``, ``renewals`` (successful ones), ``claimed_at`` (when our winning
+    claim or takeover returned, 0 if never), ``version`` and ``written_at`` (the version of our last successful
+    claim, takeover or renewal, and when it was sent: a waiter may judge us gone only a whole lease after that),
+    ``judged_version`` and ``judged_seen_at`` (the version our takeover replaced, and when we first read it),
+    ``took_over_at`` (when our winning takeover was sent), ``model_started_at`` (our first model call).
     """
 
     def __init__(self, ctx: Any) -> None:
@@ -63,57 +71,95 @@ class Probe:
         self.claim_attempts = ctx.Value("i", 0)
         self.renewals = ctx.Value("i", 0)
         self.claimed_at = ctx.Value("d", 0.0)
-        self.lease_until = ctx.Value("d", 0.0)
+        self.version, self.judged_version = ctx.Array("c", VERSION_BYTES), ctx.Array("c", VERSION_BYTES)
+        self.written_at = ctx.Value("d", 0.0)
+        self.judged_seen_at = ctx.Value("d", 0.0)
+        self.took_over_at = ctx.Value("d", 0.0)
         self.model_started_at = ctx.Value("d", 0.0)
 
 
 class ObservedStore(IdempotencyStore):
-    """Forwards to ``inner``; logs every primitive (name, sent, done, outcome) and publishes claims and renewals."""
+    """Forwards to ``inner``; logs every primitive (name, sent, done, outcome: monotonic times) and publishes our
+    claims, takeovers and renewals on the probe, with when we first read each version of another owner's claim."""
 
     def __init__(self, inner: IdempotencyStore, probe: Probe) -> None:
         self.inner = inner
         self.max_result_bytes = inner.max_result_bytes
         self.probe = probe
         self.log: list[tuple[str, float, float, Any]] = []
+        self.first_seen: dict[str, float] = {}
 
     def _logged(self, name: str, sent: float, outcome: Any) -> None:
-        self.log.append((name, sent, time.time(), outcome))
+        self.log.append((name, sent, time.monotonic(), outcome))
+
+    def _seen(self, record: IdempotencyRecord | None) -> None:
+        if record is not None and record.state is RecordState.IN_PROGRESS:
+            self.first_seen.setdefault(record.version, time.monotonic())
+
+    def _wrote(self, version: str, sent: float) -> None:
+        self.probe.version.value = version.encode()
+        self.probe.written_at.value = sent
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        sent = time.time()
+        sent = time.monotonic()
         existing = await self.inner.claim(record, now)
+        self._seen(existing)
         if existing is None:
-            self.probe.claimed_at.value = time.time()
-            self.probe.lease_until.value = record.lease_expires_at
+            self.probe.claimed_at.value = time.monotonic()
+            self._wrote(record.version, sent)
         with self.probe.claim_attempts.get_lock():
             self.probe.claim_attempts.value += 1
         self._logged("claim", sent, existing is None)
         return existing
 
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        sent = time.monotonic()
+        won = await self.inner.take_over(record, version)
+        if won:
+            self.probe.claimed_at.value = time.monotonic()
+            self.probe.took_over_at.value = sent
+            self.probe.judged_version.value = version.encode()
+            self.probe.judged_seen_at.value = self.first_seen.get(version, 0.0)
+            self._wrote(record.version, sent)
+        self._logged("take_over", sent, won)
+        return won
+
     async def get(self, key: str) -> IdempotencyRecord | None:
-        sent = time.time()
+        sent = time.monotonic()
         record = await self.inner.get(key)
+        self._seen(record)
         self._logged("get", sent, None if record is None else record.state.value)
         return record
 
     async def complete(self, record: IdempotencyRecord) -> bool:
-        sent = time.time()
+        sent = time.monotonic()
         done = await self.inner.complete(record)
         self._logged("complete", sent, done)
         return done
 
     async def release(self, key: str, owner: str) -> bool:
-        sent = time.time()
+        sent = time.monotonic()
         done = await self.inner.release(key, owner)
         self._logged("release", sent, done)
         return done
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        sent = time.time()
-        done = await self.inner.renew(key, owner, lease_expires_at, checkpoint)
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
+        sent = time.monotonic()
+        done = await self.inner.renew(
+            key, owner, version=version, lease_seconds=lease_seconds, expires_at=expires_at, checkpoint=checkpoint
+        )
         self._logged("renew", sent, done)
         if done:
-            self.probe.lease_until.value = lease_expires_at
+            self._wrote(version, sent)
             with self.probe.renewals.get_lock():
                 self.probe.renewals.value += 1
             self.probe.renewed.set()
@@ -149,7 +195,7 @@ class PaymentScript(ScriptedBedrock):
             self.model_calls += 1
             number = self.model_calls
         if number == 1:
-            self.probe.model_started_at.value = time.time()
+            self.probe.model_started_at.value = time.monotonic()
         if self.gate_from and number >= self.gate_from:
             self.entered.set()
             if not self.probe.gate.wait(WAIT):
@@ -179,7 +225,7 @@ class PaymentScript(ScriptedBedrock):
 
 
 def _client(endpoint: str, operations: list[tuple[str, float]]) -> Any:
-    """A DynamoDB client like the store's default one, recording every API call (name, wall time)."""
+    """A DynamoDB client like the store's default one, recording every API call (name, monotonic time)."""
     client = boto3.client(
         "dynamodb",
         region_name="us-east-1",
@@ -190,7 +236,7 @@ def _client(endpoint: str, operations: list[tuple[str, float]]) -> Any:
     )
 
     def record(model: Any, **_: Any) -> None:
-        operations.append((model.name, time.time()))
+        operations.append((model.name, time.monotonic()))
 
     client.meta.events.register("before-call.dynamodb", record)
     return client
@@ -266,10 +312,10 @@ def run(
         return {"result": str(result).strip(), "replayed": type(result).__name__ == "ReplayedAgentResult"}
 
     async def main() -> dict[str, Any]:
-        started = time.time()
+        started = time.monotonic()
         # The first call is the primary; the others are its duplicates in this process.
         outcomes = await asyncio.gather(*(call() for _ in range(calls)))
-        ended = time.time()
+        ended = time.monotonic()
         # Whatever way the invocation ended, its heartbeat must be gone with it.
         heartbeats = [t for t in asyncio.all_tasks() if t.get_name() == HEARTBEAT_TASK and not t.done()]
         return {

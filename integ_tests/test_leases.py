@@ -1,9 +1,11 @@
 """Leases that live, across OS processes (issue 10 §2–3), on one DynamoDB table served by a moto server.
 
 Every test spawns real processes (``lease_worker.run``), each with its own agent and store, and follows them through
-multiprocessing events and counters: a killed owner is taken over about one lease later, a run many leases long
-keeps its claim, a paused owner that wakes up after a takeover stops and writes nothing, and a tool call keeps its
-idempotency key when another process runs the invocation again. The measured figures are printed (``pytest -s``).
+multiprocessing events and counters: a killed owner is taken over about one lease after the waiter first saw its last
+version, a run many leases long keeps its claim, a paused owner that wakes up after a takeover stops and writes
+nothing, and a tool call keeps its idempotency key when another process runs the invocation again. Times are
+``time.monotonic()``, one clock for every process of the machine (Linux ``CLOCK_MONOTONIC``); no wall clock is read.
+The measured figures are printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import pytest
 from _moto import dynamodb_store, running_moto
 
 from strands_py.idempotency import IdempotencyRecord, RecordState
-from strands_py.idempotency._durable import _POLL_MAX_SECONDS
 from strands_py.idempotency.codec import decode_result
 from strands_py.idempotency.keys import make_key, tool_call_key
+from strands_py.turn._claim import _POLL_MAX_SECONDS
 
 WAIT = 30.0
 SPAWN = multiprocessing.get_context("spawn")
@@ -183,7 +185,25 @@ def _log(report: dict[str, Any], primitive: str) -> list[tuple[str, float, float
     return [entry for entry in report["store_log"] if entry[0] == primitive]
 
 
-# 1. A killed owner is taken over within one lease plus one poll interval.
+def _judged_gone(owner: worker.Probe, taker: worker.Probe, lease: float) -> float:
+    """Check how ``taker`` judged ``owner`` gone: it replaced exactly the owner's last write, after watching it.
+
+    The takeover's compare-and-set named the version of the owner's last successful write, was sent a whole lease
+    after the taker first read that version (its own monotonic clock), and after the owner's own lease, counted from
+    when that write was sent, had ended.
+
+    Returns:
+        Seconds from the taker's first read of that version to its takeover.
+    """
+    assert taker.judged_version.value == owner.version.value, "the takeover replaced another write than the last"
+    assert taker.judged_seen_at.value > 0, "the taker took over a version it never read"
+    watched = taker.took_over_at.value - taker.judged_seen_at.value
+    assert watched >= lease, f"taken over after watching the owner's last version for {watched:.2f} s only"
+    assert taker.took_over_at.value >= owner.written_at.value + lease, "taken over within the owner's own lease"
+    return watched
+
+
+# 1. A killed owner is taken over within one lease (plus one poll) of the waiter's first sight of its last version.
 
 
 @pytest.mark.racing
@@ -201,23 +221,25 @@ def test_a_killed_owner_is_taken_over_within_one_lease(endpoint: str, pool: Pool
         owner.renewed.clear()
         _wait(owner.renewed, "a renewal of the owner's lease")
         workers.kill("owner")
-        killed_at = time.time()
-        lease_until = owner.lease_until.value
+        killed_at = time.monotonic()
         report = workers.report("retry")
 
-    claimed_at, model_at = retry.claimed_at.value, retry.model_started_at.value
-    takeover = claimed_at - killed_at
+    watched = _judged_gone(owner, retry, lease)
+    took_over_at, model_at = retry.took_over_at.value, retry.model_started_at.value
     print(
-        f"\nMEASURED takeover after SIGKILL, lease {lease:g} s: {takeover:.2f} s from the kill to the retry's claim,"
-        f" {model_at - killed_at:.2f} s to its model call (lease left at the kill {lease_until - killed_at:.2f} s,"
-        f" claimed {claimed_at - lease_until:.3f} s after it lapsed)"
+        f"\nMEASURED takeover after SIGKILL, lease {lease:g} s: {watched:.2f} s from the retry's first read of the dead"
+        f" owner's last version to its takeover, {took_over_at - killed_at:.2f} s from the kill,"
+        f" {model_at - killed_at:.2f} s from the kill to its model call"
     )
     assert report["result"] == "answer from retry" and not report["replayed"]
     assert report["model_calls"] == 1 and report["heartbeats_left"] == 0
-    # Never before the dead owner's lease lapsed; within one lease plus one poll interval (plus slack for load).
-    assert claimed_at >= lease_until
-    assert takeover <= lease + _POLL_MAX_SECONDS + 3.0
-    assert [entry[3] for entry in _log(report, "claim")] == [False, True]
+    # Never before a whole lease of the same version (checked above); within one lease plus one poll interval of the
+    # first sight of it, and of the kill (plus slack for a loaded machine).
+    assert watched <= lease + _POLL_MAX_SECONDS + 3.0
+    assert took_over_at - killed_at <= lease + _POLL_MAX_SECONDS + 3.0
+    # One claim attempt that met the owner's claim, then one takeover: a compare-and-set on the version judged.
+    assert [entry[3] for entry in _log(report, "claim")] == [False]
+    assert [entry[3] for entry in _log(report, "take_over")] == [True]
     assert [entry[3] for entry in _log(report, "complete")] == [True]
     assert _answer(_stored(endpoint, token)) == "answer from retry"
 
@@ -260,6 +282,7 @@ def _run_three_leases_long(endpoint: str, pool: Pool, token: str, broken: str | 
     # The other process waited (one claim attempt, never a takeover attempt) and replayed the owner's result.
     assert retry_report["result"] == "answer from owner" and retry_report["replayed"]
     assert retry_report["model_calls"] == 0 and [entry[3] for entry in _log(retry_report, "claim")] == [False]
+    assert not _log(retry_report, "take_over")
     assert _answer(_stored(endpoint, token)) == "answer from owner"
 
 
@@ -295,12 +318,12 @@ def _pause_owner_past_its_lease(endpoint: str, pool: Pool, token: str, broken: s
         owner.renewed.clear()
         _wait(owner.renewed, "a renewal of the owner's lease")
         workers.signal("owner", signal.SIGSTOP)
-        stopped_at = time.time()
-        # The taker claims once the owner's lease lapsed, and holds in its own first model call.
+        stopped_at = time.monotonic()
+        # The taker takes the claim over once it has seen the owner's last version for a whole lease, and holds in
+        # its own first model call.
         _wait(taker.entered, "the taker's model call (it took the claim over)")
-        lease_until = owner.lease_until.value
         workers.signal("owner", signal.SIGCONT)
-        resumed_at = time.time()
+        resumed_at = time.monotonic()
         owner.gate.set()  # the owner's model call returns (asking for the pay tool) while the taker runs
         owner_report = workers.report("owner")
         taker.gate.set()
@@ -308,11 +331,12 @@ def _pause_owner_past_its_lease(endpoint: str, pool: Pool, token: str, broken: s
     # Read once every process has exited: a process flushes its queues before it exits, not before it reports.
     keys = workers.tool_keys_left()
 
+    watched = _judged_gone(owner, taker, lease)
     print(
-        f"\nMEASURED paused owner, lease {lease:g} s: taken over {taker.claimed_at.value - stopped_at:.2f} s after"
-        f" SIGSTOP; the resumed owner gave up {owner_report['ended'] - resumed_at:.2f} s after SIGCONT"
+        f"\nMEASURED paused owner, lease {lease:g} s: taken over {taker.took_over_at.value - stopped_at:.2f} s after"
+        f" SIGSTOP ({watched:.2f} s after the taker first read its last version); the resumed owner gave up"
+        f" {owner_report['ended'] - resumed_at:.2f} s after SIGCONT"
     )
-    assert taker.claimed_at.value >= lease_until
     # The resumed owner stopped: its caller and its duplicate in the same process got the error, its tool never
     # ran, and it wrote nothing after it woke up (its release was fenced off).
     assert [o.get("error") for o in owner_report["outcomes"]] == ["IdempotencyLeaseLostError"] * 2, owner_report
@@ -324,6 +348,7 @@ def _pause_owner_past_its_lease(endpoint: str, pool: Pool, token: str, broken: s
     # The taker ran the invocation once and stored its own result.
     assert taker_report["result"] == "answer from taker" and not taker_report["replayed"]
     assert taker_report["model_calls"] == 2 and taker_report["tool_calls"] == 1 and len(keys["taker"]) == 1
+    assert [entry[3] for entry in _log(taker_report, "take_over")] == [True]
     assert [entry[3] for entry in _log(taker_report, "complete")] == [True]
     assert _answer(_stored(endpoint, token)) == "answer from taker"
 
