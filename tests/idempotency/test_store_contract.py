@@ -27,11 +27,25 @@ from strands_py.idempotency import (
     InMemoryIdempotencyStore,
     RecordState,
 )
+from strands_py.idempotency.record import new_version
 from strands_py.idempotency.redis import RedisIdempotencyStore
 from strands_py.testing.counting import CountingStore
 from strands_py.testing.store_contract import SerialisedCalls, StoreContract
 
 WAIT = 10.0
+
+
+def _record(key: str, owner: str, now: float) -> IdempotencyRecord:
+    """A claim leased for a minute, collectable an hour after that."""
+    return IdempotencyRecord(
+        key=key,
+        state=RecordState.IN_PROGRESS,
+        owner=owner,
+        version=new_version(),
+        lease_seconds=60.0,
+        expires_at=now + 3660,
+        fingerprint="fp",
+    )
 
 
 class TestInMemoryStore(StoreContract):
@@ -78,7 +92,7 @@ CONTRACT = StoreContract()
 
 
 class _UnfencedStore(InMemoryIdempotencyStore):
-    """Completes, releases and renews without checking the owner."""
+    """Completes and releases without checking the owner."""
 
     async def complete(self, record: IdempotencyRecord) -> bool:
         with self._mutex:
@@ -93,7 +107,20 @@ class _UnfencedStore(InMemoryIdempotencyStore):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 def test_negative_control_unfenced_store_lets_a_taken_over_primary_overwrite() -> None:
-    CONTRACT.test_lease_takeover_fences_the_old_owner(_UnfencedStore())
+    CONTRACT.test_take_over_replaces_exactly_the_judged_version(_UnfencedStore())
+
+
+class _UnfencedRenewal(InMemoryIdempotencyStore):
+    """Renews whichever ``IN_PROGRESS`` record holds the key, whoever owns it."""
+
+    async def renew(self, key: str, owner: str, **fields: Any) -> bool:
+        claim = self._claims.get(key)
+        return claim is not None and await super().renew(key, claim.record.owner, **fields)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_an_unfenced_renewal_keeps_a_taken_over_claim_alive() -> None:
+    CONTRACT.test_renew_is_fenced_on_owner_and_in_progress(_UnfencedRenewal())
 
 
 class _CheckThenActStore(InMemoryIdempotencyStore):
@@ -105,13 +132,31 @@ class _CheckThenActStore(InMemoryIdempotencyStore):
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         with self._mutex:
-            existing = self._lookup(record.key)
-        if existing is not None and existing.is_live(now):
+            existing = self._lookup(record.key, now)
+        if existing is not None and not existing.expired(now):
             return existing
         self._all_checked.wait(WAIT)  # deterministic interleaving: nobody writes before everyone has checked
         with self._mutex:
             self._put(record)
         return None
+
+
+class _CheckThenActTakeOver(InMemoryIdempotencyStore):
+    """Compares the version under the lock, then writes under it again: every contender sees the judged version."""
+
+    def __init__(self, contenders: int) -> None:
+        super().__init__()
+        self._all_checked = threading.Barrier(contenders)
+
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        with self._mutex:
+            existing = self._lookup(record.key, time.time())
+        if existing is None or existing.version != version:
+            return False
+        self._all_checked.wait(WAIT)
+        with self._mutex:
+            self._put(record)
+        return True
 
 
 @pytest.mark.racing
@@ -120,21 +165,57 @@ def test_negative_control_check_then_act_claims_have_many_winners() -> None:
     CONTRACT.test_claim_race_has_one_winner(_CheckThenActStore(CONTRACT.race_contenders))
 
 
-class _RenewLowersExpiry(InMemoryIdempotencyStore):
-    """Renews by setting the expiry to the lease, lowering it."""
-
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        with self._mutex:
-            if not self._owned_in_progress(key, owner):
-                return False
-            record = self._claims[key]
-            self._put(IdempotencyRecord(key, record.state, owner, lease_expires_at, lease_expires_at))
-            return True
-
-
+@pytest.mark.racing
 @pytest.mark.xfail(strict=True, raises=AssertionError)
-def test_negative_control_a_renewal_that_lowers_the_expiry() -> None:
-    CONTRACT.test_renew_extends_the_lease_and_never_lowers_the_expiry(_RenewLowersExpiry())
+def test_negative_control_check_then_act_takeovers_have_many_winners() -> None:
+    CONTRACT.test_take_over_race_has_one_winner(_CheckThenActTakeOver(CONTRACT.race_contenders))
+
+
+class _ClaimJudgedByTheCallersClock(InMemoryIdempotencyStore):
+    """The old rule, on the new records: a claim whose expiry (or lease) is past on the *caller's* clock is free."""
+
+    def __init__(self, judge: str) -> None:
+        super().__init__()
+        self.judge = judge
+
+    async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        with self._mutex:
+            claim = self._claims.get(record.key)
+            if claim is not None and claim.record.owner != record.owner:
+                held = claim.record
+                # "expiry": the collection horizon read as a deadline; "yielded": a yielded record taken as free
+                free = held.expires_at <= now if self.judge == "expiry" else held.yielded
+                if free:
+                    self._remove(record.key)
+        return await super().claim(record, now)
+
+
+@pytest.mark.parametrize("judge", ["expiry", "yielded"])
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_a_claim_that_frees_claims_by_a_clock(judge: str) -> None:
+    CONTRACT.test_no_clock_frees_another_owners_claim(_ClaimJudgedByTheCallersClock(judge))
+
+
+class _TakeOverWithoutTheVersion(InMemoryIdempotencyStore):
+    """``take_over`` that writes over whatever the key holds ("any"), or also over an empty key ("absent")."""
+
+    def __init__(self, ignores: str) -> None:
+        super().__init__()
+        self.ignores = ignores
+
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        with self._mutex:
+            existing = self._lookup(record.key, time.time())
+            if (existing is None and self.ignores == "absent") or (existing is not None and self.ignores == "any"):
+                self._put(record)
+                return True
+        return await super().take_over(record, version)
+
+
+@pytest.mark.parametrize("ignores", ["any", "absent"])
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_a_take_over_that_ignores_the_version(ignores: str) -> None:
+    CONTRACT.test_take_over_replaces_exactly_the_judged_version(_TakeOverWithoutTheVersion(ignores))
 
 
 @pytest.mark.racing
@@ -169,7 +250,7 @@ def test_negative_control_unserialised_moto_lets_two_claims_win() -> None:
         return op
 
     def claim(owner: str, now: float) -> IdempotencyRecord:
-        return IdempotencyRecord("s#race", RecordState.IN_PROGRESS, owner, now + 60, now + 3600, "fp")
+        return _record("s#race", owner, now)
 
     async def race(store: IdempotencyStore) -> list[IdempotencyRecord | None]:
         now = time.time()
@@ -255,13 +336,16 @@ def test_claim_blocking_is_optional() -> None:
         async def release(self, key: str, owner: str) -> bool:
             return False
 
-        async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+        async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+            return False
+
+        async def renew(self, key: str, owner: str, **fields: Any) -> bool:
             return False
 
     store = Minimal()
     assert store.supports_blocking_claims is False
     now = time.time()
-    record = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 60, now + 3600)
+    record = _record("s#k", "a", now)
     with pytest.raises(NotImplementedError, match="Minimal does not support blocking claims"):
         store.claim_blocking(record, now)
 
@@ -272,10 +356,18 @@ def test_counting_store_counts_and_forwards_blocking_claims_and_renewals() -> No
     assert counting.supports_blocking_claims is True
     assert CountingStore(_AsyncOnlyStore()).supports_blocking_claims is False
     now = time.time()
-    assert (
-        counting.claim_blocking(IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", now + 60, now + 90), now) is None
-    )
-    assert asyncio.run(counting.renew("s#k", "a", now + 120, checkpoint="cp")) is True
+    first = _record("s#k", "a", now)
+    assert counting.claim_blocking(first, now) is None
+    version = new_version()
+    renewed = counting.renew("s#k", "a", version=version, lease_seconds=0.5, expires_at=now + 120, checkpoint="cp")
+    assert asyncio.run(renewed) is True
     got = asyncio.run(counting.get("s#k"))
-    assert got is not None and got.expires_at == now + 120 and got.checkpoint == "cp"
-    assert counting.calls == {"claim": 1, "renew": 1, "get": 1} and bumps == [1]
+    assert got is not None and (got.version, got.lease_seconds, got.expires_at, got.checkpoint) == (
+        version,
+        0.5,
+        now + 120,
+        "cp",
+    )
+    assert asyncio.run(counting.take_over(_record("s#k", "b", now), first.version)) is False  # renewed since
+    assert asyncio.run(counting.take_over(_record("s#k", "b", now), version)) is True
+    assert counting.calls == {"claim": 1, "renew": 1, "get": 1, "take_over": 2} and bumps == [1]
