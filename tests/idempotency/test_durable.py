@@ -33,12 +33,39 @@ from strands_py.idempotency import (
     RecordState,
     ReplayedAgentResult,
 )
+from strands_py.idempotency._heartbeat import LeaseWatch
 from strands_py.idempotency.codec import decode_result, encode_result
 from strands_py.idempotency.keys import make_key
+from strands_py.idempotency.record import new_version
 from strands_py.testing.bedrock import ScriptedBedrock
 from strands_py.testing.counting import CountingStore
+from strands_py.turn import _claim
 
 WAIT = 10.0
+
+
+def _in_progress(key: str, owner: str, *, lease: float = 60.0) -> IdempotencyRecord:
+    """Another process's claim, leased for ``lease`` seconds; only its owner (the test) renews it."""
+    return IdempotencyRecord(
+        key=key,
+        state=RecordState.IN_PROGRESS,
+        owner=owner,
+        version=new_version(),
+        lease_seconds=lease,
+        expires_at=time.time() + lease + 3600,
+    )
+
+
+def _completed(key: str, owner: str, payload: bytes | None, *, expires_at: float | None = None) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        key=key,
+        state=RecordState.COMPLETED,
+        owner=owner,
+        version=new_version(),
+        lease_seconds=0.0,
+        expires_at=time.time() + 3600 if expires_at is None else expires_at,
+        payload=payload,
+    )
 
 
 def _agent(script: ScriptedBedrock, **config: Any) -> Agent:
@@ -144,27 +171,21 @@ async def test_waits_for_another_owner_then_replays(store: IdempotencyStore) -> 
     key = make_key(agent._idempotency_scope, "req-1")
     now = time.time()
     # another process holds the claim
-    assert (
-        await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "elsewhere", now + 60, now + 3600), now)
-        is None
-    )
+    assert await store.claim(_in_progress(key, "elsewhere"), now) is None
     waiting = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="req-1"))
     await _until(lambda: counting.calls["get"] >= 1, WAIT, "the caller to poll")
     produced = await producer.invoke_async("weather?")  # the other process's result
-    payload = encode_result(produced, None)
-    done = IdempotencyRecord(key, RecordState.COMPLETED, "elsewhere", now, now + 3600, None, payload)
-    assert await store.complete(done)
+    assert await store.complete(_completed(key, "elsewhere", encode_result(produced, None)))
     result = await asyncio.wait_for(waiting, WAIT)
     assert isinstance(result, ReplayedAgentResult) and str(result) == str(produced)
-    assert script.model_calls == 0
+    assert script.model_calls == 0 and counting.calls["take_over"] == 0
 
 
 async def test_wait_deadline_raises(store: IdempotencyStore) -> None:
     script = ScriptedBedrock()
     agent = _agent(script, store=store, wait_timeout_seconds=0.3)
     key = make_key(agent._idempotency_scope, "req-1")
-    now = time.time()
-    await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "elsewhere", now + 60, now + 3600), now)
+    await store.claim(_in_progress(key, "elsewhere"), time.time())
     with pytest.raises(IdempotencyWaitTimeoutError) as raised:
         await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert raised.value.key == key and script.model_calls == 0
@@ -172,16 +193,81 @@ async def test_wait_deadline_raises(store: IdempotencyStore) -> None:
     assert (await asyncio.wait_for(agent.invoke_async("weather?"), WAIT)).stop_reason == "end_turn"
 
 
-async def test_lapsed_lease_is_taken_over_and_runs_once(store: IdempotencyStore) -> None:
+async def test_an_owner_silent_for_a_lease_is_taken_over_and_runs_once(store: IdempotencyStore) -> None:
     script = ScriptedBedrock()
-    agent = _agent(script, store=store)
+    counting = CountingStore(store)
+    agent = _agent(script, store=counting)
     key = make_key(agent._idempotency_scope, "req-1")
-    now = time.time()
-    await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "crashed", now + 0.4, now + 3600), now)
+    # crashed: its claim leased 0.3 s, and nobody renews it (the waiter watches it for that long on its own clock)
+    assert await store.claim(_in_progress(key, "crashed", lease=0.3), time.time()) is None
     result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert not isinstance(result, ReplayedAgentResult) and script.model_calls == 2
+    assert counting.calls["take_over"] == 1 and counting.calls["get"] >= 1  # judged by watching, not at first sight
     stored = await store.get(key)
     assert stored is not None and stored.state is RecordState.COMPLETED and stored.owner != "crashed"
+    # the crashed owner, should it come back, is fenced off
+    assert await store.complete(_completed(key, "crashed", b"zlate")) is False
+
+
+async def test_a_yielded_claim_is_taken_over_at_once(store: IdempotencyStore) -> None:
+    script = ScriptedBedrock()
+    counting = CountingStore(store)
+    agent = _agent(script, store=counting)
+    key = make_key(agent._idempotency_scope, "req-1")
+    assert await store.claim(_in_progress(key, "gone"), time.time()) is None
+    assert await store.renew(key, "gone", version=new_version(), lease_seconds=0, expires_at=time.time() + 60)
+    result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
+    assert not isinstance(result, ReplayedAgentResult) and script.model_calls == 2
+    assert counting.calls["take_over"] == 1 and counting.calls["get"] == 0  # no watching: taken over when met
+
+
+class _RenewedBeforeEveryPoll(CountingStore):
+    """Another process's owner, alive: a heartbeat of its 0.3 s lease lands before every read of the waiter."""
+
+    def __init__(self, inner: IdempotencyStore, key: str, owner: str) -> None:
+        super().__init__(inner)
+        self.key, self.owner = key, owner
+
+    async def get(self, key: str) -> IdempotencyRecord | None:
+        version = new_version()
+        await self.inner.renew(self.key, self.owner, version=version, lease_seconds=0.3, expires_at=time.time() + 60)
+        return await super().get(key)
+
+
+async def _a_live_owner_is_never_taken_over(store: IdempotencyStore) -> None:
+    script = ScriptedBedrock()
+    key = make_key("s", "req-1")
+    counting = _RenewedBeforeEveryPoll(store, key, "alive")
+    agent = _agent(script, store=counting, scope="s")
+    assert await store.claim(_in_progress(key, "alive", lease=0.3), time.time()) is None
+    waiting = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="req-1"))
+    # Eight polls: the waiter sleeps at least 0.025, 0.05, 0.1 and 0.2 s, then about a lease, between them, so it
+    # watches the owner for more than four leases; or stop at once if it took the owner over.
+    await _until(lambda: counting.calls["get"] >= 8 or counting.calls["take_over"] > 0, WAIT, "eight polls")
+    assert counting.calls["take_over"] == 0 and script.model_calls == 0, "a live owner was taken over"
+    produced = await _agent(ScriptedBedrock(), store=store, scope="other").invoke_async("weather?")
+    assert await store.complete(_completed(key, "alive", encode_result(produced, None)))
+    result = await asyncio.wait_for(waiting, WAIT)
+    assert isinstance(result, ReplayedAgentResult) and str(result) == str(produced)
+
+
+async def test_a_live_owner_is_never_taken_over_however_short_its_lease(store: IdempotencyStore) -> None:
+    await _a_live_owner_is_never_taken_over(store)
+
+
+class _FirstSightWatch(LeaseWatch):
+    """Negative control: counts one lease from the first record seen, whatever versions the owner wrote since."""
+
+    def remaining(self, record: IdempotencyRecord, read_at: float) -> float:
+        if self._version is None:
+            self._version, self._since = record.version, read_at
+        return max(0.0, self._since + record.lease_seconds - time.monotonic())
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_a_waiter_that_reads_a_lease_as_a_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_claim, "LeaseWatch", _FirstSightWatch)
+    await _a_live_owner_is_never_taken_over(InMemoryIdempotencyStore())
 
 
 async def test_a_primary_whose_claim_was_taken_over_stores_nothing_and_raises_lease_lost() -> None:
@@ -195,16 +281,17 @@ async def test_a_primary_whose_claim_was_taken_over_stores_nothing_and_raises_le
     inflight = agent._idempotency_gate.inflight
     assert inflight is not None
     await _until(lambda: inflight.waiter_count >= 1, WAIT, "the duplicate")
-    # another process took the claim over (as if our lease had lapsed): its claim is judged at a later "now"
+    # another process judged our claim abandoned (a pause, say) and took over exactly the version it read
     key = make_key(agent._idempotency_scope, "req-1")
-    later = time.time() + 120
-    usurper = IdempotencyRecord(key, RecordState.IN_PROGRESS, "usurper", later + 60, later + 3600)
-    assert await store.claim(usurper, later) is None
+    held = await store.get(key)
+    assert held is not None
+    usurper = _in_progress(key, "usurper")
+    assert await store.take_over(usurper, held.version)
     gate.set()
     outcomes = await asyncio.wait_for(asyncio.gather(primary, dup, return_exceptions=True), WAIT)
     assert all(isinstance(o, IdempotencyLeaseLostError) for o in outcomes), outcomes
     stored = await store.get(key)
-    assert stored is not None and stored.owner == "usurper" and stored.state is RecordState.IN_PROGRESS
+    assert stored == usurper
 
 
 async def test_store_failure_on_complete_never_fails_the_caller(caplog: pytest.LogCaptureFixture) -> None:
@@ -231,9 +318,8 @@ async def test_release_failure_is_logged_not_raised(caplog: pytest.LogCaptureFix
 async def test_corrupt_record_is_a_clear_error_naming_the_key(store: IdempotencyStore) -> None:
     agent = _agent(ScriptedBedrock(), store=store, validate_payload=False)
     key = make_key(agent._idempotency_scope, "req-1")
-    now = time.time()
-    await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "x", now + 60, now + 3600), now)
-    await store.complete(IdempotencyRecord(key, RecordState.COMPLETED, "x", now, now + 3600, None, b"zgarbage"))
+    await store.claim(_in_progress(key, "x"), time.time())
+    assert await store.complete(_completed(key, "x", b"zgarbage"))
     with pytest.raises(IdempotencyRecordCorruptedError, match=key.replace("/", ".")):
         await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
 
@@ -306,7 +392,7 @@ def test_codec_round_trips_structured_output_and_bytes() -> None:
     metrics = EventLoopMetrics()
     metrics.accumulated_usage.update({"inputTokens": 3, "outputTokens": 4, "totalTokens": 7})
     result = AgentResult("end_turn", message, metrics, {}, structured_output=Forecast(city="Paris", degrees=21))
-    record = IdempotencyRecord("s#k", RecordState.COMPLETED, "o", 0, 1, None, encode_result(result, None))
+    record = _completed("s#k", "o", encode_result(result, None), expires_at=1.0)
     replay = decode_result(record, Forecast)
     assert replay.message == message
     assert replay.structured_output == Forecast(city="Paris", degrees=21)
@@ -316,7 +402,7 @@ def test_codec_round_trips_structured_output_and_bytes() -> None:
 
 @pytest.mark.parametrize("payload", [None, b"", b"?unknown", b"z" + b"not zlib"])
 def test_undecodable_payloads_are_corrupt(payload: bytes | None) -> None:
-    record = IdempotencyRecord("s#k", RecordState.COMPLETED, "o", 0, 1, None, payload)
+    record = _completed("s#k", "o", payload, expires_at=1.0)
     with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
         decode_result(record, None)
 
