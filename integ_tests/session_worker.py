@@ -138,6 +138,48 @@ def tool_result_for(city: str) -> str:
     return f"sunny in <{city}>"
 
 
+# One turn of the scripted conversation: the prompt, the tool request about it, the tool's result, the answer.
+ONE_TURN = [
+    ("user", ("text",)),
+    ("assistant", ("toolUse",)),
+    ("user", ("toolResult",)),
+    ("assistant", ("text",)),
+]
+
+
+def shape(messages: list[Any]) -> list[tuple[str, tuple[str, ...]]]:
+    """A conversation's shape: each message's role and the kinds of its blocks (ids and timestamps ignored)."""
+    return [(m["role"], tuple(sorted(k for block in m["content"] for k in block))) for m in messages]
+
+
+def prompts_of(messages: list[Any]) -> list[str]:
+    """The text of every user message that carries text (the prompts), in order."""
+    return [b["text"] for m in messages if m["role"] == "user" for b in m["content"] if "text" in b]
+
+
+def check_turns(messages: list[Any]) -> list[str]:
+    """Check every turn of a persisted conversation and return its prompts, in order.
+
+    A turn is the prompt, the tool request about that prompt, the tool's result for it, and the answer to that prompt
+    saying the last prompt the model was sent before it is the previous turn's.
+    """
+    assert len(messages) % len(ONE_TURN) == 0, f"not whole turns: {shape(messages)}"
+    prompts: list[str] = []
+    for start in range(0, len(messages), len(ONE_TURN)):
+        user, ask, result, answer = messages[start : start + len(ONE_TURN)]
+        assert shape([user, ask, result, answer]) == ONE_TURN, f"turn at message {start}: {shape(messages)}"
+        prompt = user["content"][0]["text"]
+        use, outcome = ask["content"][0]["toolUse"], result["content"][0]["toolResult"]
+        assert use["input"] == {"city": prompt}, f"turn at message {start} ({prompt!r}) asked about {use['input']}"
+        assert outcome["toolUseId"] == use["toolUseId"], f"turn at message {start}: the tool result is another's"
+        assert outcome["content"][0]["text"] == tool_result_for(prompt), f"turn at message {start}"
+        assert answer["content"][0]["text"] == answer_for(prompt, prompts[-1] if prompts else None), (
+            f"turn at message {start} ({prompt!r}): answered {answer['content'][0]['text']!r}"
+        )
+        prompts.append(prompt)
+    return prompts
+
+
 @dataclass(frozen=True)
 class Job:
     """What one worker process does.
@@ -180,11 +222,17 @@ class Probe:
     Queues: ``jobs`` (the one job, sent by the test), ``out`` (the report). Events: ``ready`` (the process is set up,
     and built its first Agent when asked to), ``go`` (the test lets it run its turns), ``gate`` (releases gated model
     calls), ``entered`` (a model call started), ``in_tool`` (a crashing tool was entered), ``blocked`` (a store call
-    met another owner's live claim, of the token or of the session lock; counted in ``blocked_count``),
-    ``lock_renewed`` (a session lock's lease was renewed; the test clears it). ``token_until`` and ``lock_until``: the
-    lease (wall time) of the last token claim and session lock this process took or renewed.
-    ``model_started_at``: wall time of the first model call. ``turns_done``: turns finished, whatever their outcome.
-    ``diagnostics``: a directory for the process's ``log-<pid>.txt`` (strands_py debug log) and ``stacks-<pid>.txt``.
+    met another owner's claim that it has not yielded, of the token or of the session lock; counted in
+    ``blocked_count``), ``lock_renewed`` (a session lock's lease was renewed; the test clears it).
+
+    Times are ``time.monotonic()`` (on Linux one clock for every process of the machine). ``token_written_at`` and
+    ``lock_written_at``: when this process sent the last successful write (claim, takeover, renewal) of a token claim
+    and of a session lock; a waiter judges a holder gone a whole lease after its last write at the earliest.
+    ``takeovers``: successful takeovers (of a token claim or a session lock); ``token_watched`` and ``lock_watched``:
+    how long before its last takeover of each this process had first read the version it replaced (at least a whole
+    lease; about one lease plus a poll for a dead holder). ``model_started_at``: when the first model call started.
+    ``turns_done``: turns finished, whatever their outcome. ``diagnostics``: a directory for the process's
+    ``log-<pid>.txt`` (strands_py debug log) and ``stacks-<pid>.txt``.
     """
 
     def __init__(self, ctx: Any, diagnostics: str) -> None:
@@ -192,15 +240,18 @@ class Probe:
         self.jobs, self.out = ctx.Queue(), ctx.Queue()
         self.ready, self.go, self.gate, self.entered, self.in_tool, self.blocked = (ctx.Event() for _ in range(6))
         self.lock_renewed = ctx.Event()
-        self.token_until, self.lock_until = ctx.Value("d", 0.0), ctx.Value("d", 0.0)
+        self.token_written_at, self.lock_written_at = ctx.Value("d", 0.0), ctx.Value("d", 0.0)
         self.blocked_count = ctx.Value("i", 0)
+        self.takeovers = ctx.Value("i", 0)
+        self.token_watched, self.lock_watched = ctx.Value("d", 0.0), ctx.Value("d", 0.0)
         self.model_started_at = ctx.Value("d", 0.0)
         self.turns_done = ctx.Value("i", 0)
 
 
 class WatchedStore(IdempotencyStore):
-    """Forwards to ``inner``; tells the probe whenever a claim or a read meets another owner's live claim, and when a
-    session lock's lease was renewed. ``lock_claim_delay`` delays every claim of a session lock (a slow round trip)."""
+    """Forwards to ``inner``; tells the probe whenever a claim or a read meets another owner's claim (not yielded),
+    when this process wrote its own claims, and when a session lock's lease was renewed. ``lock_claim_delay`` delays
+    every claim of a session lock (a slow round trip)."""
 
     def __init__(self, inner: IdempotencyStore, probe: Probe | None, lock_claim_delay: float = 0.0) -> None:
         self.inner = inner
@@ -208,14 +259,17 @@ class WatchedStore(IdempotencyStore):
         self.probe = probe
         self.lock_claim_delay = lock_claim_delay
         self.owners: set[str] = set()
+        self.first_seen: dict[str, float] = {}  # version of another owner's claim -> when we first read it
 
     def _met(self, record: IdempotencyRecord | None) -> None:
+        if record is not None and record.state is RecordState.IN_PROGRESS and record.owner not in self.owners:
+            self.first_seen.setdefault(record.version, time.monotonic())
         if (
             self.probe is not None
             and record is not None
             and record.state is RecordState.IN_PROGRESS
             and record.owner not in self.owners
-            and record.is_live(time.time())
+            and not record.yielded
         ):
             with self.probe.blocked_count.get_lock():
                 self.probe.blocked_count.value += 1
@@ -225,16 +279,29 @@ class WatchedStore(IdempotencyStore):
         self.owners.add(record.owner)
         if self.lock_claim_delay and SESSION_KEY_MARK in record.key:
             await asyncio.sleep(self.lock_claim_delay)  # latency injected, not a synchronisation
+        sent = time.monotonic()
         existing = await self.inner.claim(record, now)
         self._met(existing)
         if existing is None:
-            self._leased(record.key, record.lease_expires_at)
+            self._wrote(record.key, sent)
         return existing
 
-    def _leased(self, key: str, until: float) -> None:
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        self.owners.add(record.owner)
+        sent = time.monotonic()
+        won = await self.inner.take_over(record, version)
+        if won and self.probe is not None:
+            self._wrote(record.key, sent)
+            with self.probe.takeovers.get_lock():
+                self.probe.takeovers.value += 1
+            watched = self.probe.lock_watched if SESSION_KEY_MARK in record.key else self.probe.token_watched
+            watched.value = sent - self.first_seen.get(version, sent)
+        return won
+
+    def _wrote(self, key: str, sent: float) -> None:
         if self.probe is not None:
-            held = self.probe.lock_until if SESSION_KEY_MARK in key else self.probe.token_until
-            held.value = until
+            held = self.probe.lock_written_at if SESSION_KEY_MARK in key else self.probe.token_written_at
+            held.value = sent
 
     async def get(self, key: str) -> IdempotencyRecord | None:
         record = await self.inner.get(key)
@@ -247,10 +314,22 @@ class WatchedStore(IdempotencyStore):
     async def release(self, key: str, owner: str) -> bool:
         return await self.inner.release(key, owner)
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        renewed = await self.inner.renew(key, owner, lease_expires_at, checkpoint)
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
+        sent = time.monotonic()
+        renewed = await self.inner.renew(
+            key, owner, version=version, lease_seconds=lease_seconds, expires_at=expires_at, checkpoint=checkpoint
+        )
         if renewed:
-            self._leased(key, lease_expires_at)
+            self._wrote(key, sent)
             if self.probe is not None and SESSION_KEY_MARK in key:
                 self.probe.lock_renewed.set()
         return renewed
@@ -305,7 +384,7 @@ class TurnScript(ScriptedBedrock):
             call_number = self.model_calls
         probe = self.probe
         if probe is not None and probe.model_started_at.value == 0.0:
-            probe.model_started_at.value = time.time()
+            probe.model_started_at.value = time.monotonic()
         self.entered.set()
         if self.gate is not None and not self.gate.wait(self.gate_timeout):
             raise TimeoutError(f"stub model gate stayed closed for {self.gate_timeout}s")
@@ -388,7 +467,7 @@ def broken(breakage: str | None) -> Iterator[None]:
 
 
 def _turn(agent: Agent, prompt: str, token: str) -> dict[str, Any]:
-    report: dict[str, Any] = {"prompt": prompt, "token": token, "started": time.time()}
+    report: dict[str, Any] = {"prompt": prompt, "token": token, "started": time.monotonic()}
     try:
         result = agent(prompt, idempotency_token=token)
     except SessionBusyError as e:
@@ -399,14 +478,17 @@ def _turn(agent: Agent, prompt: str, token: str) -> dict[str, Any]:
         report.update(outcome="error", error=f"{type(e).__name__}: {e}")
     else:
         report.update(outcome="ok", text=str(result).strip(), replayed=isinstance(result, ReplayedAgentResult))
-    report["ended"] = time.time()
+    report["ended"] = time.monotonic()
     return report
 
 
-def turns(job: Job, probe: Probe | None = None) -> dict[str, Any]:
-    """Run ``job``'s turns in this process (after ``probe.go`` when there is a probe); returns the report."""
+def turns(job: Job, probe: Probe | None = None, records: IdempotencyStore | None = None) -> dict[str, Any]:
+    """Run ``job``'s turns in this process (after ``probe.go`` when there is a probe); returns the report.
+
+    ``records``: the idempotency store to use (left open), instead of a DynamoDB store of the job's backend (closed).
+    """
     with broken(job.breakage):
-        store = WatchedStore(job.backend.store(), probe, job.lock_claim_delay)
+        store = WatchedStore(records or job.backend.store(), probe, job.lock_claim_delay)
         script = TurnScript(job, probe)
         # One model for the process, as a server shares one client: a boto3 client per request costs a quarter second.
         model = script.model()
@@ -430,8 +512,9 @@ def turns(job: Job, probe: Probe | None = None) -> dict[str, Any]:
                 if probe is not None:
                     probe.turns_done.value += 1
         finally:
-            assert isinstance(store.inner, DynamoDBIdempotencyStore)
-            store.inner.close()
+            if records is None:
+                assert isinstance(store.inner, DynamoDBIdempotencyStore)
+                store.inner.close()
     return {
         "pid": os.getpid(),
         "turns": reports,

@@ -26,18 +26,16 @@ import pytest
 import session_worker as worker
 from _moto import running_moto
 
+from strands_py.turn._claim import _POLL_MAX_SECONDS
+
 pytestmark = pytest.mark.racing
 WAIT = 60.0
 LEASE = 3.0  # renewals every second: margin for a loaded machine; a killed owner is taken over about 3 s later
 SPAWN = multiprocessing.get_context("spawn")
 PROMPT = "What is the weather in Rome?"
 
-ONE_TURN = [
-    ("user", ("text",)),
-    ("assistant", ("toolUse",)),
-    ("user", ("toolResult",)),
-    ("assistant", ("text",)),
-]
+ONE_TURN = worker.ONE_TURN
+_shape, _prompts, _turns = worker.shape, worker.prompts_of, worker.check_turns
 
 
 @pytest.fixture(scope="module")
@@ -189,39 +187,6 @@ def _wait_for(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.005)
 
 
-def _shape(messages: list[Any]) -> list[tuple[str, tuple[str, ...]]]:
-    """A conversation's shape: each message's role and the kinds of its blocks (ids and timestamps ignored)."""
-    return [(m["role"], tuple(sorted(k for block in m["content"] for k in block))) for m in messages]
-
-
-def _prompts(messages: list[Any]) -> list[str]:
-    """The text of every user message that carries text (the prompts), in order."""
-    return [b["text"] for m in messages if m["role"] == "user" for b in m["content"] if "text" in b]
-
-
-def _turns(messages: list[Any]) -> list[str]:
-    """Check every turn of a persisted conversation and return its prompts, in order.
-
-    A turn is the prompt, the tool request about that prompt, the tool's result for it, and the answer to that prompt
-    saying the last prompt the model was sent before it is the previous turn's.
-    """
-    assert len(messages) % len(ONE_TURN) == 0, f"not whole turns: {_shape(messages)}"
-    prompts: list[str] = []
-    for start in range(0, len(messages), len(ONE_TURN)):
-        user, ask, result, answer = messages[start : start + len(ONE_TURN)]
-        assert _shape([user, ask, result, answer]) == ONE_TURN, f"turn at message {start}: {_shape(messages)}"
-        prompt = user["content"][0]["text"]
-        use, outcome = ask["content"][0]["toolUse"], result["content"][0]["toolResult"]
-        assert use["input"] == {"city": prompt}, f"turn at message {start} ({prompt!r}) asked about {use['input']}"
-        assert outcome["toolUseId"] == use["toolUseId"], f"turn at message {start}: the tool result is another's"
-        assert outcome["content"][0]["text"] == worker.tool_result_for(prompt), f"turn at message {start}"
-        assert answer["content"][0]["text"] == worker.answer_for(prompt, prompts[-1] if prompts else None), (
-            f"turn at message {start} ({prompt!r}): answered {answer['content'][0]['text']!r}"
-        )
-        prompts.append(prompt)
-    return prompts
-
-
 # 1. The owner is killed inside its tool; a retry of the same request in another process rolls back and runs.
 
 
@@ -234,8 +199,8 @@ def _killed_turn(pool: Pool, backend: worker.Backend, mode: str, breakage: str |
     worker.turns(worker.Job(backend, session, (("hello", "t0"),), lease_seconds=LEASE))
     turn = ((PROMPT, "t1"),)
     # The owner's session lock is claimed half a renewal interval after its token (a slow round trip), so the two
-    # leases are renewed that far apart; killed just after a renewal of the lock, the owner leaves a lock that
-    # outlives its token claim by that much, which the retry meets right after taking the token over.
+    # leases are renewed that far apart and the lock's last version is written after the token's. The retry meets the
+    # lock only once it has taken the token over, and watches it afresh: a whole lease of its own clock again.
     lag = LEASE / 3 / 2
     with Workers(pool) as workers:
         owner = workers.start(
@@ -252,7 +217,7 @@ def _killed_turn(pool: Pool, backend: worker.Backend, mode: str, breakage: str |
         owner.lock_renewed.clear()
         _wait(owner.lock_renewed, "a renewal of the owner's session lock")
         workers.kill(owner)
-        killed_at = time.time()
+        killed_at = time.monotonic()
         report = workers.report(retry)
 
     (retried,) = report["turns"]
@@ -261,13 +226,21 @@ def _killed_turn(pool: Pool, backend: worker.Backend, mode: str, breakage: str |
     assert retried["outcome"] == "ok", f"the retry failed: {retried['outcome']}: {retried.get('error')}"
     assert not retried["replayed"] and report["model_calls"] == 2 and report["tool_calls"] == 1
     takeover = retry.model_started_at.value - killed_at
-    outlived = owner.lock_until.value - owner.token_until.value
+    later = owner.lock_written_at.value - owner.token_written_at.value
+    token_watched, lock_watched = retry.token_watched.value, retry.lock_watched.value
     print(
-        f"\nMEASURED {backend.kind}, {mode}: SIGKILL inside the tool, lease {LEASE:g} s: the retry's model call"
-        f" started {takeover:.2f} s after the kill, its turn ended {retried['ended'] - killed_at:.2f} s after it"
-        f" (the dead owner's session lock outlived its token claim by {outlived:.2f} s)"
+        f"\nMEASURED {backend.kind}, {mode}: SIGKILL inside the tool, lease {LEASE:g} s: the retry took the token over"
+        f" {token_watched:.2f} s after it first read the dead owner's last version of it, then the session lock"
+        f" {lock_watched:.2f} s after its first read of that; its model call started {takeover:.2f} s after the kill,"
+        f" its turn ended {retried['ended'] - killed_at:.2f} s after it (the dead owner's lock was last written"
+        f" {later:.2f} s after its token claim)"
     )
-    assert takeover <= LEASE + 2.0, "the retry waited much longer than one lease"
+    # Each record judged after a whole lease of the same version, and within about one lease plus a poll of the first
+    # sight of it; the two one after the other (the lock is met once the token is taken).
+    assert retry.takeovers.value == 2
+    for watched in (token_watched, lock_watched):
+        assert LEASE <= watched <= LEASE + _POLL_MAX_SECONDS + 2.0, f"watched {watched:.2f} s"
+    assert takeover <= 2 * (LEASE + _POLL_MAX_SECONDS) + 2.0, "the retry waited much longer than two leases"
 
     conversation = worker.persisted(backend, session)
     # The shape of one uninterrupted run: the prompt once, no dangling toolUse, no second user turn.
