@@ -28,6 +28,7 @@ from strands_py.idempotency import (
 )
 from strands_py.idempotency.codec import encode_result
 from strands_py.idempotency.keys import make_key, request_fingerprint
+from strands_py.idempotency.record import new_version
 from strands_py.testing import CountingStore, ScriptedBedrock
 
 WAIT = 10.0
@@ -36,6 +37,23 @@ WAIT = 10.0
 def _agent(script: ScriptedBedrock, **config: Any) -> Agent:
     return Agent(
         model=script.model(), tools=script.tools(), callback_handler=None, idempotency=IdempotencyConfig(**config)
+    )
+
+
+def _record(
+    key: str, owner: str, state: RecordState, fingerprint: str | None = None, payload: bytes | None = None
+) -> IdempotencyRecord:
+    """A record another process wrote: a claim leased for a minute (nobody renews it), or its result."""
+    lease = 60.0 if state is RecordState.IN_PROGRESS else 0.0
+    return IdempotencyRecord(
+        key=key,
+        state=state,
+        owner=owner,
+        version=new_version(),
+        lease_seconds=lease,
+        expires_at=time.time() + lease + 3600,
+        fingerprint=fingerprint,
+        payload=payload,
     )
 
 
@@ -72,11 +90,10 @@ async def test_our_own_retried_claim_is_ours() -> None:
     script = ScriptedBedrock()
     store = _LostResponseStore(InMemoryIdempotencyStore())
     agent = _agent(script, store=store, lease_seconds=60)
-    started = time.monotonic()
     result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert not isinstance(result, ReplayedAgentResult) and script.model_calls == 2
-    assert store.calls["get"] == 0 and store.calls["complete"] == 1
-    assert time.monotonic() - started < 30  # did not wait a lease for itself
+    # neither waited for itself (no poll) nor took its own claim over
+    assert store.calls["get"] == 0 and store.calls["take_over"] == 0 and store.calls["complete"] == 1
 
 
 class _StuckClaimStore(CountingStore):
@@ -135,9 +152,8 @@ async def test_store_outages_raise_idempotency_store_error(failing: str) -> None
     inner = InMemoryIdempotencyStore()
     agent = _agent(script, store=_DownStore(inner, failing))
     if failing == "get":  # another owner holds the token, so the caller polls
-        now = time.time()
         key = make_key(agent._idempotency_scope, "req-1")
-        await inner.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "elsewhere", now + 60, now + 3600), now)
+        await inner.claim(_record(key, "elsewhere", RecordState.IN_PROGRESS), time.time())
     with pytest.raises(IdempotencyStoreError) as raised:
         await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert isinstance(raised.value.__cause__, ConnectionError | TimeoutError)
@@ -205,11 +221,8 @@ async def test_replay_rebuilds_structured_output_with_the_agents_default_model()
     stored = AgentResult(
         "end_turn", message, EventLoopMetrics(), {}, structured_output=Forecast(city="Paris", degrees=21)
     )
-    now = time.time()
-    await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "o", now + 60, now + 3600, fingerprint), now)
-    await store.complete(
-        IdempotencyRecord(key, RecordState.COMPLETED, "o", now, now + 3600, fingerprint, encode_result(stored, None))
-    )
+    await store.claim(_record(key, "o", RecordState.IN_PROGRESS, fingerprint), time.time())
+    assert await store.complete(_record(key, "o", RecordState.COMPLETED, fingerprint, encode_result(stored, None)))
     replay = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert isinstance(replay, ReplayedAgentResult)
     assert replay.structured_output == Forecast(city="Paris", degrees=21)
