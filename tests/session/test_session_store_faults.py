@@ -72,11 +72,11 @@ class _CheckpointRenewFails(CountingStore):
         super().__init__(inner)
         self.failed = False
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+    async def renew(self, key: str, owner: str, *, checkpoint: str | None = None, **lease: Any) -> bool:
         if "#session-" in key and checkpoint is not None and not self.failed:
             self.failed = True
             raise TimeoutError("read timeout")
-        return await super().renew(key, owner, lease_expires_at, checkpoint)
+        return await super().renew(key, owner, checkpoint=checkpoint, **lease)
 
 
 async def test_a_committed_turn_is_never_rolled_back_after_its_token_expires(tmp_path: Path) -> None:
@@ -104,7 +104,9 @@ async def test_a_committed_turn_is_never_rolled_back_after_its_token_expires(tmp
         )
     assert b_store.failed and _texts(directory) == ["A?"]
     key_a = make_key(SCOPE, "tA")
-    await _until(lambda: inner._completed[key_a].expires_at <= time.time(), WAIT, "A's record to expire")
+    stored_a = await inner.get(key_a)
+    assert stored_a is not None and stored_a.state is RecordState.COMPLETED
+    await _until(lambda: stored_a.expires_at <= time.time(), WAIT, "A's record to expire")
     c = await asyncio.wait_for(
         _session_agent(directory, dataclasses.replace(config, store=CountingStore(inner))).invoke_async(
             "C?", idempotency_token="tC"
@@ -184,10 +186,10 @@ async def test_negative_control_tokenless_commit_by_release(tmp_path: Path, monk
 class _MarkFails(CountingStore):
     """The write that ends a tokenless turn (a renew carrying a checkpoint, lease ended) fails."""
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+    async def renew(self, key: str, owner: str, *, checkpoint: str | None = None, **lease: Any) -> bool:
         if "#session-" in key and checkpoint is not None and '"committed"' in checkpoint:
             raise ConnectionResetError("connection reset by peer")
-        return await super().renew(key, owner, lease_expires_at, checkpoint)
+        return await super().renew(key, owner, checkpoint=checkpoint, **lease)
 
 
 async def test_a_tokenless_turn_that_cannot_be_marked_counted_is_an_error_and_is_undone(tmp_path: Path) -> None:
@@ -210,10 +212,10 @@ class _HeartbeatsFail(CountingStore):
         super().__init__(inner)
         self.failing = False
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+    async def renew(self, key: str, owner: str, *, checkpoint: str | None = None, **lease: Any) -> bool:
         if self.failing and "#session-" in key and checkpoint is None:
             raise ConnectionError("store unreachable")
-        return await super().renew(key, owner, lease_expires_at, checkpoint)
+        return await super().renew(key, owner, checkpoint=checkpoint, **lease)
 
 
 def _shape(directory: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -308,6 +310,9 @@ class _ThreadedStore(IdempotencyStore):
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         return await self._call("claim", record.key, lambda: self.inner.claim(record, now))
 
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        return await self._call("take_over", record.key, lambda: self.inner.take_over(record, version))
+
     async def get(self, key: str) -> IdempotencyRecord | None:
         return await self._call("get", key, lambda: self.inner.get(key))
 
@@ -317,8 +322,8 @@ class _ThreadedStore(IdempotencyStore):
     async def release(self, key: str, owner: str) -> bool:
         return await self._call("release", key, lambda: self.inner.release(key, owner))
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        return await self._call("renew", key, lambda: self.inner.renew(key, owner, lease_expires_at, checkpoint))
+    async def renew(self, key: str, owner: str, *, checkpoint: str | None = None, **lease: Any) -> bool:
+        return await self._call("renew", key, lambda: self.inner.renew(key, owner, checkpoint=checkpoint, **lease))
 
     def close(self) -> None:
         self.answer.set()

@@ -28,6 +28,8 @@ from strands_py.idempotency import (
     ReplayedAgentResult,
 )
 from strands_py.idempotency.keys import make_key, session_lock_key
+from strands_py.idempotency.record import new_version
+from strands_py.session import _lock
 from strands_py.session._conversation import _Conversation
 from strands_py.session._turn import SessionTurn
 from strands_py.testing import CountingStore, ScriptedBedrock
@@ -252,10 +254,12 @@ async def test_negative_control_without_rollback_the_prompt_is_there_twice(tmp_p
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 async def test_negative_control_rolling_back_a_stored_turn_loses_it(tmp_path: Path) -> None:
-    async def never_committed(self: SessionTurn, previous: Any) -> bool:
-        return False
+    async def judged_without_the_token(self: _lock.SessionLock, dead: IdempotencyRecord) -> dict[str, str] | None:
+        # A judge that never reads the token's record: every dead turn is rolled back, answered or not.
+        assert dead.checkpoint is not None
+        return {"owner": dead.owner, "checkpoint": dead.checkpoint}
 
-    with mock.patch.object(SessionTurn, "_committed", never_committed):
+    with mock.patch.object(_lock.SessionLock, "_judge", judged_without_the_token):
         await test_a_turn_whose_result_was_stored_is_kept_when_its_owner_died_before_unlocking(tmp_path)
 
 
@@ -269,15 +273,18 @@ async def test_a_retry_waits_out_the_lock_of_its_own_dead_run_even_in_throw_mode
         lock_key,
         RecordState.IN_PROGRESS,
         "dead-owner",
-        now + 60,  # live for as long as the rejection below needs: no clock decides it
+        new_version(),
+        60.0,  # silent for a whole minute before anyone may judge it gone: the rejection below is never a race
         now + 3600,
         checkpoint=json.dumps({"v": 1, "token": make_key(scope, "t1")}),
     )
     assert await env.config.store.claim(dead_lock, now) is None
     with pytest.raises(SessionBusyError):  # another request: rejected at once
         await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hi", idempotency_token="t2"), WAIT)
-    # the dead run's lease now runs out half a second from here
-    assert await env.config.store.renew(lock_key, "dead-owner", time.time() + 0.5)
+    # the dead run's last heartbeat: from here it is silent, and judged gone after half a second of that
+    assert await env.config.store.renew(
+        lock_key, "dead-owner", version=new_version(), lease_seconds=0.5, expires_at=time.time() + 3600
+    )
     # the same request (its dead run held the lock): waits for that lock's lease instead of a spurious 409
     result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t1"), WAIT)
     assert result.stop_reason == "end_turn" and shape(env.persisted()) == ONE_TURN

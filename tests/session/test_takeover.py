@@ -1,0 +1,243 @@
+"""Takeovers of a session that must never lose or double an answered turn (each with its broken variant).
+
+"Hosts" here are agents whose store is a wrapper of their own around one shared in-memory store: the same records,
+but none of one process's in-memory sharing (registry, session lines), as another process would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from session_kit import BlockingTool, no_heartbeats
+from strands.session.file_session_manager import FileSessionManager
+
+from strands_py import Agent, IdempotencyLeaseLostError, IdempotencyStoreError
+from strands_py._demo.storm import _until
+from strands_py.idempotency import (
+    IdempotencyConfig,
+    IdempotencyRecord,
+    IdempotencyStore,
+    InMemoryIdempotencyStore,
+    RecordState,
+    ReplayedAgentResult,
+)
+from strands_py.idempotency.keys import make_key
+from strands_py.testing import CountingStore, ScriptedBedrock
+from strands_py.turn import _run
+
+WAIT = 20.0
+SCOPE = "s"
+
+# Turns are real threads (tools, model calls) racing the takeovers of other "hosts".
+pytestmark = pytest.mark.racing
+
+
+class _Hosts:
+    """One conversation (a FileSessionManager directory) and one shared store, served by several hosts."""
+
+    def __init__(self, tmp_path: Path, **config: Any) -> None:
+        self.dir = str(tmp_path / "sessions")
+        self.inner = InMemoryIdempotencyStore()
+        config.setdefault("lease_seconds", 1.0)
+        config.setdefault("session_invocation_mode", "enqueue")
+        self.config = IdempotencyConfig(store=self.inner, scope=SCOPE, **config)
+
+    def agent(self, script: ScriptedBedrock | None = None, store: IdempotencyStore | None = None) -> Agent:
+        script = script or ScriptedBedrock()
+        return Agent(
+            model=script.model(),
+            tools=script.tools(),
+            callback_handler=None,
+            session_manager=FileSessionManager(session_id="conv-1", storage_dir=self.dir),
+            idempotency=dataclasses.replace(self.config, store=store or CountingStore(self.inner)),
+        )
+
+    async def turn(self, prompt: str, token: str, store: IdempotencyStore | None = None, **kwargs: Any) -> Any:
+        agent = self.agent(kwargs.pop("script", None), store)
+        return await asyncio.wait_for(agent.invoke_async(prompt, idempotency_token=token), WAIT)
+
+    def prompts(self) -> list[str]:
+        """The user prompts of the persisted conversation, in order (tool results left out)."""
+        manager = FileSessionManager(session_id="conv-1", storage_dir=self.dir)
+        messages = [m.to_message() for m in manager.list_messages("conv-1", "default")]
+        return [m["content"][0]["text"] for m in messages if m["role"] == "user" and "text" in m["content"][0]]
+
+
+# -- a stale takeover read -----------------------------------------------------------------------------------------
+
+
+class _TakeoverHeld(CountingStore):
+    """Host C: its takeover of the session lock is held back (a slow network) until ``go`` is set."""
+
+    def __init__(self, inner: IdempotencyStore) -> None:
+        super().__init__(inner)
+        self.judged = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        if "#session-" in record.key and not self.judged.is_set():
+            self.judged.set()
+            await self.go.wait()
+        return await super().take_over(record, version)
+
+
+class _BlindTakeover(_TakeoverHeld):
+    """The broken variant: a takeover that lands on whatever is there, as a plain claim would (no compare-and-set)."""
+
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        await super().take_over(record, version)
+        return await self.inner.claim(record, 0.0) is None
+
+
+async def _stale_takeover(tmp_path: Path, host_c: type[_TakeoverHeld]) -> None:
+    hosts = _Hosts(tmp_path)
+    await hosts.turn("t0?", "t0")
+    dead_script = BlockingTool(WAIT)
+    with no_heartbeats():  # host A dies inside its tool: its lock record goes silent
+        dead = asyncio.create_task(hosts.agent(dead_script).invoke_async("A?", idempotency_token="tA"))
+        await _until(dead_script.tool_entered.is_set, WAIT, "host A's tool")
+    try:
+        # Host C reads A's record, watches it for a lease, judges A's turn void... and its takeover is delayed.
+        c_store = host_c(hosts.inner)
+        c_turn = asyncio.create_task(hosts.turn("C?", "tC", c_store))
+        await asyncio.wait_for(c_store.judged.wait(), WAIT)
+        # Meanwhile host B takes A's lock over, rolls A's turn back, answers its own turn and releases the lock.
+        b = await hosts.turn("B?", "tB")
+        assert b.stop_reason == "end_turn" and hosts.prompts() == ["t0?", "B?"]
+        # Now C's takeover arrives: it must replace the record it judged (A's), which is gone, or nothing.
+        c_store.go.set()
+        c: Any = None
+        try:
+            c = await asyncio.wait_for(c_turn, WAIT)
+        except IdempotencyLeaseLostError:
+            pass  # (the broken variant: its takeover answered after a whole lease, so its lease had lapsed)
+        assert "B?" in hosts.prompts(), f"B's answered turn was lost: {hosts.prompts()}"
+        assert c is not None and c.stop_reason == "end_turn"
+        assert hosts.prompts() == ["t0?", "B?", "C?"]
+    finally:
+        dead_script.tool_gate.set()  # host A wakes up (its writes are fenced); never leave its thread behind
+        await asyncio.wait([dead], timeout=WAIT)
+        if dead.done() and not dead.cancelled():
+            assert isinstance(dead.exception(), IdempotencyLeaseLostError)
+
+
+async def test_a_stale_takeover_read_never_deletes_an_answered_turn(tmp_path: Path) -> None:
+    await _stale_takeover(tmp_path, _TakeoverHeld)
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: a takeover without compare-and-set")
+async def test_negative_control_a_blind_takeover_deletes_the_answered_turn(tmp_path: Path) -> None:
+    await _stale_takeover(tmp_path, _BlindTakeover)
+
+
+# -- an answered turn whose token record expired --------------------------------------------------------------------
+
+
+class _DiesBeforeUnlocking(CountingStore):
+    """Host A stores its result, then dies before releasing the session lock (the release never arrives)."""
+
+    async def release(self, key: str, owner: str) -> bool:
+        if "#session-" in key:
+            raise ConnectionResetError("host died")
+        return await super().release(key, owner)
+
+
+async def test_an_answered_turn_is_never_rolled_back_after_its_result_would_have_expired(tmp_path: Path) -> None:
+    # A lease (3 s) longer than the window (2 s): whoever takes the dead lock over judges it at least a lease after
+    # A's last heartbeat, when a result kept for the window alone would be gone already.
+    hosts = _Hosts(tmp_path, lease_seconds=3.0, expires_after_seconds=2.0)
+    a = await hosts.turn("A?", "tA", _DiesBeforeUnlocking(hosts.inner))
+    assert a.stop_reason == "end_turn"
+    b = await hosts.turn("B?", "tB")
+    assert b.stop_reason == "end_turn"
+    assert hosts.prompts() == ["A?", "B?"], f"A's answered turn was rolled back: {hosts.prompts()}"
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: results kept for the window only")
+async def test_negative_control_a_result_kept_for_the_window_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_run, "RESULT_MARGIN_LEASES", 0)
+    await test_an_answered_turn_is_never_rolled_back_after_its_result_would_have_expired(tmp_path)
+
+
+# -- a result that cannot be stored ----------------------------------------------------------------------------------
+
+
+class _CompleteFails(CountingStore):
+    """``complete`` of a token fails once: before the write (``landed=False``) or after it (a lost response); with
+    ``release_fails`` the store stays unreachable for the release that follows."""
+
+    def __init__(self, inner: IdempotencyStore, *, landed: bool, release_fails: bool = False) -> None:
+        super().__init__(inner)
+        self.landed = landed
+        self.release_fails = release_fails
+        self.failed = False
+
+    async def complete(self, record: IdempotencyRecord) -> bool:
+        if self.failed:
+            return await super().complete(record)
+        self.failed = True
+        if self.landed:
+            await super().complete(record)
+        raise ConnectionResetError("connection reset by peer")
+
+    async def release(self, key: str, owner: str) -> bool:
+        if self.release_fails and "#session-" not in key:
+            raise ConnectionResetError("still unreachable")
+        return await super().release(key, owner)
+
+
+async def _a_store_fault_then_the_retry(tmp_path: Path, release_fails: bool) -> BaseException | None:
+    """The first call's result cannot be stored; the client retries. Returns what the first call raised."""
+    hosts = _Hosts(tmp_path)
+    await hosts.turn("t0?", "t0")
+    failing = _CompleteFails(hosts.inner, landed=False, release_fails=release_fails)
+    first: BaseException | None = None
+    try:
+        await hosts.turn("t1?", "t1", failing)
+    except IdempotencyStoreError as e:
+        first = e
+    assert failing.failed
+    # The client retries: the turn runs again (nothing was stored), on the conversation as it was, exactly once.
+    script = ScriptedBedrock()
+    retry = await hosts.turn("t1?", "t1", script=script)
+    assert retry.stop_reason == "end_turn" and not isinstance(retry, ReplayedAgentResult) and script.model_calls == 2
+    assert hosts.prompts() == ["t0?", "t1?"], f"the turn is not there exactly once: {hosts.prompts()}"
+    return first
+
+
+@pytest.mark.parametrize("release_fails", [False, True], ids=["released", "outcome-unknown"])
+async def test_an_answer_that_could_not_be_stored_is_not_acknowledged_and_its_turn_is_kept_once(
+    tmp_path: Path, release_fails: bool
+) -> None:
+    first = await _a_store_fault_then_the_retry(tmp_path, release_fails)
+    assert isinstance(first, IdempotencyStoreError), "an answer that is not kept was acknowledged"
+
+
+async def test_an_answer_whose_write_landed_despite_the_error_counts(tmp_path: Path) -> None:
+    hosts = _Hosts(tmp_path)
+    failing = _CompleteFails(hosts.inner, landed=True)
+    answered = await hosts.turn("t1?", "t1", failing)
+    assert failing.failed and answered.stop_reason == "end_turn"
+    record = await hosts.inner.get(make_key(SCOPE, "t1"))
+    assert record is not None and record.state is RecordState.COMPLETED
+    assert isinstance(await hosts.turn("t1?", "t1"), ReplayedAgentResult)
+    assert hosts.prompts() == ["t1?"]
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: the turn kept, the claim released")
+async def test_negative_control_a_failed_store_keeps_the_turn_and_releases_the_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def release_and_pretend(call: Any) -> Any:
+        # The old behaviour: the claim is handed back, the turn committed all the same, the caller answered.
+        await call.release()
+        return _run._Stored.STORED
+
+    monkeypatch.setattr(_run, "_learn_outcome", release_and_pretend)
+    await _a_store_fault_then_the_retry(tmp_path, False)
