@@ -15,10 +15,11 @@ from strands_py.idempotency import (
     IdempotencyStore,
     InMemoryIdempotencyStore,
     RecordState,
-    _durable,
 )
+from strands_py.idempotency._calls import _store
 from strands_py.idempotency.keys import make_key
 from strands_py.testing import CountingStore, ScriptedBedrock
+from strands_py.turn import _claim, _run
 
 WAIT = 8.0
 
@@ -55,16 +56,16 @@ class _LandedThenTimedOut(CountingStore):
         return existing
 
 
-# Was (both tests below): a claim whose write landed but whose call raised (a read timeout after botocore's
-# retries, a connection reset after the request was sent) becomes IdempotencyStoreError, documented as "nothing
-# ran, retrying later is safe (HTTP: 503)". But the IN_PROGRESS record we wrote stays, with nobody renewing it and
-# nobody releasing it: `_durable._claim` only hands a landed claim back when the *caller* was cancelled
-# (`_release_when_landed`), not when the store call itself failed; `_gate.replay_blocking` (the sync path) does
-# nothing at all. Every retry of the token then waits for a whole lease (30 s by default) for an owner that does not
-# exist: exactly the orphaned-claim defect issue 8 fixed for cancellations, through the other exit.
-# Expected: on a failed claim, hand our claim back (a fenced `release(key, owner)`: it deletes only our own
-# IN_PROGRESS record, so it is safe whether or not the write landed), best-effort and shielded, like
-# `_release_when_landed`; the retry then runs at once.
+# Was (both tests below): a claim whose write landed but whose call raised (a read timeout after botocore's retries, a
+# connection reset after the request was sent) becomes IdempotencyStoreError, documented as "nothing ran, retrying later
+# is safe (HTTP: 503)". But the IN_PROGRESS record we wrote stays, with nobody renewing it and nobody releasing it: the
+# claim (then in `_durable`) only hands a landed claim back when the *caller* was cancelled (`_release_when_landed`),
+# not when the store call itself failed; `_gate.replay_blocking` (the sync path) does nothing at all. Every retry of the
+# token then waits for a whole lease (30 s by default) for an owner that does not exist: exactly the orphaned-claim
+# defect issue 8 fixed for cancellations, through the other exit.
+# Expected: on a failed claim, hand our claim back (a fenced `release(key, owner)`: it deletes only our own IN_PROGRESS
+# record, so it is safe whether or not the write landed), best-effort and shielded, like `_release_when_landed`; the
+# retry then runs at once.
 
 
 async def test_a_claim_that_landed_but_raised_does_not_block_the_retry_for_a_lease() -> None:
@@ -119,13 +120,13 @@ class _SlowComplete(CountingStore):
 
 
 async def test_a_primary_cancelled_while_storing_its_result_does_not_block_the_retry_for_a_lease() -> None:
-    # Was: `_durable.durable_stream` sets `settled = True` *before* `await _complete(...)`. A caller cancelled
-    # while the result is being written (asyncio.wait_for around invoke_async, a server task cancelled on
+    # Was: `durable_stream` (then in `_durable`) sets `settled = True` *before* `await _complete(...)`. A caller
+    # cancelled while the result is being written (asyncio.wait_for around invoke_async, a server task cancelled on
     # shutdown) leaves the `finally` believing the claim was settled: it neither completes nor releases it. The
     # heartbeat was already stopped, so an IN_PROGRESS record that nobody owns blocks every retry for a whole lease
     # (30 s by default). Expected: the complete is shielded and finished (the claim is then COMPLETED and the retry
-    # replays), or the claim is handed back (fenced release) when the complete did not happen; either way the retry
-    # does not wait for a dead owner.
+    # replays), or the claim is handed back (fenced release) when the complete did not happen; either way the retry does
+    # not wait for a dead owner.
     inner = InMemoryIdempotencyStore()
     store = _SlowComplete(inner, lands_first=False)
     primary = asyncio.create_task(
@@ -144,15 +145,13 @@ async def test_a_primary_cancelled_while_storing_its_result_does_not_block_the_r
     assert result.stop_reason == "end_turn"
 
 
-async def _claim_without_hand_back(
-    store: IdempotencyStore, record: IdempotencyRecord, now: float, hand_back: Any
-) -> IdempotencyRecord | None:
-    return await _durable._store(store.claim(record, now))
+async def _claim_without_hand_back(attempt: Any, landed: Any, hand_back: Any) -> Any:
+    return await _store(attempt)
 
 
 @pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: a failed claim is not handed back")
 async def test_negative_control_failed_claim_not_handed_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_durable, "claim_or_hand_back", _claim_without_hand_back)
+    monkeypatch.setattr(_claim, "claim_or_hand_back", _claim_without_hand_back)
     await test_a_claim_that_landed_but_raised_does_not_block_the_retry_for_a_lease()
 
 
@@ -168,5 +167,5 @@ async def _unshielded(work: Any) -> Any:
 
 @pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: storing the result is not shielded")
 async def test_negative_control_unshielded_complete(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_durable, "_shielded", _unshielded)
+    monkeypatch.setattr(_run, "shielded", _unshielded)
     await test_a_primary_cancelled_while_storing_its_result_does_not_block_the_retry_for_a_lease()
