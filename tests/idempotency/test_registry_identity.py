@@ -12,14 +12,13 @@ import pytest
 from strands.types.exceptions import ConcurrencyException
 
 from strands_py import Agent
-from strands_py.agent import _gate
+from strands_py.agent import _gate, _registry
 from strands_py.idempotency import (
     IdempotencyConfig,
     IdempotencyRecord,
     IdempotencyStore,
     InMemoryIdempotencyStore,
     ReplayedAgentResult,
-    _registry,
 )
 from strands_py.testing import ScriptedBedrock
 
@@ -49,6 +48,9 @@ class _DataclassStore(IdempotencyStore):
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         return await self.inner.claim(record, now)
 
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        return await self.inner.take_over(record, version)
+
     async def get(self, key: str) -> IdempotencyRecord | None:
         return await self.inner.get(key)
 
@@ -58,8 +60,19 @@ class _DataclassStore(IdempotencyStore):
     async def release(self, key: str, owner: str) -> bool:
         return await self.inner.release(key, owner)
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
-        return await self.inner.renew(key, owner, lease_expires_at, checkpoint)
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
+        return await self.inner.renew(
+            key, owner, version=version, lease_seconds=lease_seconds, expires_at=expires_at, checkpoint=checkpoint
+        )
 
 
 async def test_an_unhashable_store_works() -> None:
