@@ -8,6 +8,7 @@ the DynamoDB table the operations page tells you to create is the table the stor
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +39,35 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
 
 
+@pytest.fixture
+def global_tracer_provider() -> Iterator[None]:
+    """The telemetry page installs a global tracer provider, as an application does once: undone after the page.
+
+    OpenTelemetry lets a process set it only once, and the proxy tracers handed out before (strands-py's, strands')
+    keep the real tracer they found; left alone, the page's provider would record every span of every later test of
+    the session. So the globals are put back and the proxies forget their tracer (OpenTelemetry's private state,
+    as its own test utilities reset it).
+    """
+    from opentelemetry import trace
+
+    saved = trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE._done
+    yield
+    if trace._TRACER_PROVIDER is saved[0]:
+        return
+    trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE._done = saved
+    for candidate in gc.get_objects():
+        if isinstance(candidate, trace.ProxyTracer):
+            candidate._real_tracer = None
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_id)
 def test_the_examples_of_the_page_run(
-    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aws: None, request: pytest.FixtureRequest
+    page: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    aws: None,
+    global_tracer_provider: None,
+    request: pytest.FixtureRequest,
 ) -> None:
     document = parse(page)
     examples = list(document)
