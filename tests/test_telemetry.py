@@ -26,6 +26,7 @@ from strands_py.idempotency import (
     RecordState,
 )
 from strands_py.idempotency.keys import make_key
+from strands_py.idempotency.record import new_version
 from strands_py.testing import CountingStore
 from strands_py.testing.bedrock import ScriptedBedrock
 
@@ -137,8 +138,9 @@ async def test_wait_deadline_and_lease_takeover_events(spans: InMemorySpanExport
     agent = _durable(ScriptedBedrock(), store, wait_timeout_seconds=0.2)
     key = make_key("svc", TOKEN)
     now = time.time()
-    # A live owner for as long as the test needs (its lease is ended explicitly below, never by the clock).
-    await store.claim(IdempotencyRecord(key, RecordState.IN_PROGRESS, "other", now + 60, now + 120), now)
+    # A live owner for as long as the test needs: a minute's lease (its last heartbeat is written explicitly below).
+    other = IdempotencyRecord(key, RecordState.IN_PROGRESS, "other", new_version(), 60.0, now + 120)
+    assert await store.claim(other, now) is None
     with pytest.raises(IdempotencyWaitTimeoutError):
         await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token=TOKEN), WAIT)
     timed_out = _named(spans, telemetry.SPAN_CLAIM)[-1]
@@ -150,9 +152,11 @@ async def test_wait_deadline_and_lease_takeover_events(spans: InMemorySpanExport
         _durable(ScriptedBedrock(), counting).invoke_async("weather?", idempotency_token=TOKEN)
     )
     await _until(lambda: counting.calls["claim"] >= 1, WAIT, "the patient caller to meet the live owner")
-    assert await store.renew(key, "other", time.time())  # the owner dies: its lease lapses now
+    # the owner's last heartbeat, a 0.3 s lease: it dies, and the patient caller sees that version for a whole lease
+    assert await store.renew(key, "other", version=new_version(), lease_seconds=0.3, expires_at=time.time() + 60)
     await asyncio.wait_for(patient, WAIT)
+    assert counting.calls["take_over"] == 1
     taken = _named(spans, telemetry.SPAN_CLAIM)[-1]
-    assert telemetry.EVENT_LEASE_TAKEN_OVER in _events(taken)
+    assert {telemetry.EVENT_WAITING_FOR_OWNER, telemetry.EVENT_LEASE_TAKEN_OVER} <= set(_events(taken))
     assert taken.attributes is not None and taken.attributes[P + "decision"] == "claimed"
     _assert_no_raw_token(spans)
