@@ -62,9 +62,20 @@ class _TimedStore(CountingStore):
         super().__init__(inner)
         self.renewed_at: list[float] = []
 
-    async def renew(self, key: str, owner: str, lease_expires_at: float, checkpoint: str | None = None) -> bool:
+    async def renew(
+        self,
+        key: str,
+        owner: str,
+        *,
+        version: str,
+        lease_seconds: float,
+        expires_at: float,
+        checkpoint: str | None = None,
+    ) -> bool:
         self.renewed_at.append(time.monotonic())
-        return await super().renew(key, owner, lease_expires_at, checkpoint)
+        return await super().renew(
+            key, owner, version=version, lease_seconds=lease_seconds, expires_at=expires_at, checkpoint=checkpoint
+        )
 
 
 def held_run(
