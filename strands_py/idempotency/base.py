@@ -32,14 +32,25 @@ class IdempotencyStore(abc.ABC):
     safe by construction: the layers above hand back a claim whose caller gave up, and every other write is
     conditional (fenced on the owner, or on the version the caller judged).
 
+    Journal (optional, ``supports_journal``): a key's ``IN_PROGRESS`` record may carry an append-only list of
+    entries (the steps its owners completed), written only by the record's owner. It lives as long as the claim's
+    lineage: a ``take_over`` keeps it (the new owner resumes from it), while a fresh ``claim``, ``complete`` and
+    ``release`` drop it, as does the record's expiry.
+
     Attributes:
         max_result_bytes: Largest encoded result the store accepts, or None for no limit.
         supports_blocking_claims: Whether ``claim_blocking`` is implemented (optional; the sync ``agent(...)``
             answers replays with it before starting a thread and an event loop).
+        supports_journal: Whether ``append``, ``journal`` and ``truncate`` are implemented (needed by
+            ``IdempotencyConfig(journal=True)``).
+        max_journal_entry_bytes: Largest journal entry the store accepts, or None for no limit (larger steps are
+            split into several entries by the layer above).
     """
 
     max_result_bytes: int | None = None
     supports_blocking_claims: bool = False
+    supports_journal: bool = False
+    max_journal_entry_bytes: int | None = None
 
     @abc.abstractmethod
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
@@ -128,3 +139,35 @@ class IdempotencyStore(abc.ABC):
             NotImplementedError: The store does not support it (``supports_blocking_claims`` is False).
         """
         raise NotImplementedError(f"{type(self).__name__} does not support blocking claims")
+
+    async def append(self, key: str, owner: str, entry: bytes) -> bool:
+        """Append ``entry`` to the journal of ``key``, fenced on ``owner`` holding its ``IN_PROGRESS`` record.
+
+        One atomic step: the fence and the append (an entry is never written for an owner that lost the claim).
+
+        Returns:
+            False if the append was fenced off (the claim was taken over, completed, released, or is gone).
+
+        Raises:
+            NotImplementedError: The store does not support journals (``supports_journal`` is False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support journals")
+
+    async def journal(self, key: str) -> list[bytes]:
+        """The journal of ``key``, in append order (empty when there is none).
+
+        Raises:
+            NotImplementedError: The store does not support journals (``supports_journal`` is False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support journals")
+
+    async def truncate(self, key: str, owner: str, length: int) -> bool:
+        """Keep only the first ``length`` entries of the journal of ``key``, fenced like ``append``.
+
+        Returns:
+            False if fenced off.
+
+        Raises:
+            NotImplementedError: The store does not support journals (``supports_journal`` is False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support journals")

@@ -183,12 +183,27 @@ def encode_result(result: AgentResult, max_bytes: int | None) -> bytes:
         "structured_output": structured.model_dump(mode="json") if structured is not None else None,
         "interrupts": None if interrupts is None else [_interrupt_fields(i) for i in interrupts],
     }
+    payload = encode_value(fields)
+    if max_bytes is not None and len(payload) > max_bytes:
+        return _TAG_OMITTED + json.dumps({"size": len(payload), "limit": max_bytes}).encode("utf-8")
+    return payload
+
+
+def encode_value(value: Any) -> bytes:
+    """Encode a value built from dicts with str keys, lists, str, int, float, bool, None and bytes (format 2).
+
+    A result's payload is one such document; the journal's entries are others.
+
+    Raises:
+        TypeError: The value holds something that cannot be stored (neither JSON nor bytes, a circular value, an
+            integer too long to print, nesting too deep).
+    """
     try:
-        text, blobs = _to_json(fields)
+        text, blobs = _to_json(value)
     except RecursionError as e:
-        raise TypeError("the result is nested too deeply to be stored in an idempotency record") from e
+        raise TypeError("the value is nested too deeply to be stored in an idempotency record") from e
     except ValueError as e:
-        raise TypeError(f"the result cannot be stored in an idempotency record: {e}") from e
+        raise TypeError(f"the value cannot be stored in an idempotency record: {e}") from e
     # surrogatepass: a lone surrogate in a model's text round-trips like any other character.
     document = text.encode("utf-8", "surrogatepass")
     flags = 0
@@ -198,7 +213,7 @@ def encode_result(result: AgentResult, max_bytes: int | None) -> bytes:
         if len(compressed) < len(document):
             document, flags = compressed, _FLAG_DOCUMENT_ZLIB
     packed = [_pack_blob(blob) for blob in blobs.items]
-    payload = b"".join(
+    return b"".join(
         [
             _TAG_V2,
             _HEADER.pack(flags, len(document), len(packed)),
@@ -207,12 +222,28 @@ def encode_result(result: AgentResult, max_bytes: int | None) -> bytes:
             *(data for data, _ in packed),
         ]
     )
-    if max_bytes is not None and len(payload) > max_bytes:
-        return _TAG_OMITTED + json.dumps({"size": len(payload), "limit": max_bytes}).encode("utf-8")
-    return payload
+
+
+def decode_value(data: bytes) -> Any:
+    """Rebuild a value written by ``encode_value``.
+
+    Raises:
+        ValueError: The data is not a whole format-2 document.
+    """
+    view = memoryview(data)
+    if view[:1] != _TAG_V2:
+        raise ValueError(f"unknown format {bytes(view[:1])!r}")
+    return _decode_document(view[1:])
 
 
 def _decode_v2(body: memoryview) -> dict[str, Any]:
+    fields = _decode_document(body)
+    if not isinstance(fields, dict):
+        raise ValueError("the document is not an object")
+    return fields
+
+
+def _decode_document(body: memoryview) -> Any:
     if len(body) < _HEADER.size:
         raise ValueError("truncated header")
     flags, document_length, count = _HEADER.unpack_from(body)
@@ -237,10 +268,7 @@ def _decode_v2(body: memoryview) -> dict[str, Any]:
         raise ValueError(f"{len(body) - offset} unexpected bytes after the last blob")
     text = (_inflate(document) if flags & _FLAG_DOCUMENT_ZLIB else bytes(document)).decode("utf-8", "surrogatepass")
     # No '"$' in the text: no reference and no escape to invert (the common case), so no hook per object.
-    fields = json.loads(text, object_hook=_object_hook(blobs)) if '"$' in text else json.loads(text)
-    if not isinstance(fields, dict):
-        raise ValueError("the document is not an object")
-    return fields
+    return json.loads(text, object_hook=_object_hook(blobs)) if '"$' in text else json.loads(text)
 
 
 def _v1_object_hook(obj: dict[str, Any]) -> Any:
@@ -319,3 +347,4 @@ def decode_result(record: IdempotencyRecord, structured_output_model: type[BaseM
         raise
     except Exception as e:
         raise IdempotencyRecordCorruptedError(record.key, f"{type(e).__name__}: {e}") from e
+

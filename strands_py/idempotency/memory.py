@@ -70,6 +70,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         self.max_entries = max_entries
         self.max_result_bytes = max_result_bytes
         self._claims: OrderedDict[str, _Claim] = OrderedDict()  # oldest write first
+        self._journals: dict[str, list[bytes]] = {}  # of IN_PROGRESS records only
         self._completed: OrderedDict[str, IdempotencyRecord] = OrderedDict()  # least recently used first
         # Completed records' (expires_at, tie-breaker, key, the record the entry was pushed for)
         self._deadlines: list[tuple[float, int, str, IdempotencyRecord]] = []
@@ -81,6 +82,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         return len(self._claims) + len(self._completed)
 
     supports_blocking_claims = True
+    supports_journal = True
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``.
@@ -100,6 +102,8 @@ class InMemoryIdempotencyStore(IdempotencyStore):
                 return existing
             if existing is None and len(self) >= self.max_entries:
                 self._make_room(now)
+            if existing is None or not _own_claim(existing, record.owner):
+                self._journals.pop(record.key, None)  # a fresh claim starts a fresh journal
             self._put(record)
             return None
 
@@ -125,6 +129,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         with self._mutex:
             if self._owned_in_progress(record.key, record.owner) is None:
                 return False
+            self._journals.pop(record.key, None)
             self._put(record)
             return True
 
@@ -134,6 +139,31 @@ class InMemoryIdempotencyStore(IdempotencyStore):
             if self._owned_in_progress(key, owner) is None:
                 return False
             self._remove(key)
+            return True
+
+    async def append(self, key: str, owner: str, entry: bytes) -> bool:
+        """See ``IdempotencyStore.append``."""
+        with self._mutex:
+            if self._owned_in_progress(key, owner) is None:
+                return False
+            self._journals.setdefault(key, []).append(bytes(entry))
+            return True
+
+    async def journal(self, key: str) -> list[bytes]:
+        """See ``IdempotencyStore.journal``."""
+        with self._mutex:
+            if self._lookup(key, time.time()) is None:
+                return []
+            return list(self._journals.get(key, ()))
+
+    async def truncate(self, key: str, owner: str, length: int) -> bool:
+        """See ``IdempotencyStore.truncate``."""
+        with self._mutex:
+            if self._owned_in_progress(key, owner) is None:
+                return False
+            entries = self._journals.get(key)
+            if entries is not None:
+                del entries[length:]
             return True
 
     async def renew(
@@ -183,8 +213,9 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         return claim.record if claim is not None and claim.record.owner == owner else None
 
     def _put(self, record: IdempotencyRecord) -> None:
-        """Store ``record`` under its key (replacing any), most recently written."""
-        self._remove(record.key)
+        """Store ``record`` under its key (replacing any, keeping its journal), most recently written."""
+        if self._claims.pop(record.key, None) is None:
+            self._completed.pop(record.key, None)
         if record.state is RecordState.IN_PROGRESS:
             self._claims[record.key] = _Claim(record)
             return
@@ -195,9 +226,10 @@ class InMemoryIdempotencyStore(IdempotencyStore):
             heapq.heapify(self._deadlines)
 
     def _remove(self, key: str) -> None:
-        """Forget ``key``; its heap entries go stale and are skipped when they surface."""
+        """Forget ``key`` (and its journal); its heap entries go stale and are skipped when they surface."""
         if self._claims.pop(key, None) is None:
             self._completed.pop(key, None)
+        self._journals.pop(key, None)
 
     def _make_room(self, now: float) -> None:
         """Free at least one entry for a new key, or raise: see the eviction order in the class docstring."""

@@ -7,8 +7,9 @@ own monotonic clock (no wall clock decides: see ``idempotency/_heartbeat.py``).
 
 Taking over is where a conversation can be lost, so it is done in one order. The waiter first *judges* the dead
 holder's turn from the record it read: the turn counts if its token's result was stored by that holder; otherwise it
-must be rolled back, and if the holder still owns its token's claim, that claim is revoked first (a fenced release),
-so a holder that was only paused can never store its result after its turn was judged void. Then the waiter replaces
+must be rolled back, and if the holder still owns its token's claim, that claim is revoked first (replaced, by a
+compare-and-set on its version, with a yielded claim of no living owner, which keeps its journal for the retry), so a
+holder that was only paused can never store its result after its turn was judged void. Then the waiter replaces
 exactly the record it judged (``take_over``, a compare-and-set on its version), carrying the verdict in its own
 record ("pending": the checkpoint to roll back to) until it has rolled back, or starts over if the record changed.
 A verdict is therefore made once, from one read, and never depends on records that may have expired since.
@@ -21,6 +22,7 @@ future of their own loop until the head is served. Across processes the store de
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -154,6 +156,10 @@ def _pending_of(record: IdempotencyRecord) -> dict[str, str] | None:
 _JUDGE_ATTEMPTS = 3
 
 
+def _waited_in_vain(wait_timeout_seconds: float | None) -> SessionBusyError:
+    return SessionBusyError(f"waited {wait_timeout_seconds}s for the session, in vain")
+
+
 class _Attempt:
     """What one attempt at the lock found.
 
@@ -234,8 +240,10 @@ class SessionLock:
                     None if wait_timeout_seconds is None else wait_timeout_seconds - (time.monotonic() - started)
                 )
                 if not ticket.turn.done():
-                    if mode is SessionInvocationMode.THROW or (remaining is not None and remaining <= 0):
+                    if mode is SessionInvocationMode.THROW:
                         raise SessionBusyError("another request is running a turn of this session")
+                    if remaining is not None and remaining <= 0:
+                        raise _waited_in_vain(wait_timeout_seconds)
                     # asyncio.wait: cancels nothing on a timeout, so it never swallows our caller's cancellation (as
                     # wait_for can on 3.10 and 3.11), and exists on every supported Python (asyncio.timeout: 3.11+).
                     await asyncio.wait([ticket.turn], timeout=remaining)
@@ -248,10 +256,10 @@ class SessionLock:
                 if held is None:
                     continue  # the record changed under our judgement: start over from a fresh read
                 same_request = token_key is not None and _token_of(held) == token_key
-                if (mode is SessionInvocationMode.THROW and not same_request) or (
-                    remaining is not None and remaining <= 0
-                ):
+                if mode is SessionInvocationMode.THROW and not same_request:
                     raise SessionBusyError("another request is running a turn of this session")
+                if remaining is not None and remaining <= 0:
+                    raise _waited_in_vain(wait_timeout_seconds)
                 pause = random.uniform(delay / 2, delay)
                 # Wake when the holder could be judged gone (a crashed holder), not a whole backoff step later.
                 pause = min(pause, attempt.wait + 0.01)
@@ -339,9 +347,14 @@ class SessionLock:
                 return turn
             if token.state is RecordState.COMPLETED:
                 return None
-            # Its owner still holds the token's claim: it may be paused rather than dead. Revoke the claim (fenced
-            # on that owner) before judging the turn void, so its result can never land after we roll the turn back.
-            if await _store(self.store.release(token_key, dead.owner)):
+            # Its owner still holds the token's claim: it may be paused rather than dead. Revoke the claim before
+            # judging the turn void, so its result can never land after we roll the turn back: replace exactly that
+            # claim with a yielded one of no living owner. Not a release: the claim's journal stays for the retry,
+            # which takes the yielded claim over at once and resumes from it.
+            revoked = dataclasses.replace(
+                token, owner=f"revoked-{self.owner}", version=new_version(), lease_seconds=0.0
+            )
+            if await _store(self.store.take_over(revoked, token.version)):
                 logger.debug("key=<%s> | revoked the dead holder's token claim", self.key)
                 return turn
         raise IdempotencyStoreError("the dead session holder's token record kept changing while it was judged")

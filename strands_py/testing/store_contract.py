@@ -499,3 +499,112 @@ class StoreContract:
             assert got is not None and got.payload == payload
 
         self.run(scenario())
+
+    # the journal (optional: ``supports_journal``)
+
+    def _journal_store(self, store: IdempotencyStore) -> IdempotencyStore:
+        if not store.supports_journal:
+            pytest.skip(f"{type(store).__name__} does not support journals")
+        return store
+
+    def test_journal_appends_are_fenced_on_the_owner_and_read_back_in_order(self, store: IdempotencyStore) -> None:
+        """Only the owner of the ``IN_PROGRESS`` record appends; entries come back in order, byte for byte."""
+        store = self._journal_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.journal("contract#k") == []
+            assert await store.append("contract#k", "a", b"no claim") is False
+            await store.claim(_claim("contract#k", "a", now=now), now)
+            entries = [b"\x00step-0", bytes(range(256)), b"", "\u00e9t\u00e9".encode()]
+            for entry in entries:
+                assert await store.append("contract#k", "a", entry) is True
+            assert await store.append("contract#k", "intruder", b"x") is False
+            assert await store.journal("contract#k") == entries
+            assert await store.journal("contract#other") == []
+
+        self.run(scenario())
+
+    def test_a_takeover_keeps_the_journal_and_fences_the_old_owner(self, store: IdempotencyStore) -> None:
+        """The new owner resumes from the journal; the old owner can neither append to it nor truncate it."""
+        store = self._journal_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            first = _claim("contract#k", "crashed", now=now)
+            await store.claim(first, now)
+            assert await store.append("contract#k", "crashed", b"model-0") is True
+            assert await store.take_over(_claim("contract#k", "new", now=now), first.version) is True
+            assert await store.journal("contract#k") == [b"model-0"]
+            assert await store.append("contract#k", "crashed", b"late") is False
+            assert await store.truncate("contract#k", "crashed", 0) is False
+            assert await store.append("contract#k", "new", b"tool-0") is True
+            renewed = await store.renew(
+                "contract#k", "new", version=new_version(), lease_seconds=60, expires_at=now + 600
+            )
+            assert renewed is True
+            assert await store.journal("contract#k") == [b"model-0", b"tool-0"]
+
+        self.run(scenario())
+
+    def test_truncate_keeps_a_prefix(self, store: IdempotencyStore) -> None:
+        """``truncate`` keeps the first entries (all of them when it asks for more), fenced on the owner."""
+        store = self._journal_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now), now)
+            for entry in (b"0", b"1", b"2", b"3"):
+                await store.append("contract#k", "a", entry)
+            assert await store.truncate("contract#k", "a", 10) is True
+            assert await store.journal("contract#k") == [b"0", b"1", b"2", b"3"]
+            assert await store.truncate("contract#k", "a", 2) is True
+            assert await store.journal("contract#k") == [b"0", b"1"]
+            assert await store.append("contract#k", "a", b"2'") is True
+            assert await store.journal("contract#k") == [b"0", b"1", b"2'"]
+            assert await store.truncate("contract#k", "a", 0) is True
+            assert await store.journal("contract#k") == []
+            assert await store.truncate("contract#missing", "a", 0) is False
+
+        self.run(scenario())
+
+    @pytest.mark.parametrize("end", ["complete", "release", "expiry and a fresh claim"])
+    def test_the_journal_ends_with_its_claim(self, store: IdempotencyStore, end: str) -> None:
+        """A completed, released or expired claim leaves no journal behind: a fresh claim starts an empty one."""
+        store = self._journal_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            await store.claim(_claim("contract#k", "a", now=now), now)
+            assert await store.append("contract#k", "a", b"step") is True
+            if end == "complete":
+                assert await store.complete(_completed("contract#k", "a", now=now, ttl=10)) is True
+                assert await store.journal("contract#k") == []
+                later = now + 20
+            elif end == "release":
+                assert await store.release("contract#k", "a") is True
+                later = now
+            else:
+                assert await store.complete(_completed("contract#k", "a", now=now, ttl=10)) is True
+                later = now + 20
+            assert await store.claim(_claim("contract#k", "b", now=later), later) is None
+            assert await store.journal("contract#k") == []
+            assert await store.append("contract#k", "b", b"fresh") is True
+            assert await store.journal("contract#k") == [b"fresh"]
+
+        self.run(scenario())
+
+    def test_a_journal_entry_of_max_journal_entry_bytes_is_stored(self, store: IdempotencyStore) -> None:
+        """An entry as large as ``max_journal_entry_bytes`` (at most 4 MiB here) is stored and read back."""
+        store = self._journal_store(store)
+        limit = store.max_journal_entry_bytes
+        size = min(limit or 1 << 20, 4 << 20)
+
+        async def scenario() -> None:
+            now = time.time()
+            entry = bytes(i % 253 for i in range(size))
+            await store.claim(_claim("contract#big", "a", now=now), now)
+            assert await store.append("contract#big", "a", entry) is True
+            assert await store.journal("contract#big") == [entry]
+
+        self.run(scenario())
