@@ -52,7 +52,15 @@ def _result(
 
 
 def _record(payload: bytes | None) -> IdempotencyRecord:
-    return IdempotencyRecord(KEY, RecordState.COMPLETED, "owner", 0, 1, None, payload)
+    return IdempotencyRecord(
+        key=KEY,
+        state=RecordState.COMPLETED,
+        owner="owner",
+        version="v",
+        lease_seconds=0.0,
+        expires_at=1.0,
+        payload=payload,
+    )
 
 
 def _replay(result: AgentResult, model: type[BaseModel] | None = None) -> ReplayedAgentResult:
@@ -204,6 +212,15 @@ def test_reference_lookalikes_stay_what_they_are(value: Any) -> None:
 )
 def test_a_bytes_marker_in_model_output_replays_as_a_dict(encode: Any) -> None:
     _round_trip_is_exact(encode, {"__bytes__": "AP8="})
+
+
+def test_text_a_tool_decoded_with_surrogateescape_round_trips_exactly() -> None:
+    name = b"report-\xff\xfe.txt".decode("utf-8", "surrogateescape")  # a file name that is not UTF-8
+    content = [{"toolResult": {"toolUseId": "t", "content": [{"text": name}], "status": "success"}}, {"text": name}]
+    replay = _replay(_result([*content, {"json": {name: [name, "\ud83d\ude00"]}}]))
+    assert replay.message["content"][:2] == content
+    assert replay.message["content"][2] == {"json": {name: [name, "\ud83d\ude00"]}}  # a split pair stays split
+    assert str(replay).count(name) == 1
 
 
 def test_tuples_come_back_as_lists_bytearrays_as_bytes_and_keys_as_json_keys() -> None:
