@@ -18,8 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strands_py import Agent
 from strands_py.http import Server
 from strands_py.http._demo import StreamingScript
+from strands_py.http._scopes import ANONYMOUS, DEFAULT_SCOPE
 
 WAIT = 30.0
+# The scope of a request without credentials to an app that is neither scoped nor single-tenant.
+ANONYMOUS_SCOPE = f"{DEFAULT_SCOPE}/{ANONYMOUS}"
 ANSWER = " ".join(f"word{n:02d}" for n in range(1, 41)) + "."
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from http_support import WAIT, Observer, client, headers, new_key, scripted, ser
 from starlette.exceptions import HTTPException
 
 from strands_py import Agent
-from strands_py.http import AGENT_FAILED, AgentApp
+from strands_py.http import AGENT_FAILED, NOT_FOUND, SCOPE_INVALID, AgentApp
 from strands_py.idempotency import IdempotencyConfig
 
 PROMPT = {"prompt": "What is the weather in Paris?"}
@@ -60,14 +61,97 @@ async def test_keys_of_different_scopes_never_meet() -> None:
     assert script.model_calls == 4
 
 
-async def test_scope_function_failing_is_500() -> None:
-    async def broken(request: Any) -> str:
-        return "has#hash"
+# Any string a scope function returns is a tenant id (escaped; a very long one digested); lookalikes never meet.
+TENANTS = [
+    "a#b",
+    "a%23b",
+    "#",
+    "a/b",
+    "a%2Fb",
+    "%",
+    b"\xff".decode("utf-8", "surrogateescape"),
+    "line\nbreak",
+    "é",
+    "x" * 10_000,
+    "x" * 9_999 + "y",
+]
 
+
+def _tenant_of(request: Any) -> Any:
+    return TENANTS[int(request.headers["x-tenant"])]
+
+
+async def test_any_tenant_id_a_scope_function_returns_works_and_lookalikes_never_meet() -> None:
     with scripted() as script:
-        async with _served(AgentApp(script.factory(), scope=broken)) as http:
-            response = await http.post("/invocations", json=PROMPT, headers=headers(new_key()))
-    assert response.status_code == 500 and response.headers["content-type"] == "application/problem+json"
+        async with _served(AgentApp(script.factory(), scope=_tenant_of)) as http:
+            key = new_key()  # one key for every tenant: each has its own invocation of it
+            firsts, retries, reads = [], [], []
+            for index in range(len(TENANTS)):
+                tenant = {"X-Tenant": str(index)}
+                firsts.append(await http.post("/invocations", json=PROMPT, headers={**headers(key), **tenant}))
+                retries.append(await http.post("/invocations", json=PROMPT, headers={**headers(key), **tenant}))
+                reads.append(await http.get(f"/invocations/{key}/events", headers=tenant))
+    for first, retry, read in zip(firsts, retries, reads, strict=True):
+        assert first.status_code == retry.status_code == read.status_code == 200, first.text
+        assert "idempotent-replayed" not in first.headers  # no other tenant's invocation of this key was met
+        assert retry.headers["idempotent-replayed"] == "true" and retry.json() == first.json()
+    assert script.model_calls == 2 * len(TENANTS)
+
+
+@pytest.mark.parametrize("tenant", ["", None, 42, b"bytes"])
+async def test_a_scope_function_returning_no_tenant_id_is_a_documented_500(tenant: Any) -> None:
+    with scripted() as script:
+        async with _served(AgentApp(script.factory(), scope=lambda request: tenant)) as http:
+            key = new_key()
+            posted = await http.post("/invocations", json=PROMPT, headers=headers(key))
+            followed = await http.get(f"/invocations/{key}/events")
+    for response in (posted, followed):
+        _problem(response, 500, SCOPE_INVALID)
+    assert script.model_calls == 0
+
+
+# -- the default: one scope per caller ----------------------------------------------------------------------------
+
+ALICE = {"Authorization": "Bearer alice-secret-token"}
+ALICE_AGAIN = {"Authorization": "bearer   alice-secret-token"}  # the scheme is case-insensitive
+BOB = {"Authorization": "Bearer bob-secret-token"}
+
+
+@pytest.mark.parametrize("single_tenant", [False, True], ids=["default", "single-tenant"])
+async def test_by_default_keys_are_scoped_per_caller_and_callers_without_credentials_share_one(
+    single_tenant: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``single_tenant=True`` is the negative control: the old default, where anyone holding a key reads it."""
+    caplog.set_level(logging.DEBUG, logger="strands_py")
+    with scripted() as script:
+        async with _served(AgentApp(script.factory(), single_tenant=single_tenant)) as http:
+            key, anonymous_key = new_key(), new_key()
+            alice = await http.post("/invocations", json=PROMPT, headers={**headers(key), **ALICE})
+            alice_again = await http.post("/invocations", json=PROMPT, headers={**headers(key), **ALICE_AGAIN})
+            read_by_alice = await http.get(f"/invocations/{key}/events", headers=ALICE)
+            read_by_bob = await http.get(f"/invocations/{key}/events", headers=BOB)
+            read_by_anonymous = await http.get(f"/invocations/{key}/events")
+            bob = await http.post("/invocations", json=PROMPT, headers={**headers(key), **BOB})
+            anonymous = await http.post("/invocations", json=PROMPT, headers=headers(anonymous_key))
+            anonymous_again = await http.post("/invocations", json=PROMPT, headers=headers(anonymous_key))
+            read_anonymously = await http.get(f"/invocations/{anonymous_key}/events")
+            read_by_alice_too = await http.get(f"/invocations/{anonymous_key}/events", headers=ALICE)
+
+    assert alice.status_code == alice_again.status_code == anonymous.status_code == 200
+    assert alice_again.headers["idempotent-replayed"] == "true" and alice_again.json() == alice.json()
+    assert anonymous_again.headers["idempotent-replayed"] == "true"  # anonymous retries dedupe
+    assert read_by_alice.status_code == read_anonymously.status_code == 200
+    foreign = [read_by_bob, read_by_anonymous, read_by_alice_too]
+    if single_tenant:
+        assert [r.status_code for r in foreign] == [200, 200, 200]  # anyone holding a key reads the answer
+        assert bob.headers["idempotent-replayed"] == "true"
+        assert script.model_calls == 4
+        return
+    for response in foreign:
+        _problem(response, 404, NOT_FOUND)
+    assert bob.status_code == 200 and "idempotent-replayed" not in bob.headers  # Bob's own invocation of the key
+    assert script.model_calls == 6
+    assert "secret" not in caplog.text and "caller-" in caplog.text  # keys carry a digest, never the credentials
 
 
 # -- factories, scope functions and options -----------------------------------------------------------------------

@@ -13,7 +13,18 @@ from collections.abc import AsyncIterator
 
 import pytest
 from fastapi import FastAPI
-from http_support import WAIT, PlainServer, client, headers, new_key, parse_sse, scripted, serve, text_of
+from http_support import (
+    ANONYMOUS_SCOPE,
+    WAIT,
+    PlainServer,
+    client,
+    headers,
+    new_key,
+    parse_sse,
+    scripted,
+    serve,
+    text_of,
+)
 
 from strands_py.http import SHUTTING_DOWN, AgentApp
 from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore, RecordState
@@ -43,7 +54,7 @@ async def test_runs_still_running_after_the_grace_period_are_cancelled_and_anoth
                 responses = await asyncio.wait_for(asyncio.gather(*waiting), WAIT)
                 doomed.script.gate.set()  # let the abandoned model thread end, so the server's loop can close
                 assert await asyncio.wait_for(stopping, WAIT + 5)
-        assert await inner.get(make_key("invocations", key)) is None  # the claim was released
+        assert await inner.get(make_key(ANONYMOUS_SCOPE, key)) is None  # the claim was released
 
         other = AgentApp(survivor.factory(), IdempotencyConfig(store=CountingStore(inner)))
         with serve(other) as server:
@@ -73,7 +84,7 @@ async def test_runs_finishing_within_the_grace_period_reach_their_clients_and_ar
                     script.release()
                     events = parse_sse((await asyncio.wait_for(sse.aread(), WAIT)).decode())
                 assert await asyncio.wait_for(stopping, WAIT + 5)
-        record = await inner.get(make_key("invocations", key))
+        record = await inner.get(make_key(ANONYMOUS_SCOPE, key))
         assert record is not None and record.state is RecordState.COMPLETED
 
         other = AgentApp(later.factory(), IdempotencyConfig(store=CountingStore(inner)))
@@ -138,4 +149,4 @@ async def test_mounted_in_fastapi_with_its_lifespan_wired() -> None:
                 assert await asyncio.wait_for(stopping, WAIT + 5)
     assert cut.status_code == 500
     assert agent.running == 0
-    assert await inner.get(make_key("invocations", key)) is None  # the lifespan cancelled the run: claim released
+    assert await inner.get(make_key(ANONYMOUS_SCOPE, key)) is None  # the lifespan cancelled the run: claim released

@@ -43,6 +43,7 @@ from strands_py.idempotency import (
     RecordState,
 )
 from strands_py.idempotency.keys import make_key
+from strands_py.idempotency.record import new_version
 from strands_py.testing import CountingStore
 from strands_py.types.exceptions import IdempotencyAbortedError, IdempotencyTokenError, ReentrantInvocationError
 
@@ -90,6 +91,22 @@ async def test_quoted_and_bare_forms_name_the_same_key() -> None:
     assert "idempotent-replayed" not in first.headers and bare.headers["idempotent-replayed"] == "true"
     assert bare.json() == first.json()
     assert script.model_calls == 4  # two runs: the uuid key, and the quoted key with spaces
+
+
+@pytest.mark.parametrize("last_event_id", [b"r:\xb2", b"x:" + b"7" * 5000, b"\xff\xfe:1", b"r:" + b"9" * 19])
+async def test_a_last_event_id_that_is_not_ours_is_ignored_never_a_500(last_event_id: bytes) -> None:
+    with scripted() as script:
+        async with _served(AgentApp(script.factory())) as http:
+            key = new_key()
+            posted = await http.post(
+                "/invocations", json=PROMPT, headers={**headers(key, sse=True), "Last-Event-ID": last_event_id}
+            )
+            followed = await http.get(f"/invocations/{key}/events", headers={"Last-Event-ID": last_event_id})
+    assert posted.status_code == followed.status_code == 200, posted.text
+    events = parse_sse(posted.text)
+    assert events[0].position == 1 and events[-1].event == "result"  # the whole sequence
+    assert parse_sse(followed.text) == events
+    assert script.model_calls == 2
 
 
 async def test_keyless_requests_run_each_time_when_keys_are_optional() -> None:
@@ -290,12 +307,15 @@ async def test_corrupted_record_is_500() -> None:
     key = new_key()
     durable = make_key("invocations", key)
     now = time.time()
-    record = IdempotencyRecord(durable, RecordState.IN_PROGRESS, "owner", now + 60, now + 60)
+    record = IdempotencyRecord(durable, RecordState.IN_PROGRESS, "owner", new_version(), 60.0, now + 60)
     assert await store.claim(record, now) is None
-    completed = IdempotencyRecord(durable, RecordState.COMPLETED, "owner", now, now + 60, payload=b"z not zlib")
+    completed = IdempotencyRecord(
+        durable, RecordState.COMPLETED, "owner", new_version(), 0.0, now + 60, payload=b"z not zlib"
+    )
     assert await store.complete(completed)
     with scripted() as script:
-        async with _served(AgentApp(script.factory(), IdempotencyConfig(store=store))) as http:
+        app = AgentApp(script.factory(), IdempotencyConfig(store=store), single_tenant=True)  # the key's scope
+        async with _served(app) as http:
             posted = await http.post("/invocations", json=PROMPT, headers=headers(key, sse=True))
             followed = await http.get(f"/invocations/{key}/events")
     _problem(posted, 500, RECORD_CORRUPTED)

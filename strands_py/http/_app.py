@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..idempotency.config import IdempotencyConfig
+from ._access import SCOPE_KEY, Access, access_of
 from ._options import ServingOptions
 from ._page import render_page
 from ._problems import KEY_MISSING, Problem, http_problem
@@ -27,7 +28,8 @@ from ._protocol import (
     read_json_body,
     wants_event_stream,
 )
-from ._service import AgentFactory, InvocationService, ScopeFunction
+from ._scopes import ScopeFunction
+from ._service import AgentFactory, InvocationService
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ class AgentApp:
     - ``GET /invocations/{key}/events``: the events of that key's invocation (in the caller's scope), for
       ``EventSource``: live, resumed after ``Last-Event-ID``, or replayed from the store.
     - ``GET /``: a small chat page (only with ``page=True``).
+
+    Whose keys: keys of different scopes never meet (a key of one caller can neither join, replay nor read
+    another's invocation). With ``scope=``, the scope is the tenant the function returns. By default, it is the
+    caller the request's ``Authorization`` header names (a digest of it; requests without one share an
+    ``anonymous`` scope), and a warning at construction says so. ``single_tenant=True`` declares one scope for
+    every request: anyone who knows a key can read its answer.
+
+    One line per invocation request is logged on the ``strands_py.http`` logger at INFO (a digest of the key, the
+    status, ``ran``/``joined``/``replayed``, the duration; never the key or the prompt).
 
     Every invocation is a *detached run* owned by the app: a client that disconnects stops following it, the run
     carries on (at most ``run_timeout_seconds``) and its result is stored; a retry re-attaches. At shutdown, runs
@@ -71,6 +82,7 @@ class AgentApp:
         idempotency: IdempotencyConfig | None = None,
         *,
         scope: ScopeFunction | None = None,
+        single_tenant: bool = False,
         require_key: bool = True,
         max_body_bytes: int = 1_000_000,
         run_timeout_seconds: float = 900.0,
@@ -93,8 +105,16 @@ class AgentApp:
             idempotency: Store and policy of the durable layer (default: an in-memory store, this process only).
                 Its ``scope`` (default ``"invocations"``) names this service's keys.
             scope: ``scope(request) -> str`` (sync or async): the tenant or principal; keys of different scopes
-                never meet (a key of one tenant can neither join nor replay another's). It may raise Starlette's
-                ``HTTPException`` (401, 403). Default: one scope for every request.
+                never meet (a key of one tenant can neither join, replay nor read another's). Any non-empty str
+                works (it is escaped; a very long one is digested); an empty string or a non-str is a 500
+                ``scope-invalid`` problem. It may raise Starlette's ``HTTPException`` (401, 403). Default: the
+                caller's credentials: a keyed digest of the ``Authorization`` header (HMAC with the config's
+                ``hmac_key`` when set), and one ``anonymous`` scope for requests without one. A client whose
+                credentials change between retries (a refreshed token) is then another caller: return your
+                authenticated principal here to keep its retries together.
+            single_tenant: Declare that every request shares one scope (no ``scope`` function allowed): anyone who
+                knows a key can read its answer. Without either, keys are scoped per caller, and the app logs a
+                warning at construction.
             require_key: Refuse requests without ``Idempotency-Key`` (400). With False, such requests run
                 without deduplication and cannot be resumed.
             max_body_bytes: Largest request body (413 beyond it, checked while reading).
@@ -112,7 +132,7 @@ class AgentApp:
 
         Raises:
             TypeError: ``idempotency`` is not an ``IdempotencyConfig``.
-            ValueError: An option is out of range.
+            ValueError: An option is out of range, or both ``scope`` and ``single_tenant`` are given.
         """
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
@@ -128,7 +148,9 @@ class AgentApp:
             retry_after_seconds=retry_after_seconds,
             reconnect_millis=reconnect_millis,
         )
-        self._service = InvocationService(agent_factory, idempotency or IdempotencyConfig(), scope, options)
+        self._service = InvocationService(
+            agent_factory, idempotency or IdempotencyConfig(), scope, options, single_tenant=single_tenant
+        )
         self._max_body_bytes = max_body_bytes
         routes = [
             Route("/invocations", self._post_invocation, methods=["POST"]),
@@ -144,7 +166,15 @@ class AgentApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry point."""
-        await self._app(scope, receive, send)
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        access = Access(scope["method"])
+        try:
+            await self._app({**scope, SCOPE_KEY: access}, receive, access.send(send))
+        finally:
+            if access.routed:  # an invocation route: a line per request (not for the page, nor a 404 path)
+                access.log()
 
     @property
     def running(self) -> int:
@@ -173,6 +203,7 @@ class AgentApp:
         await self._service.aclose()
 
     async def _post_invocation(self, request: Request) -> Response:
+        _route(request)
         token = parse_idempotency_key(request.headers.getlist("idempotency-key"))
         if token is None and self._service.options.require_key:
             raise ProblemError(
@@ -193,6 +224,7 @@ class AgentApp:
         )
 
     async def _get_events(self, request: Request) -> Response:
+        _route(request)
         key = request.path_params["key"]
         if not is_valid_key(key):
             raise HTTPException(404)
@@ -200,6 +232,12 @@ class AgentApp:
 
     async def _get_page(self, request: Request) -> Response:
         return HTMLResponse(render_page(request.scope.get("root_path", "")), headers={"Cache-Control": "no-store"})
+
+
+def _route(request: Request) -> None:
+    access = access_of(request)
+    if access is not None:
+        access.routed = True
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -47,6 +47,7 @@ INVALID_BODY = _TYPE_PREFIX + "invalid-body"
 UNSUPPORTED_MEDIA_TYPE = _TYPE_PREFIX + "unsupported-media-type"
 BODY_TOO_LARGE = _TYPE_PREFIX + "body-too-large"
 NOT_FOUND = _TYPE_PREFIX + "invocation-not-found"
+SCOPE_INVALID = _TYPE_PREFIX + "scope-invalid"
 
 
 @dataclass(frozen=True)
@@ -212,4 +213,14 @@ def shutting_down_problem(retry_after: int) -> Problem:
         "Server shutting down",
         "This server is shutting down; retry with the same key (another server takes the invocation over).",
         retry_after,
+    )
+
+
+def scope_invalid_problem() -> Problem:
+    """The app's scope function returned no usable tenant id (an empty string, or not a str): a server bug."""
+    return Problem(
+        500,
+        SCOPE_INVALID,
+        "Caller scope unavailable",
+        "The server could not tell whose request this is (its scope function returned no tenant id); nothing ran.",
     )

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -28,6 +27,7 @@ from ..types.exceptions import (
     IdempotencyStoreError,
     IdempotencyWaitTimeoutError,
 )
+from ._access import Access, access_of
 from ._options import ServingOptions
 from ._problems import (
     INVALID_BODY,
@@ -41,14 +41,13 @@ from ._problems import (
 from ._protocol import Invocation, ProblemError
 from ._responses import DeferredResponse, EventStreamResponse
 from ._runs import Run, RunRegistry
+from ._scopes import ScopeFunction, Scopes, is_async_callable
 
 logger = logging.getLogger(__name__)
 
 AgentFactory = Callable[[Request], "Agent | Awaitable[Agent]"]
-ScopeFunction = Callable[[Request], "str | Awaitable[str]"]
 
 REPLAYED_HEADER = "Idempotent-Replayed"
-DEFAULT_SCOPE = "invocations"
 _POLL_FIRST_SECONDS = 0.05
 _POLL_MAX_SECONDS = 1.0
 _CANCEL_WAIT_SECONDS = 10.0
@@ -69,18 +68,24 @@ class InvocationService:
         scope: ScopeFunction | None,
         options: ServingOptions,
         on_run: Callable[[Run, bool], None] | None = None,
+        *,
+        single_tenant: bool = False,
     ) -> None:
         """Serve the agents of ``agent_factory`` with ``idempotency``; see ``AgentApp``.
 
-        ``on_run(run, started)`` is told when a run starts (True) and when its task ends (False).
+        ``on_run(run, started)`` is told when a run starts (True) and when its task ends (False). Without ``scope``
+        and ``single_tenant``, keys are scoped per caller by their credentials, and a warning says so.
+
+        Raises:
+            TypeError: ``idempotency`` is not an ``IdempotencyConfig``.
+            ValueError: Both ``scope`` and ``single_tenant``, or the config's scope is not valid Unicode text.
         """
         if not isinstance(idempotency, IdempotencyConfig):
             raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(idempotency).__name__}")
         self._factory = agent_factory
-        self._factory_is_async = _is_async_callable(agent_factory)
+        self._factory_is_async = is_async_callable(agent_factory)
         self.config = idempotency
-        self._scope_function = scope
-        self._scope_is_async = scope is not None and _is_async_callable(scope)
+        self.scopes = Scopes(idempotency, scope, single_tenant, _hmac_key(idempotency), options.retry_after_seconds)
         self.options = options
         retain = min(options.retain_finished_seconds, idempotency.expires_after_seconds)
         self.registry = RunRegistry(options.retain_finished_runs, retain)
@@ -91,30 +96,13 @@ class InvocationService:
     # -- keys --------------------------------------------------------------------------------------------------
 
     async def scope_of(self, request: Request) -> str:
-        """The request's scope: the config's scope (default ``invocations``), then ``/`` and the scope function's.
-
-        The scope function's part is escaped (``%`` and ``/``), so that two tenants can never compose one scope.
+        """The request's scope (see ``Scopes.of``).
 
         Raises:
             HTTPException: As raised by the scope function (401, 403, ...).
-            ProblemError: 500, the scope function failed or returned something unusable.
+            ProblemError: 500, the scope function failed or returned no tenant id.
         """
-        base = self.config.scope or DEFAULT_SCOPE
-        if self._scope_function is None:
-            return base
-        try:
-            tenant: Any = self._scope_function(request)
-            if self._scope_is_async or inspect.isawaitable(tenant):
-                tenant = await tenant
-        except HTTPException:
-            raise
-        except Exception as e:
-            logger.exception("scope function failed")
-            raise ProblemError(problem_for(e, self.options.retry_after_seconds)) from e
-        if not isinstance(tenant, str) or not tenant or "#" in tenant:
-            logger.error("scope function returned %r; expected a non-empty str without '#'", type(tenant).__name__)
-            raise ProblemError(problem_for(TypeError("bad scope"), self.options.retry_after_seconds))
-        return f"{base}/{tenant.replace('%', '%25').replace('/', '%2F')}"
+        return await self.scopes.of(request)
 
     def durable_key(self, scope: str, token: str) -> str:
         """The store's key of ``token`` in ``scope`` (the one the agent computes too)."""
@@ -146,8 +134,11 @@ class InvocationService:
             HTTPException: From the scope function.
             ProblemError: 422 key reused with another request, 503 shutting down or too many runs, 500 scope.
         """
+        access = access_of(request)
         scope = await self.scope_of(request)
         key = self.durable_key(scope, token) if token is not None else None
+        if access is not None:
+            access.key = key
         fingerprint = self._fingerprint(scope, invocation) if key is not None else None
         run = self.registry.find(key) if key is not None else None
         joined = run is not None and (run.succeeded or not run.finished)
@@ -158,7 +149,7 @@ class InvocationService:
             logger.debug("key=<%s> | joining the run of this key", key)
         else:
             run = self._start(request, scope, key, fingerprint, invocation, token)
-        return self.respond(run, stream=stream, joined=joined, last_event_id=last_event_id)
+        return self.respond(run, stream=stream, joined=joined, last_event_id=last_event_id, access=access)
 
     def _fingerprint(self, scope: str, invocation: Invocation) -> str | None:
         if not self.config.validate_payload:
@@ -232,17 +223,33 @@ class InvocationService:
     # -- answering ---------------------------------------------------------------------------------------------
 
     def respond(
-        self, run: Run, *, stream: bool, joined: bool, last_event_id: tuple[str, int] | None = None
+        self,
+        run: Run,
+        *,
+        stream: bool,
+        joined: bool,
+        last_event_id: tuple[str, int] | None = None,
+        access: Access | None = None,
     ) -> Response:
         """The response for a follower of ``run``: JSON when it finished, or its event stream once it started."""
 
         async def prepare() -> Response:
             await run.wait(lambda r: r.decided if stream else r.finished)
-            return self._answer(run, stream=stream, joined=joined, last_event_id=last_event_id)
+            return self._answer(run, stream=stream, joined=joined, last_event_id=last_event_id, access=access)
 
         return DeferredResponse(prepare)
 
-    def _answer(self, run: Run, *, stream: bool, joined: bool, last_event_id: tuple[str, int] | None) -> Response:
+    def _answer(
+        self,
+        run: Run,
+        *,
+        stream: bool,
+        joined: bool,
+        last_event_id: tuple[str, int] | None,
+        access: Access | None = None,
+    ) -> Response:
+        if access is not None:
+            access.answered(run, joined=joined)
         headers = {REPLAYED_HEADER: "true"} if joined or run.replayed else {}
         problem = run.problem
         if problem is not None and (not stream or run.failed_before_start):
@@ -267,8 +274,11 @@ class InvocationService:
         Raises:
             HTTPException: From the scope function.
         """
+        access = access_of(request)
         scope = await self.scope_of(request)
         key = self.durable_key(scope, token)
+        if access is not None:
+            access.key = key
 
         async def prepare() -> Response:
             run = self.registry.find(key)
@@ -281,7 +291,7 @@ class InvocationService:
                     if run is None or e.problem.status != 404:
                         raise
             await run.wait(lambda r: r.decided)
-            return self._answer(run, stream=True, joined=True, last_event_id=last_event_id)
+            return self._answer(run, stream=True, joined=True, last_event_id=last_event_id, access=access)
 
         return DeferredResponse(prepare)
 
@@ -367,8 +377,3 @@ def _hmac_key(config: IdempotencyConfig) -> bytes | None:
     """The config's HMAC key for keys and fingerprints, when the config has one."""
     key = getattr(config, "hmac_key", None)
     return key if isinstance(key, bytes) else None
-
-
-def _is_async_callable(function: Any) -> bool:
-    call = type(function).__call__ if callable(function) else None
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from ..idempotency.config import IdempotencyConfig
+from ._access import SCOPE_KEY, Access, LoggedResponse
 from ._options import ServingOptions
 from ._problems import KEY_INVALID, KEY_MISSING, Problem, http_problem
 from ._protocol import (
@@ -45,7 +46,8 @@ from ._protocol import (
     wants_event_stream,
 )
 from ._runs import Run
-from ._service import AgentFactory, InvocationService, ScopeFunction
+from ._scopes import ScopeFunction
+from ._service import AgentFactory, InvocationService
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class AgentCoreEntrypoint:
         idempotency: IdempotencyConfig | None = None,
         *,
         scope: ScopeFunction | None = None,
+        single_tenant: bool = False,
         require_key: bool = True,
         run_timeout_seconds: float = 900.0,
         shutdown_grace_seconds: float = 10.0,
@@ -79,7 +82,12 @@ class AgentCoreEntrypoint:
         keepalive_seconds: float = 15.0,
         retry_after_seconds: int = 1,
     ) -> None:
-        """Create the entrypoint; the arguments are ``AgentApp``'s."""
+        """Create the entrypoint; the arguments are ``AgentApp``'s.
+
+        Whose keys: as ``AgentApp``. AgentCore Runtime forwards the ``Authorization`` header only when it is in
+        the agent's request header allowlist; without it every request is ``anonymous``: pass ``scope=`` (the
+        runtime user your authorizer verified) or ``single_tenant=True`` to say which you mean.
+        """
         options = ServingOptions(
             require_key=require_key,
             run_timeout_seconds=run_timeout_seconds,
@@ -95,7 +103,12 @@ class AgentCoreEntrypoint:
         self._app: Any = None
         self._tasks: dict[Run, int] = {}
         self._service = InvocationService(
-            agent_factory, idempotency or IdempotencyConfig(), scope, options, on_run=self._track
+            agent_factory,
+            idempotency or IdempotencyConfig(),
+            scope,
+            options,
+            on_run=self._track,
+            single_tenant=single_tenant,
         )
 
     def install(self, app: Any) -> None:
@@ -125,12 +138,20 @@ class AgentCoreEntrypoint:
         await self._service.aclose()
 
     async def __call__(self, payload: Any, context: Any) -> Response:
-        """The entrypoint: the payload and AgentCore's request context in, a Starlette response out."""
+        """The entrypoint: the payload and AgentCore's request context in, a Starlette response out.
+
+        The response writes its access line (see ``strands_py.http``'s logger) once it has been sent.
+        """
         request = getattr(context, "request", None)
         if request is None:
             return Problem(
                 500, "about:blank", "Internal Server Error", "No request in the AgentCore context."
             ).response()
+        access = Access(request.method)
+        request.scope[SCOPE_KEY] = access
+        return LoggedResponse(await self._answer(request, payload), access)
+
+    async def _answer(self, request: Any, payload: Any) -> Response:
         try:
             request.state.payload = payload
             headers = request.headers
