@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -12,13 +13,50 @@ from ._protocol import ProblemError
 
 
 class EventStreamResponse(StreamingResponse):
-    """``text/event-stream``, never cached or buffered by proxies."""
+    """``text/event-stream``, never cached or buffered by proxies; it stops writing as soon as the client is gone.
+
+    A replay sends its whole buffer without waiting for anything: written back to back, the frames after a client
+    went away would each reach a closed socket (asyncio logs ``socket.send() raised exception.`` for each) before
+    the server had a turn to notice. So each frame is followed by one turn of the event loop, in which the server
+    sees a lost connection (and its ``send`` stops writing), and a task watching for ``http.disconnect`` ends the
+    stream, while it waits for the run's next event too. A server that raises ``OSError`` on a send to a client that
+    went away (ASGI 2.4) ends it the same way. The run itself carries on either way.
+    """
 
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
         """Stream ``content`` (SSE frames)."""
         super().__init__(content, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", **headers})
+        self._frames = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the frames until they end or the client goes away; the frames' iterator is closed either way."""
+        streaming = asyncio.ensure_future(self._stream(send))
+        disconnected = asyncio.ensure_future(_disconnect(receive))
+        try:
+            await asyncio.wait({streaming, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+            if not streaming.done():
+                streaming.cancel()  # the client went away (or we are cancelled): stop following the run
+                # The stream ends at its next await; no frame is written meanwhile (the server stopped writing).
+                await asyncio.wait({streaming})
+        error = None if streaming.cancelled() else streaming.exception()
+        if error is not None:
+            raise error
+
+    async def _stream(self, send: Send) -> None:
+        async with aclosing(self._frames):  # type: ignore[type-var]
+            try:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for frame in self._frames:
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                    # One turn of the loop: a connection lost during that write is noticed before the next one.
+                    await asyncio.sleep(0)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                return  # ASGI 2.4: the client went away
 
 
 class DeferredResponse(Response):
