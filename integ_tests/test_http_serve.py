@@ -12,6 +12,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 from http_support import WAIT, parse_sse, text_of
@@ -86,3 +87,60 @@ def test_serve_answers_json_sse_a_retry_a_resume_and_the_page_then_drains_on_sig
     assert page.status_code == 200 and "EventSource" in page.text
     drained = parse_sse(body)
     assert drained[-1].event == "result" and text_of(drained) == DEMO_ANSWER
+
+
+@contextlib.contextmanager
+def _started(command: list[str], stderr: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Start a server process whose stderr goes to the file ``stderr``; yields its URL once it listens."""
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        while (found := re.search(r"serving on (http://\S+)", lines.get(timeout=WAIT))) is None:
+            pass
+        yield found.group(1), process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(WAIT)
+
+
+def test_ctrl_c_ends_serve_with_one_line_not_a_traceback_and_every_invocation_logged_its_line(tmp_path: Path) -> None:
+    stderr = tmp_path / "stderr"
+    command = [sys.executable, "-m", "strands_py", "serve", "--port", "0"]
+    with _started(command, stderr) as (url, process), httpx.Client(base_url=url, timeout=WAIT) as http:
+        key = str(uuid.uuid4())
+        prompt = {"prompt": "a prompt that stays private"}
+        first = http.post("/invocations", json=prompt, headers={"Idempotency-Key": key})
+        retry = http.post("/invocations", json=prompt, headers={"Idempotency-Key": key})
+        process.send_signal(signal.SIGINT)
+        assert process.wait(WAIT) == 130
+    assert first.status_code == retry.status_code == 200
+    err = stderr.read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.endswith("strands-py: stopped (interrupted)\n")
+    lines = re.findall(r"INFO:strands_py.http:method=<POST>, key=<([0-9a-f]{16})>, status=<200>, outcome=<(\w+)>", err)
+    assert [outcome for _, outcome in lines] == ["ran", "joined"] and lines[0][0] == lines[1][0]
+    assert key not in err and "private" not in err
+
+
+def test_negative_control_uvicorn_alone_ends_ctrl_c_with_a_traceback(tmp_path: Path) -> None:
+    stderr = tmp_path / "stderr"
+    plain = (
+        "import uvicorn\n"
+        "from strands_py.http import AgentApp\n"
+        "from strands_py.http._cli import _AnnouncingServer\n"
+        "from strands_py.http._demo import demo_agent_factory\n"
+        "app = AgentApp(demo_agent_factory(), single_tenant=True)\n"
+        "_AnnouncingServer(uvicorn.Config(app, port=0, log_level='warning'), [app]).run()\n"
+    )
+    with _started([sys.executable, "-c", plain], stderr) as (_, process):
+        process.send_signal(signal.SIGINT)
+        process.wait(WAIT)
+    err = stderr.read_text()
+    assert "Traceback" in err and "KeyboardInterrupt" in err

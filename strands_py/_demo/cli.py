@@ -108,7 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as e:
             parser.error(f"serve needs the http extra (pip install 'strands-py[http]'): {e}")
         return http_cli.serve(args)
-    return _demo(args.duplicates, args.workers, args.timeout)
+    try:
+        return _demo(args.duplicates, args.workers, args.timeout)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import logging
 import os
 import socket
 import sys
@@ -45,9 +46,24 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port to bind, 0 for any free one (default 8080)")
     serve.add_argument("--store", default="memory", type=store_from_url, help=STORE_HELP)
     serve.add_argument("--scope", default=None, help="scope of the keys (default: invocations)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument(
-        "--access-log", action="store_true", help="log every request (paths of GET /invocations/{key}/events hold keys)"
+        "--single-tenant",
+        action="store_true",
+        help=(
+            "every caller shares one key scope: anyone who knows a key can read its answer (default with --agent: "
+            "keys are scoped per caller, by a digest of the Authorization header; the demo agent is single-tenant)"
+        ),
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's and strands_py.http's (info: one line per invocation, without keys or prompts)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="uvicorn's access log too (one line per request; paths of GET /invocations/{key}/events hold keys)",
     )
 
 
@@ -122,15 +138,36 @@ class _AnnouncingServer(Server):
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run ``serve`` until SIGINT or SIGTERM; a draining shutdown. Returns the exit status."""
-    factory = load_factory(args.agent) if args.agent else demo_agent_factory()
+    """Run ``serve`` until SIGINT or SIGTERM; a draining shutdown. Returns the exit status.
+
+    SIGINT (Ctrl+C) ends with one line on stderr and status 130, not a traceback; SIGTERM ends the process by its
+    signal, as uvicorn does, once the shutdown has drained.
+    """
+    logging.getLogger("strands_py.http").setLevel(args.log_level.upper())
     store: IdempotencyStore = args.store
-    app = AgentApp(factory, IdempotencyConfig(store=store, scope=args.scope), page=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     try:
+        if args.agent:
+            app = _app(load_factory(args.agent), store, args, single_tenant=args.single_tenant)
+        else:
+            # The demo agent serves the same scripted answer to anyone: declared single-tenant, and said so.
+            app = _app(demo_agent_factory(), store, args, single_tenant=True)
+            print("strands-py: demo agent, single-tenant: every caller shares one key scope", flush=True)
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+        )
         _AnnouncingServer(config, [app]).run()
+    except KeyboardInterrupt:
+        # uvicorn drained and shut down first; it re-raises the SIGINT it caught, which Python makes a traceback.
+        print("strands-py: stopped (interrupted)", file=sys.stderr, flush=True)
+        return 130
     finally:
         close = getattr(store, "close", None)
         if callable(close):
             close()
     return 0
+
+
+def _app(
+    factory: Callable[[Request], Any], store: IdempotencyStore, args: argparse.Namespace, **options: Any
+) -> AgentApp:
+    return AgentApp(factory, IdempotencyConfig(store=store, scope=args.scope), page=True, **options)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
@@ -85,13 +87,22 @@ def test_serve_agent_factories(monkeypatch: pytest.MonkeyPatch) -> None:
             http_cli.load_factory(bad)
 
 
-def test_serve_builds_the_app_runs_it_and_closes_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
-    served: list[Any] = []
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The servers ``serve`` would run (not run), and the level of ``strands_py.http`` restored afterwards."""
+    servers: list[Any] = []
+    monkeypatch.setattr(http_cli._AnnouncingServer, "run", lambda server: servers.append(server))
+    logger = logging.getLogger("strands_py.http")
+    level = logger.level
+    try:
+        yield servers
+    finally:
+        logger.setLevel(level)
 
-    def run(server: Any) -> None:
-        served.append(server)
 
-    monkeypatch.setattr(http_cli._AnnouncingServer, "run", run)
+def test_serve_builds_the_app_runs_it_and_closes_the_store(
+    served: list[Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     store = mock.MagicMock(spec=DynamoDBIdempotencyStore)
     monkeypatch.setattr(http_cli, "store_from_url", lambda url: store)
     assert cli.main(["serve", "--agent", f"{__name__}:make_agent_for", "--port", "0", "--store", "x"]) == 0
@@ -99,6 +110,38 @@ def test_serve_builds_the_app_runs_it_and_closes_the_store(monkeypatch: pytest.M
     assert isinstance(server.config.app, AgentApp) and server.config.port == 0 and server.config.host == "127.0.0.1"
     assert server.config.access_log is False
     store.close.assert_called_once()
+    # Neither a scope function nor --single-tenant: keys per caller, and serve says so.
+    assert server.config.app._service.scopes.single_tenant is False
+    assert any("single_tenant=True" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert logging.getLogger("strands_py.http").level == logging.INFO  # one line per invocation
+
+
+def test_serve_single_tenant_and_the_demo_agent_say_so(
+    served: list[Any], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--agent", f"{__name__}:make_agent_for", "--single-tenant"]) == 0
+    assert cli.main(["serve", "--log-level", "warning"]) == 0
+    assert [server.config.app._service.scopes.single_tenant for server in served] == [True, True]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "demo agent, single-tenant" in capsys.readouterr().out
+    assert logging.getLogger("strands_py.http").level == logging.WARNING
+
+
+def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(server: Any) -> None:
+        raise KeyboardInterrupt
+
+    store = mock.MagicMock(spec=DynamoDBIdempotencyStore)
+    monkeypatch.setattr(http_cli, "store_from_url", lambda url: store)
+    monkeypatch.setattr(http_cli._AnnouncingServer, "run", interrupted)
+    assert cli.main(["serve", "--store", "x", "--log-level", "warning"]) == 130
+    assert capsys.readouterr().err == "strands-py: stopped (interrupted)\n"
+    store.close.assert_called_once()
+    monkeypatch.setattr(cli, "_demo", lambda *args: interrupted(None))
+    assert cli.main(["demo"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_serve_without_the_http_extra_says_what_to_install(
