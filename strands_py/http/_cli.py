@@ -148,6 +148,12 @@ def serve(args: argparse.Namespace) -> int:
     try:
         if args.agent:
             app = _app(load_factory(args.agent), store, args, single_tenant=args.single_tenant)
+            if not args.single_tenant:
+                print(
+                    "strands-py: keys are scoped per caller (a digest of the Authorization header); "
+                    "--single-tenant if every caller may read every key's answer",
+                    flush=True,
+                )
         else:
             # The demo agent serves the same scripted answer to anyone: declared single-tenant, and said so.
             app = _app(demo_agent_factory(), store, args, single_tenant=True)

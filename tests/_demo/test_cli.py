@@ -101,7 +101,10 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
 
 def test_serve_builds_the_app_runs_it_and_closes_the_store(
-    served: list[Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    served: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     store = mock.MagicMock(spec=DynamoDBIdempotencyStore)
     monkeypatch.setattr(http_cli, "store_from_url", lambda url: store)
@@ -113,6 +116,7 @@ def test_serve_builds_the_app_runs_it_and_closes_the_store(
     # Neither a scope function nor --single-tenant: keys per caller, and serve says so.
     assert server.config.app._service.scopes.single_tenant is False
     assert any("single_tenant=True" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "keys are scoped per caller" in capsys.readouterr().out
     assert logging.getLogger("strands_py.http").level == logging.INFO  # one line per invocation
 
 
@@ -123,7 +127,8 @@ def test_serve_single_tenant_and_the_demo_agent_say_so(
     assert cli.main(["serve", "--log-level", "warning"]) == 0
     assert [server.config.app._service.scopes.single_tenant for server in served] == [True, True]
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
-    assert "demo agent, single-tenant" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "demo agent, single-tenant" in out and "scoped per caller" not in out
     assert logging.getLogger("strands_py.http").level == logging.WARNING
 
 
