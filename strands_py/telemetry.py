@@ -13,6 +13,10 @@ across the yields of async generators):
   ``wait_seconds``.
   Events ``waiting_for_owner``, ``lease_taken_over``, ``result_replayed``, ``fingerprint_mismatch``,
   ``wait_deadline_exceeded``.
+- ``strands_py.idempotency.resume``: a run that took a claim over and resumes from its journal. Attributes ``key``,
+  ``journal_entries``, and when the run ends ``replayed_model_steps``, ``replayed_tool_steps`` and
+  ``diverged_at_step`` (-1: no divergence). Event ``journal_diverged`` (``step``): a journaled model step was
+  recorded for another request, so the replay stopped there and the run went live.
 
 All names below are prefixed with ``strands_py.idempotency.``.
 """
@@ -35,6 +39,8 @@ EVENT_LEASE_TAKEN_OVER = PREFIX + "lease_taken_over"
 EVENT_RESULT_REPLAYED = PREFIX + "result_replayed"
 EVENT_FINGERPRINT_MISMATCH = PREFIX + "fingerprint_mismatch"
 EVENT_WAIT_DEADLINE_EXCEEDED = PREFIX + "wait_deadline_exceeded"
+SPAN_RESUME = PREFIX + "resume"
+EVENT_JOURNAL_DIVERGED = PREFIX + "journal_diverged"
 
 # Follows the global tracer provider (a no-op until the application configures one, as strands' own spans).
 _tracer: trace.Tracer = trace.get_tracer("strands_py", __version__)

@@ -21,6 +21,7 @@ from ..idempotency.keys import make_key, request_fingerprint, session_lock_key
 from ..session._conversation import session_id_of
 from ..session._turn import SessionTurn
 from ..turn import DurableCall
+from ..turn._journaled import JournaledModel, JournaledTool
 from ..types.exceptions import (
     IdempotencyAbortedError,
     IdempotencyLeaseLostError,
@@ -294,6 +295,10 @@ class Agent(strands.Agent):
         if state is None:
             state = {}
         state[STATE_KEY] = context
+        model = self.model
+        if context.journal is not None:
+            # For this run only (the agent runs one invocation at a time): model calls go through the journal.
+            self.model = cast(Any, JournaledModel(model, context.journal))
         upstream = cast(
             AsyncGenerator[Any, None], super().stream_async(prompt, **{**kwargs, "invocation_state": state})
         )
@@ -302,6 +307,7 @@ class Agent(strands.Agent):
                 async for event in upstream:
                     yield event
         finally:
+            self.model = model
             if state.get(STATE_KEY) is context:
                 del state[STATE_KEY]
 
@@ -315,6 +321,12 @@ class Agent(strands.Agent):
             # Another caller may already be running this token (or this session): this tool must not run twice.
             event.cancel_tool = "cancelled: this invocation lost its idempotency lease to another caller"
             self.cancel()
+            return
+        config = self._idempotency
+        if context.journal is not None and event.selected_tool is not None and config is not None:
+            event.selected_tool = JournaledTool(
+                event.selected_tool, context.journal, config.uncertain_tools, config.uncertain_tool_default
+            )
 
     def _on_lease_lost(self, error: IdempotencyLeaseLostError) -> None:
         """Stop the run at its next cancellation point (model stream, before tools)."""

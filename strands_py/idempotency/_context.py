@@ -28,11 +28,16 @@ class _RunContext:
     Thread-safety: tool keys are assigned under a lock (tools may run on executor threads).
     """
 
-    def __init__(self, *, key: str | None, hmac_key: bytes | None, leases: list[_Lease]) -> None:
-        """Create the context of the primary holding ``key`` (None: a session turn without a token) and ``leases``."""
+    def __init__(self, *, key: str | None, hmac_key: bytes | None, leases: list[_Lease], journal: Any = None) -> None:
+        """Create the context of the primary holding ``key`` (None: a session turn without a token) and ``leases``.
+
+        ``journal``: the run's step journal (``strands_py.turn._journal.Journal``, typed loosely here because that
+        layer sits above this one), or None when the run is not journaled.
+        """
         self.key = key
         self.hmac_key = hmac_key
         self.leases = leases
+        self.journal = journal
         self._mutex = threading.Lock()
         self._occurrences: Counter[tuple[str, str]] = Counter()
         self._by_tool_use_id: dict[str, str] = {}

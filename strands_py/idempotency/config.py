@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..types.journal import UNCERTAIN_TOOL_POLICIES, UncertainTool
 from ..types.session import SessionInvocationMode
 from .base import IdempotencyStore
 from .memory import InMemoryIdempotencyStore
@@ -15,6 +17,8 @@ MAX_LEASE_SECONDS = 24 * 3600.0
 MAX_WAIT_TIMEOUT_SECONDS = 24 * 3600.0
 # Below this a lease cannot be renewed in time (renewals every lease / 3, each a store round trip).
 MIN_LEASE_SECONDS = 0.3
+# A model response or tool result larger than this is not journaled (it runs again on a resume).
+DEFAULT_JOURNAL_MAX_STEP_BYTES = 4 * 1024 * 1024
 
 
 def _check_seconds(name: str, value: object, low: float, high: float, *, low_inclusive: bool) -> None:
@@ -54,6 +58,19 @@ class IdempotencyConfig:
             while another request holds the session: ``"throw"`` raises ``SessionBusyError`` (HTTP 409) at once,
             ``"enqueue"`` waits in arrival order (at most ``wait_timeout_seconds``). Retries of the same request
             never queue: they join or replay.
+        journal: Journal every completed step of a durable invocation (each model response, each tool result, and
+            a "started" mark before each tool runs) in the store, so that an owner that takes a claim over resumes
+            the run instead of paying for it again: journaled steps are served from the journal (no model call, no
+            tool run) and the run goes live at the first step the journal lacks. None (the default): on when the
+            store supports journals (every store of this package does). Costs one store write per model call and
+            two per tool call; a completed invocation keeps only its result.
+        journal_max_step_bytes: A step larger than this is not journaled (it runs again on a resume); steps larger
+            than the store's item limit are split over several entries.
+        uncertain_tools: Per tool name, what a resumed run does with a call that died mid-run (marked started, no
+            result): ``"retry"``, ``"report"`` or a reconcile function (see ``strands_py.types.journal``).
+        uncertain_tool_default: The policy of tools not in ``uncertain_tools``. Default ``"report"``: the library
+            cannot know whether a tool's effect is safe to repeat, so it never repeats one silently; the model is
+            told the outcome is unknown and decides (a read-only tool is better marked ``"retry"``).
     """
 
     store: IdempotencyStore = field(default_factory=InMemoryIdempotencyStore)
@@ -64,6 +81,10 @@ class IdempotencyConfig:
     scope: str | None = None
     hmac_key: bytes | None = field(default=None, repr=False)
     session_invocation_mode: SessionInvocationMode | str = SessionInvocationMode.THROW
+    journal: bool | None = None
+    journal_max_step_bytes: int = DEFAULT_JOURNAL_MAX_STEP_BYTES
+    uncertain_tools: Mapping[str, UncertainTool] = field(default_factory=dict, hash=False)
+    uncertain_tool_default: UncertainTool = field(default="report", hash=False)
 
     def __post_init__(self) -> None:
         """Validate the settings.
@@ -71,7 +92,9 @@ class IdempotencyConfig:
         Raises:
             TypeError: ``store`` is not an ``IdempotencyStore``, or ``hmac_key`` is not bytes.
             ValueError: A duration is out of its bounds (see the attributes), ``scope`` is empty or contains ``#``,
-                ``hmac_key`` is shorter than 16 bytes, or ``session_invocation_mode`` is not throw / enqueue.
+                ``hmac_key`` is shorter than 16 bytes, ``session_invocation_mode`` is not throw / enqueue,
+                ``journal=True`` with a store that has no journal, ``journal_max_step_bytes`` is not positive, or an
+                uncertain-tool policy is neither "retry", "report" nor callable.
         """
         if not isinstance(self.store, IdempotencyStore):
             raise TypeError(f"store must be an IdempotencyStore, got {type(self.store).__name__}")
@@ -96,3 +119,20 @@ class IdempotencyConfig:
                 raise TypeError(f"hmac_key must be bytes, got {type(self.hmac_key).__name__}")
             if len(self.hmac_key) < 16:
                 raise ValueError("hmac_key must be at least 16 bytes (use secrets.token_bytes(32))")
+        if self.journal and not self.store.supports_journal:
+            raise ValueError(f"journal=True, but {type(self.store).__name__} does not support journals")
+        if isinstance(self.journal_max_step_bytes, bool) or not (
+            isinstance(self.journal_max_step_bytes, int) and self.journal_max_step_bytes > 0
+        ):
+            raise ValueError(f"journal_max_step_bytes must be a positive int, got {self.journal_max_step_bytes!r}")
+        for name, policy in [*self.uncertain_tools.items(), ("uncertain_tool_default", self.uncertain_tool_default)]:
+            if policy not in UNCERTAIN_TOOL_POLICIES and not callable(policy):
+                raise ValueError(f"the uncertain-tool policy of {name!r} must be 'retry', 'report' or callable")
+        # A copy of our own: a config is shared by every agent (and request) given it, so later edits to the
+        # caller's mapping must not change it.
+        object.__setattr__(self, "uncertain_tools", dict(self.uncertain_tools))
+
+    @property
+    def journaled(self) -> bool:
+        """Whether invocations under this configuration are journaled (``journal``, or None and supported)."""
+        return self.store.supports_journal if self.journal is None else self.journal

@@ -28,6 +28,8 @@ class CountingStore(IdempotencyStore):
         self.inner = inner
         self.max_result_bytes = inner.max_result_bytes
         self.supports_blocking_claims = inner.supports_blocking_claims
+        self.supports_journal = inner.supports_journal
+        self.max_journal_entry_bytes = inner.max_journal_entry_bytes
         self.calls: Counter[str] = Counter()
         self._on_claim = on_claim
         self._complete_result = complete_result
@@ -84,3 +86,18 @@ class CountingStore(IdempotencyStore):
         return await self.inner.renew(
             key, owner, version=version, lease_seconds=lease_seconds, expires_at=expires_at, checkpoint=checkpoint
         )
+
+    async def append(self, key: str, owner: str, entry: bytes) -> bool:
+        """Count and forward."""
+        self.calls["append"] += 1
+        return await self.inner.append(key, owner, entry)
+
+    async def journal(self, key: str) -> list[bytes]:
+        """Count and forward."""
+        self.calls["journal"] += 1
+        return await self.inner.journal(key)
+
+    async def truncate(self, key: str, owner: str, length: int) -> bool:
+        """Count and forward."""
+        self.calls["truncate"] += 1
+        return await self.inner.truncate(key, owner, length)

@@ -93,13 +93,14 @@ class DurableCall:
 
 async def claim_or_wait(
     call: DurableCall, span: Span, seen: IdempotencyRecord | None = None
-) -> tuple[IdempotencyRecord | None, float]:
+) -> tuple[IdempotencyRecord | None, float, bool]:
     """Claim the key (returns None) or return its completed record, waiting while another owner runs it.
 
     ``seen``: a claim was already attempted and met this record; start by waiting on it.
 
     Returns:
-        The completed record (or None when we claimed it), and the monotonic time our winning write was sent.
+        The completed record (or None when we claimed it), the monotonic time our winning write was sent, and
+        whether the claim was taken over from another owner (whose journal it carries).
 
     Raises:
         IdempotencyKeyMismatchError: The key's record is another request's.
@@ -123,14 +124,14 @@ async def claim_or_wait(
             read_at = time.monotonic()
             if existing is None or call.owns(existing):
                 logger.debug("key=<%s> | claimed", key)
-                return None, sent
+                return None, sent, False
             logger.debug("key=<%s>, state=<%s> | token already claimed", key, existing.state.value)
             if existing.state is RecordState.IN_PROGRESS:
                 telemetry.add_event(span, telemetry.EVENT_WAITING_FOR_OWNER, {"key": key})
         call.check_request(existing)
         if existing.state is RecordState.COMPLETED:
             if not existing.expired(time.time()):
-                return existing, read_at
+                return existing, read_at, False
             existing = None  # its window is over: the claim decides (the store compares expiry atomically)
             continue
         wait = watch.remaining(existing, read_at)
@@ -142,7 +143,7 @@ async def claim_or_wait(
             if won:
                 logger.debug("key=<%s> | previous owner judged gone, took its claim over", key)
                 telemetry.add_event(span, telemetry.EVENT_LEASE_TAKEN_OVER, {"key": key})
-                return None, sent
+                return None, sent, True
             existing = None  # it changed under our judgement: decide again from a fresh claim
             continue
         waited = time.monotonic() - started

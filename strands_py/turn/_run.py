@@ -30,6 +30,7 @@ from ..types.exceptions import (
     IdempotencyWaitTimeoutError,
 )
 from ._claim import DurableCall, claim_or_wait
+from ._journal import Journal
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,10 @@ async def durable_stream(
     started = time.monotonic()
     decision = "error"
     error: BaseException | None = None
+    took_over = False
     try:
         if claimed_at is None:
-            completed, claimed_at = await claim_or_wait(call, span, seen)
+            completed, claimed_at, took_over = await claim_or_wait(call, span, seen)
         else:
             completed = None
         if completed is None:
@@ -132,6 +134,14 @@ async def durable_stream(
     events: AsyncGenerator[Any, None] | None = None
     lease.start()
     try:
+        if config.journaled:
+            # Only a claim taken over can carry a journal (a fresh claim starts an empty one): read it then only.
+            max_step = config.journal_max_step_bytes
+            context.journal = (
+                await Journal.load(config.store, key, call.owner, max_step_bytes=max_step)
+                if took_over
+                else Journal(config.store, key, call.owner, max_step_bytes=max_step)
+            )
         if session is not None:
             await session.begin(key, lambda: not context.lease_lost())
             if session.lease is not None:
@@ -159,6 +169,8 @@ async def durable_stream(
                 raise lost from e
             raise
     finally:
+        if context.journal is not None:
+            context.journal.finish()
         try:
             await lease.stop()
         finally:

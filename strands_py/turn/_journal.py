@@ -1,0 +1,308 @@
+"""The step journal: a durable invocation's completed model calls and tool results, so a takeover resumes.
+
+Every completed step of a journaled invocation is appended to the journal of its durable key, fenced on the owner's
+claim: a model call's whole streamed response (its chunks: text, tool uses, usage, stop reason) under the digest of
+its request, and a tool call's result, with a "started" mark written before the tool runs. The owner that takes the
+claim over (after a crash, a pause, a lost lease) runs the turn again from its beginning with the journal served:
+a journaled model step is answered from the journal (no model call) and a journaled tool result is returned without
+running the tool; the run goes live at the first step the journal lacks. Because the same chunks go through strands'
+own event loop, the rebuilt conversation is the one the dead owner was building.
+
+Divergence is detected, never guessed: a model step is served only if the request now made (messages, system
+prompt, tool specs, tool choice) has the digest it was recorded under. A step recorded for another request (the
+agent's code, prompt or tools changed between the crash and the resume) stops the replay: the journal is cut there
+and the run goes live.
+
+A tool with a "started" mark and no result died mid-call: its effect is unknown. What happens then is the tool's
+``UncertainTool`` policy (``retry``, ``report``, or a reconcile function).
+
+Bounds: a step is split over several entries when it is larger than the store's entry limit, and not journaled at
+all past ``journal_max_step_bytes`` (it runs live again on a resume). A store fault while appending is logged and the
+step simply is not journaled; a fenced-off append means the claim was lost, and the run stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterable
+from typing import Any
+
+from opentelemetry.trace import Span
+
+from .. import telemetry
+from ..idempotency._calls import _store
+from ..idempotency.base import IdempotencyStore
+from ..idempotency.codec import decode_value, encode_value
+from ..types.exceptions import IdempotencyLeaseLostError, IdempotencyStoreError
+
+logger = logging.getLogger(__name__)
+
+# Framing of stored entries: one byte before each part says whether more parts of the same step follow.
+_MORE = b"+"
+_LAST = b"."
+
+_MODEL = "model"
+_STARTED = "started"
+_TOOL = "tool"
+
+
+def request_digest(
+    messages: Any, tool_specs: Any, system_prompt: Any, system_prompt_content: Any, tool_choice: Any
+) -> str:
+    """The digest of one model request: what must be equal for a journaled response to answer it."""
+
+    def default(item: Any) -> Any:
+        if isinstance(item, bytes | bytearray):
+            return {"$sha256": hashlib.sha256(item).hexdigest()}
+        return repr(item)
+
+    document = json.dumps(
+        [messages, tool_specs, system_prompt, system_prompt_content, tool_choice],
+        sort_keys=True,
+        separators=(",", ":"),
+        default=default,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(document.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Journal:
+    """One owner's view of one durable invocation's journal: what it may replay, and where it appends.
+
+    Built from the stored entries when a claim is taken over (``load``), empty otherwise. Model steps are served in
+    the order the run asks for them, until the first one the journal lacks or that was recorded for another
+    request; from then on the run is live and only appends. Tool steps are found by their ``toolUseId`` (which a
+    replayed model step reproduces, and a live one never does).
+
+    Thread-safety: one run's, on its event loop (tools running concurrently are tasks of that loop).
+    """
+
+    def __init__(
+        self,
+        store: IdempotencyStore,
+        key: str,
+        owner: str,
+        *,
+        max_step_bytes: int,
+        entries: list[tuple[int, dict[str, Any]]] | None = None,
+        stored: int = 0,
+    ) -> None:
+        """A journal of ``key`` owned by ``owner``, holding the decoded ``entries`` (``stored`` entries as stored)."""
+        self.store = store
+        self.key = key
+        self.owner = owner
+        self.max_step_bytes = max_step_bytes
+        self.replayed_models = 0
+        self.replayed_tools = 0
+        self.diverged_at: int | None = None
+        self._length = stored  # entries as stored (parts counted), where the next append lands
+        # Where an undecodable entry sits: cut there before the first append, so nothing lands after garbage.
+        self._cut_at: int | None = None
+        self._span: Span | None = None
+        self._models: dict[int, tuple[int, dict[str, Any]]] = {}  # model step -> (stored position, entry)
+        self._results: dict[str, Any] = {}
+        self._started: set[str] = set()
+        self._calls = 0  # model steps this run asked for
+        self._live = False
+        # Tool calls asked for by model steps this run replayed: only these may be answered from the journal (a
+        # live step's tool calls are new, whatever ids a provider happens to give them).
+        self._replayed_tool_uses: set[str] = set()
+        for position, entry in entries or ():
+            self._index(position, entry)
+
+    @classmethod
+    async def load(cls, store: IdempotencyStore, key: str, owner: str, *, max_step_bytes: int) -> Journal:
+        """Read the journal of ``key`` (after a takeover). Entries that cannot be decoded end what is replayed.
+
+        Raises:
+            IdempotencyStoreError: The store failed.
+        """
+        raw = await _store(store.journal(key))
+        entries: list[tuple[int, dict[str, Any]]] = []
+        parts: list[bytes] = []
+        start = 0
+        for position, stored in enumerate(raw):
+            if not parts:
+                start = position
+            flag, body = stored[:1], stored[1:]
+            parts.append(body)
+            if flag == _MORE:
+                continue
+            try:
+                if flag != _LAST:
+                    raise ValueError(f"unknown framing {flag!r}")
+                entry = decode_value(b"".join(parts))
+                if not isinstance(entry, dict):
+                    raise ValueError("a journal entry is not an object")
+            except ValueError:
+                # Whatever follows a corrupted entry is not trusted either: it is replayed up to here, then live.
+                logger.warning("key=<%s>, position=<%d> | undecodable journal entry, resuming live from it", key, start)
+                break
+            entries.append((start, entry))
+            parts = []
+        else:
+            start = len(raw) if not parts else start  # a step whose last part never landed is not trusted
+        journal = cls(store, key, owner, max_step_bytes=max_step_bytes, entries=entries, stored=len(raw))
+        if start < len(raw):
+            journal._cut_at = start
+        journal._span = telemetry.start_span(telemetry.SPAN_RESUME, {"key": key, "journal_entries": len(entries)})
+        logger.debug("key=<%s>, entries=<%d> | journal loaded for a resumed run", key, len(entries))
+        return journal
+
+    def finish(self) -> None:
+        """End the resume span (if this run resumed): what was replayed, and where it diverged."""
+        span, self._span = self._span, None
+        if span is not None:
+            attributes = {
+                "replayed_model_steps": self.replayed_models,
+                "replayed_tool_steps": self.replayed_tools,
+                "diverged_at_step": -1 if self.diverged_at is None else self.diverged_at,
+            }
+            telemetry.end_span(span, attributes)
+
+    def _index(self, position: int, entry: dict[str, Any]) -> None:
+        kind = entry.get("k")
+        if kind == _MODEL and isinstance(entry.get("n"), int) and isinstance(entry.get("c"), list):
+            self._models[entry["n"]] = (position, entry)
+        elif kind == _STARTED and isinstance(entry.get("id"), str):
+            self._started.add(entry["id"])
+        elif kind == _TOOL and isinstance(entry.get("id"), str) and isinstance(entry.get("r"), dict):
+            self._results[entry["id"]] = entry["r"]
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run has anything to replay."""
+        return bool(self._models or self._results or self._started)
+
+    # -- model steps ---------------------------------------------------------------------------------------------
+
+    async def model_step(self, digest: str) -> tuple[int, list[Any] | None]:
+        """The next model step of this run: its number, and its journaled chunks if it may be replayed.
+
+        Going live at a step cuts the journal there (whatever a dead owner recorded from it on belongs to a run
+        this one is no longer following).
+        """
+        step = self._calls
+        self._calls += 1
+        if self._live:
+            return step, None
+        found = self._models.get(step)
+        if found is not None and found[1].get("d") == digest:
+            self.replayed_models += 1
+            chunks: list[Any] = found[1]["c"]
+            self._replayed_tool_uses.update(_tool_use_ids(chunks))
+            return step, chunks
+        if found is not None:
+            self.diverged_at = step
+            logger.warning(
+                "key=<%s>, step=<%d> | the request differs from the journaled one: the replay stops, the run goes live",
+                self.key,
+                step,
+            )
+            if self._span is not None:
+                telemetry.add_event(self._span, telemetry.EVENT_JOURNAL_DIVERGED, {"step": step})
+        self._live = True
+        later = [position for number, (position, _) in self._models.items() if number >= step]
+        if later:
+            await self._cut(min(later))
+        return step, None
+
+    async def record_model(self, step: int, digest: str, chunks: list[Any]) -> None:
+        """Journal a completed model step."""
+        await self._append({"k": _MODEL, "n": step, "d": digest, "c": chunks}, f"model step {step}")
+
+    # -- tool steps ----------------------------------------------------------------------------------------------
+
+    def tool_result(self, tool_use_id: str) -> dict[str, Any] | None:
+        """The journaled result of a tool call asked for by a replayed model step, or None."""
+        return self._results.get(tool_use_id) if tool_use_id in self._replayed_tool_uses else None
+
+    def tool_started(self, tool_use_id: str) -> bool:
+        """Whether a tool call of a replayed model step was marked started (without a result: it died mid-call)."""
+        return tool_use_id in self._started and tool_use_id in self._replayed_tool_uses
+
+    async def record_started(self, tool_use_id: str, name: str) -> None:
+        """Mark a tool call started, before it runs."""
+        await self._append({"k": _STARTED, "id": tool_use_id, "name": name}, f"start of tool {name}")
+
+    async def record_tool(self, tool_use_id: str, result: dict[str, Any]) -> None:
+        """Journal a tool call's result."""
+        self._results[tool_use_id] = result
+        await self._append({"k": _TOOL, "id": tool_use_id, "r": result}, "tool result")
+
+    # -- storage -------------------------------------------------------------------------------------------------
+
+    async def _cut(self, length: int) -> None:
+        try:
+            if not await _store(self.store.truncate(self.key, self.owner, length)):
+                raise IdempotencyLeaseLostError(self.key, "the journal was fenced off: another owner took the claim")
+        except IdempotencyStoreError:
+            # Nothing more is appended after a failed cut: an append after stale entries could be misread later.
+            logger.warning("key=<%s> | could not cut the journal; this run journals nothing more", self.key)
+            self.max_step_bytes = -1
+            return
+        self._length = length
+        self._models = {n: found for n, found in self._models.items() if found[0] < length}
+
+    async def _append(self, entry: dict[str, Any], what: str) -> None:
+        if self._cut_at is not None:
+            cut_at, self._cut_at = self._cut_at, None
+            await self._cut(cut_at)
+        if self.max_step_bytes < 0:
+            return
+        try:
+            data = encode_value(entry)
+        except TypeError:
+            logger.warning(
+                "key=<%s> | %s cannot be journaled (not storable): it runs again on a resume", self.key, what
+            )
+            return
+        if len(data) > self.max_step_bytes:
+            logger.warning(
+                "key=<%s>, bytes=<%d> | %s is larger than journal_max_step_bytes: it runs again on a resume",
+                self.key,
+                len(data),
+                what,
+            )
+            return
+        limit = self.store.max_journal_entry_bytes
+        size = len(data) if limit is None else max(1, limit - 1)
+        parts = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+        try:
+            for index, part in enumerate(parts):
+                flag = _LAST if index == len(parts) - 1 else _MORE
+                if not await _store(self.store.append(self.key, self.owner, flag + part)):
+                    raise IdempotencyLeaseLostError(self.key, "a journal append was fenced off: the claim was lost")
+                self._length += 1
+        except IdempotencyStoreError:
+            # Not journaled: on a resume the step runs again, as it would without a journal. A step split over
+            # parts of which some landed ends in a part marked "more": the reader stops there.
+            logger.warning(
+                "key=<%s> | %s could not be journaled (store error): it runs again on a resume", self.key, what
+            )
+
+
+def _tool_use_ids(chunks: list[Any]) -> set[str]:
+    """The ids of the tool calls a streamed model response asks for."""
+    found = set()
+    for chunk in chunks:
+        start = chunk.get("contentBlockStart", {}).get("start", {}) if isinstance(chunk, dict) else {}
+        tool_use = start.get("toolUse") if isinstance(start, dict) else None
+        if isinstance(tool_use, dict) and isinstance(tool_use.get("toolUseId"), str):
+            found.add(tool_use["toolUseId"])
+    return found
+
+
+async def replay_chunks(chunks: list[Any]) -> AsyncGenerator[Any, None]:
+    """A journaled model response, as the stream the model gave."""
+    for chunk in chunks:
+        yield chunk
+
+
+async def recorded(stream: AsyncIterable[Any], into: list[Any]) -> AsyncGenerator[Any, None]:
+    """``stream``, each chunk also appended to ``into``."""
+    async for chunk in stream:
+        into.append(chunk)
+        yield chunk

@@ -1,0 +1,272 @@
+"""A takeover resumes from the step journal: no journaled model call is paid twice, no journaled tool runs twice.
+
+"Hosts" are agents whose store is a wrapper of their own around one shared in-memory store (the same records, none of
+one process's in-memory sharing). The dead owner is a host whose heartbeats never beat, stopped at a chosen step by
+a gate in its scripted model or tool; the next host takes its claim over once it has seen it silent for a lease.
+The multi-process versions (SIGKILL, Redis, DynamoDB) live in integ_tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from strands import tool
+from strands.session.file_session_manager import FileSessionManager
+
+from strands_py import Agent, IdempotencyLeaseLostError
+from strands_py._demo.storm import _until
+from strands_py.idempotency import IdempotencyConfig, IdempotencyStore, InMemoryIdempotencyStore
+from strands_py.idempotency._heartbeat import _Lease
+from strands_py.testing import STUB_ANSWER, CountingStore, ScriptedBedrock
+from strands_py.turn._journaled import UNCERTAIN_REPORT
+
+WAIT = 20.0
+LEASE = 0.5
+
+# The dead owner is a real thread blocked in a model call or a tool while another host takes its claim over.
+pytestmark = pytest.mark.racing
+
+
+@contextmanager
+def _no_heartbeats() -> Iterator[None]:
+    """Leases started inside are never renewed: their owner looks dead to everyone else after a lease of silence."""
+
+    async def silent(self: _Lease) -> None:
+        return None
+
+    with mock.patch.object(_Lease, "_renew_forever", silent):
+        yield
+
+
+class _Script(ScriptedBedrock):
+    """The scripted two-step turn (a tool call, then the answer), whose owner can be stopped at one step.
+
+    ``stop_at``: ``"answer"`` holds the second model call at a gate (the tool's result is journaled by then);
+    ``"tool"`` holds the tool inside its run (marked started, no result).
+    """
+
+    def __init__(self, stop_at: str | None = None) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+        self.stopped = threading.Event()
+        self.release = threading.Event()
+        self.tool_inputs: list[Any] = []
+
+    def converse_stream(self, **request: Any) -> dict[str, Any]:
+        answering = any("toolResult" in block for block in request["messages"][-1]["content"])
+        if self.stop_at == "answer" and answering:
+            self.stopped.set()
+            self.release.wait(WAIT)
+        return super().converse_stream(**request)
+
+    def tools(self) -> list[Any]:
+        script = self
+
+        @tool
+        def lookup_weather(city: str) -> str:
+            """Look up the weather in a city.
+
+            Args:
+                city: The city.
+            """
+            script.tool_inputs.append(city)
+            script.tool_calls += 1
+            if script.stop_at == "tool":
+                script.stopped.set()
+                script.release.wait(WAIT)
+            return f"{city}: sunny, 21 degrees"
+
+        return [lookup_weather]
+
+
+class _Hosts:
+    def __init__(self, tmp_path: Path, **config: Any) -> None:
+        self.dir = str(tmp_path / "sessions")
+        self.inner = InMemoryIdempotencyStore()
+        config.setdefault("lease_seconds", LEASE)
+        self.config = IdempotencyConfig(store=self.inner, scope="s", **config)
+
+    def agent(self, script: ScriptedBedrock, *, session: bool = False, **overrides: Any) -> Agent:
+        config = dataclasses.replace(self.config, store=CountingStore(self.inner), **overrides)
+        extra: dict[str, Any] = {}
+        if session:
+            extra["session_manager"] = FileSessionManager(session_id="conv-1", storage_dir=self.dir)
+        return Agent(model=script.model(), tools=script.tools(), callback_handler=None, idempotency=config, **extra)
+
+    def messages(self) -> list[Any]:
+        """The persisted conversation: each message's role and content (not per-message ids newer strands adds)."""
+        manager = FileSessionManager(session_id="conv-1", storage_dir=self.dir)
+        return [
+            {"role": m.to_message()["role"], "content": m.to_message()["content"]}
+            for m in manager.list_messages("conv-1", "default")
+        ]
+
+
+async def _crash_then_resume(
+    hosts: _Hosts, stop_at: str, *, session: bool = False, **resume_config: Any
+) -> tuple[_Script, _Script, Any]:
+    """Host A runs the turn and stops at ``stop_at`` for good; host B's retry takes over. Returns both scripts and
+    B's result. A is released (its writes fenced) before returning."""
+    dead = _Script(stop_at)
+    with _no_heartbeats():
+        first = asyncio.create_task(
+            hosts.agent(dead, session=session).invoke_async("weather in Paris?", idempotency_token="t1")
+        )
+        await _until(dead.stopped.is_set, WAIT, f"host A to stop at its {stop_at}")
+    try:
+        resumed = _Script()
+        result = await asyncio.wait_for(
+            hosts.agent(resumed, session=session, **resume_config).invoke_async(
+                "weather in Paris?", idempotency_token="t1"
+            ),
+            WAIT,
+        )
+    finally:
+        dead.release.set()
+        await asyncio.wait([first], timeout=WAIT)
+    assert first.done()
+    if not first.cancelled() and first.exception() is not None:
+        assert isinstance(first.exception(), IdempotencyLeaseLostError)
+    return dead, resumed, result
+
+
+def _text(result: Any) -> str:
+    return "".join(block.get("text", "") for block in result.message["content"])
+
+
+async def test_a_takeover_after_the_tool_pays_only_the_missing_model_call(tmp_path: Path) -> None:
+    dead, resumed, result = await _crash_then_resume(_Hosts(tmp_path), "answer")
+    assert _text(result) == STUB_ANSWER
+    assert (dead.model_calls, dead.tool_calls) == (2, 1)  # its answer call was paid, never journaled
+    assert (resumed.model_calls, resumed.tool_calls) == (1, 0), "a journaled step was paid again"
+
+
+async def test_without_the_journal_a_takeover_pays_the_whole_turn_again(tmp_path: Path) -> None:
+    # The same crash with journal=False: what the journal saves (every step is paid twice).
+    dead, resumed, result = await _crash_then_resume(_Hosts(tmp_path, journal=False), "answer")
+    assert _text(result) == STUB_ANSWER
+    assert (resumed.model_calls, resumed.tool_calls) == (2, 1)
+
+
+async def test_a_tool_that_died_mid_run_is_reported_to_the_model_by_default(tmp_path: Path) -> None:
+    dead, resumed, result = await _crash_then_resume(_Hosts(tmp_path), "tool")
+    assert (dead.model_calls, dead.tool_calls) == (1, 1)
+    assert (resumed.model_calls, resumed.tool_calls) == (1, 0), "the uncertain tool ran again"
+    assert result.stop_reason == "end_turn"
+
+
+async def test_a_tool_marked_retry_runs_again_with_the_same_tool_key(tmp_path: Path) -> None:
+    dead, resumed, _ = await _crash_then_resume(_Hosts(tmp_path, uncertain_tools={"lookup_weather": "retry"}), "tool")
+    assert (resumed.model_calls, resumed.tool_calls) == (1, 1)
+    assert resumed.tool_inputs == dead.tool_inputs == ["Paris"]
+
+
+@pytest.mark.parametrize("answer", ["found", "absent"])
+async def test_a_reconcile_function_decides_an_uncertain_tool(tmp_path: Path, answer: str) -> None:
+    asked: list[tuple[str | None, Any]] = []
+
+    def reconcile(key: str | None, tool_input: Any) -> str | None:
+        asked.append((key, tool_input))
+        return "Paris: sunny (from the weather service's log)" if answer == "found" else None
+
+    hosts = _Hosts(tmp_path, uncertain_tools={"lookup_weather": reconcile})
+    _, resumed, _ = await _crash_then_resume(hosts, "tool")
+    assert len(asked) == 1 and asked[0][1] == {"city": "Paris"}
+    assert isinstance(asked[0][0], str) and len(asked[0][0]) == 64  # the call's tool idempotency key
+    assert resumed.tool_calls == (0 if answer == "found" else 1)
+    assert resumed.model_calls == 1
+
+
+async def test_a_changed_request_is_never_answered_from_the_journal(tmp_path: Path) -> None:
+    # Between the crash and the resume the agent changed (another system prompt): the journaled model step was
+    # recorded for another request, so the replay stops at once and the whole turn runs live.
+    hosts = _Hosts(tmp_path)
+    dead = _Script("answer")
+    with _no_heartbeats():
+        first = asyncio.create_task(hosts.agent(dead).invoke_async("weather in Paris?", idempotency_token="t1"))
+        await _until(dead.stopped.is_set, WAIT, "host A to stop")
+    try:
+        resumed = _Script()
+        changed = hosts.agent(resumed)
+        changed.system_prompt = "You are terse."
+        result = await asyncio.wait_for(changed.invoke_async("weather in Paris?", idempotency_token="t1"), WAIT)
+    finally:
+        dead.release.set()
+        await asyncio.wait([first], timeout=WAIT)
+    assert _text(result) == STUB_ANSWER
+    assert (resumed.model_calls, resumed.tool_calls) == (2, 1)
+
+
+async def test_the_resumed_conversation_is_the_one_the_dead_owner_was_building(tmp_path: Path) -> None:
+    reference = _Hosts(tmp_path / "reference")
+    await asyncio.wait_for(
+        reference.agent(_Script(), session=True).invoke_async("weather in Paris?", idempotency_token="t1"), WAIT
+    )
+    hosts = _Hosts(tmp_path / "crashed", session_invocation_mode="enqueue")
+    _, resumed, _ = await _crash_then_resume(hosts, "answer", session=True)
+    assert (resumed.model_calls, resumed.tool_calls) == (1, 0)
+    assert hosts.messages() == reference.messages()
+
+
+class _TinyEntries(CountingStore):
+    """A store whose journal entries hold at most 64 bytes: every step is split over several."""
+
+    def __init__(self, inner: IdempotencyStore) -> None:
+        super().__init__(inner)
+        self.max_journal_entry_bytes = 64
+
+
+async def test_steps_larger_than_a_store_entry_are_split_and_joined(tmp_path: Path) -> None:
+    hosts = _Hosts(tmp_path)
+    dead = _Script("answer")
+    with _no_heartbeats():
+        first = asyncio.create_task(
+            Agent(
+                model=dead.model(),
+                tools=dead.tools(),
+                callback_handler=None,
+                idempotency=dataclasses.replace(hosts.config, store=_TinyEntries(hosts.inner)),
+            ).invoke_async("weather in Paris?", idempotency_token="t1")
+        )
+        await _until(dead.stopped.is_set, WAIT, "host A to stop")
+    try:
+        resumed = _Script()
+        await asyncio.wait_for(hosts.agent(resumed).invoke_async("weather in Paris?", idempotency_token="t1"), WAIT)
+    finally:
+        dead.release.set()
+        await asyncio.wait([first], timeout=WAIT)
+    assert (resumed.model_calls, resumed.tool_calls) == (1, 0)
+
+
+async def test_a_step_over_the_step_limit_is_not_journaled_and_runs_again(tmp_path: Path) -> None:
+    dead, resumed, _ = await _crash_then_resume(_Hosts(tmp_path, journal_max_step_bytes=64), "answer")
+    assert (resumed.model_calls, resumed.tool_calls) == (2, 1)
+
+
+def test_the_default_for_uncertain_tools_is_report_and_policies_are_checked() -> None:
+    config = IdempotencyConfig()
+    assert config.uncertain_tool_default == "report" and config.journaled
+    assert "unknown" in UNCERTAIN_REPORT
+    with pytest.raises(ValueError, match="uncertain-tool policy of 'pay'"):
+        IdempotencyConfig(uncertain_tools={"pay": "maybe"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="journal_max_step_bytes"):
+        IdempotencyConfig(journal_max_step_bytes=0)
+
+
+async def test_journal_true_needs_a_store_with_a_journal() -> None:
+    class NoJournal(CountingStore):
+        supports_journal = False
+
+    store = NoJournal(InMemoryIdempotencyStore())
+    store.supports_journal = False
+    with pytest.raises(ValueError, match="does not support journals"):
+        IdempotencyConfig(store=store, journal=True)
+    assert IdempotencyConfig(store=store).journaled is False
