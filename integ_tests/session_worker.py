@@ -488,7 +488,7 @@ def turns(job: Job, probe: Probe | None = None, records: IdempotencyStore | None
     ``records``: the idempotency store to use (left open), instead of a DynamoDB store of the job's backend (closed).
     """
     with broken(job.breakage):
-        store = WatchedStore(records or job.backend.store(), probe, job.lock_claim_delay)
+        store = WatchedStore(records if records is not None else job.backend.store(), probe, job.lock_claim_delay)
         script = TurnScript(job, probe)
         # One model for the process, as a server shares one client: a boto3 client per request costs a quarter second.
         model = script.model()
