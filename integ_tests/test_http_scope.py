@@ -77,7 +77,7 @@ TENANTS = [
 ]
 
 
-def _tenant_of(request: Any) -> Any:
+async def _tenant_of(request: Any) -> Any:
     return TENANTS[int(request.headers["x-tenant"])]
 
 

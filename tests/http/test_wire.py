@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from strands.agent.agent_result import AgentResult
 from strands.telemetry.metrics import EventLoopMetrics
 
@@ -21,6 +22,10 @@ from strands_py.http._wire import _json_default, dumps
 
 WAIT = 5.0
 SURROGATE = b"out-\xfe\xff".decode("utf-8", "surrogateescape")
+
+
+class _Model(BaseModel):
+    x: int
 
 
 class _Unprintable:
@@ -48,7 +53,10 @@ CASES: dict[str, tuple[Any, Any]] = {
     "not a number": ({"x": float("nan"), "y": [float("-inf")]}, {"x": "nan", "y": ["-inf"]}),
     "integer too long to print": ({"n": 10**5000}, {"n": f"<int of {(10**5000).bit_length()} bits>"}),
     "circular": ({"c": _circular()}, {"c": [1, "<circular>"]}),
-    "unprintable": ({"u": _Unprintable(), "k": {1: 2}}, {"u": "<_Unprintable>", "k": {"1": 2}}),
+    "unprintable": (
+        {"u": _Unprintable(), "k": {1: 2}, "m": _Model(x=1)},
+        {"u": "<_Unprintable>", "k": {"1": 2}, "m": {"x": 1}},
+    ),
 }
 
 
