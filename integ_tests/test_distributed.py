@@ -6,8 +6,6 @@ import asyncio
 import multiprocessing
 import os
 import signal
-import socket
-import threading
 import time
 import uuid
 from collections import Counter
@@ -16,8 +14,7 @@ from typing import Any
 
 import distributed_worker as worker
 import pytest
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-from werkzeug.serving import make_server
+from _moto import running_moto
 
 from strands_py.idempotency import IdempotencyWaitTimeoutError, ReplayedAgentResult
 from strands_py.testing.bedrock import STUB_ANSWER
@@ -27,47 +24,11 @@ WAIT = 60.0
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class SerialMotoServer:
-    """moto's server app, serving one request at a time on 127.0.0.1.
-
-    moto's own ThreadedMotoServer handles requests on concurrent threads, and its DynamoDB backend has no lock:
-    two conditional PutItems can both pass their condition, which real DynamoDB never allows (each write to an
-    item is atomic). Seen here: two processes both claimed one token. Serving requests one at a time restores
-    DynamoDB's atomicity; the werkzeug server then speaks HTTP/1.0, so no client can hold the connection.
-    """
-
-    def __init__(self, port: int) -> None:
-        app = DomainDispatcherApplication(create_backend_app)
-        self._server = make_server("127.0.0.1", port, app, threaded=False, request_handler=MotoRequestHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="moto-server", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(WAIT)
-
-
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    """A moto server on a random free loopback port, with the table created; stopped after the module."""
-    port = _free_port()
-    server = SerialMotoServer(port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    store = worker.counting_store(url, SPAWN.Value("i", 0)).inner
-    assert isinstance(store, worker.DynamoDBIdempotencyStore)
-    store.create_table()
-    store.close()
-    yield url
-    server.stop()
+    """A serialised moto server (see ``_moto``) on a random free loopback port, with the table; stopped after."""
+    with running_moto(worker.TABLE) as server:
+        yield server.url
 
 
 def _wait_for(predicate: Any, what: str) -> None:
@@ -117,7 +78,7 @@ def test_eight_processes_four_calls_each_run_the_agent_once(endpoint: str) -> No
     print(f"store calls: primary process {primaries[0]['store_calls']}, other processes in total {dict(totals)}")
 
 
-def test_crashed_primary_blocks_until_its_lease_lapses_then_runs_once(endpoint: str) -> None:
+def test_crashed_primary_is_taken_over_after_a_whole_lease_of_silence_then_runs_once(endpoint: str) -> None:
     lease = 4.0
     token = f"order-crash-{uuid.uuid4().hex[:8]}"  # a token of its own per run (repeatable with --count)
     claims = SPAWN.Value("i", 0)
@@ -132,7 +93,6 @@ def test_crashed_primary_blocks_until_its_lease_lapses_then_runs_once(endpoint: 
         with pytest.raises(IdempotencyWaitTimeoutError):
             impatient(worker.PROMPT, idempotency_token=token)
         assert impatient_script.model_calls == 0
-        killed_at = time.time()
         os.kill(crashed.pid or 0, signal.SIGKILL)
         crashed.join(WAIT)
     finally:
@@ -140,14 +100,18 @@ def test_crashed_primary_blocks_until_its_lease_lapses_then_runs_once(endpoint: 
             crashed.kill()
     assert crashed.exitcode == -signal.SIGKILL
 
-    # A patient retry waits for the lease to lapse, takes the claim over, and runs exactly once. The owner's last
-    # renewal was at most a third of a lease before the kill, so the lease lapsed two thirds of a lease after it.
+    # A patient retry, started after the kill, watches the dead owner's last version for a whole lease of its own
+    # clock (no wall clock judges it), takes the claim over, and runs exactly once.
     patient, patient_script, patient_store = worker.make_agent(endpoint, claims)
+    started = time.monotonic()
     result = patient(worker.PROMPT, idempotency_token=token)
-    assert time.time() >= killed_at + lease * 2 / 3
+    elapsed = time.monotonic() - started
+    print(f"\nMEASURED a retry started after the kill took over and ran in {elapsed:.2f} s (lease {lease:g} s)")
+    assert elapsed >= lease  # never sooner: its first read of the dead claim came after it started
+    assert elapsed <= 3 * lease  # about one lease plus a poll, bounded loosely
     assert not isinstance(result, ReplayedAgentResult)
     assert patient_script.model_calls == 2 and patient_script.tool_calls == 1
-    assert patient_store.calls["complete"] == 1
+    assert patient_store.calls["take_over"] == 1 and patient_store.calls["complete"] == 1
 
     # Later retries replay it.
     later, later_script, _ = worker.make_agent(endpoint, claims)
