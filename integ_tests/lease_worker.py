@@ -80,7 +80,10 @@ class Probe:
 
 class ObservedStore(IdempotencyStore):
     """Forwards to ``inner``; logs every primitive (name, sent, done, outcome: monotonic times) and publishes our
-    claims, takeovers and renewals on the probe, with when we first read each version of another owner's claim."""
+    claims, takeovers and renewals on the probe, with when we first read each version of another owner's claim.
+
+    Journals are not forwarded (``supports_journal`` stays False): these tests are about claims and leases, and a
+    takeover here runs the invocation again (its tool too), as it does on a store without journals."""
 
     def __init__(self, inner: IdempotencyStore, probe: Probe) -> None:
         self.inner = inner

@@ -251,7 +251,8 @@ class Probe:
 class WatchedStore(IdempotencyStore):
     """Forwards to ``inner``; tells the probe whenever a claim or a read meets another owner's claim (not yielded),
     when this process wrote its own claims, and when a session lock's lease was renewed. ``lock_claim_delay`` delays
-    every claim of a session lock (a slow round trip)."""
+    every claim of a session lock (a slow round trip). Journals are not forwarded (``supports_journal`` stays False):
+    a takeover here runs the turn again, as on a store without journals."""
 
     def __init__(self, inner: IdempotencyStore, probe: Probe | None, lock_claim_delay: float = 0.0) -> None:
         self.inner = inner

@@ -50,6 +50,8 @@ class ObservedStore(IdempotencyStore):
     version it judged and when this worker first read that version. ``revoked``: the other owners' claims this worker
     revoked (``{"kind", "version"}``): released them, or replaced them with a yielded claim (``version``: the one it
     replaced). A session takeover revokes the dead holder's token claim so that its result can never land.
+
+    Journals are not forwarded (``supports_journal`` stays False): what a clock decides is the same with or without.
     """
 
     def __init__(self, inner: IdempotencyStore, probe: skew_worker.Probe) -> None:
