@@ -190,6 +190,8 @@ def evaluate_console(example: Example) -> None:
     run = PageRun.current
     assert run is not None, "console blocks run inside a PageRun"
     steps = parse_session(example.parsed)
+    if "curl " in example.parsed:
+        require_program("curl", "curl")
     script = ["set -o pipefail"]
     for index, (command, _) in enumerate(steps):
         if SERVER_ADDRESS in command:
@@ -254,6 +256,16 @@ def fenced_blocks(page: Path) -> list[tuple[int, str, str]]:
     return blocks
 
 
+def require_program(program: str, package: str) -> None:
+    """Skip the page when ``program`` is not installed; on CI (``CI=true``) fail instead, naming the package."""
+    if shutil.which(program) is not None:
+        return
+    message = f"{program} is not installed (apt-get install {package})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def free_port() -> int:
     """A port of 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -264,11 +276,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A ``redis-server`` on a free port of 127.0.0.1 without persistence; its URL. Skips (fails on CI) without one."""
+    require_program("redis-server", "redis-server")
     binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed")
+    assert binary is not None
 
     port = free_port()
     process = subprocess.Popen(
