@@ -6,9 +6,14 @@ import asyncio
 import functools
 import logging
 import math
+import random
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass
+from typing import Any, TypeGuard, TypeVar, cast
 
 import boto3
 from botocore.config import Config
@@ -16,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
 from .base import IdempotencyStore
-from .record import IdempotencyRecord, RecordState
+from .record import IdempotencyRecord, RecordState, new_version
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,46 @@ _OWNED_NAMES = {"#owner": "owner", "#status": "status"}
 # A claim whose condition failed on a server that returns no old item reads the item; it is tried again only when
 # the item changed between the two calls (released, say), which takes another writer's progress each time.
 _CLAIM_ATTEMPTS = 5
+# A write that meets a journal append's transaction on the same item is rejected (TransactionConflict), not queued,
+# and botocore does not retry it: nothing was written, so it is tried again after a short jittered backoff.
+_CONFLICT_ATTEMPTS = 5
+_CONFLICT_BACKOFF_SECONDS = 0.01
+
+# The journal. Its entries are items of their own, ``<key>#journal#<lineage>#<position>``; the record carries
+# ``journal_id`` (the lineage: a fresh claim, a complete and a release drop it with the rest of the item, a takeover
+# keeps it), ``journal_length``, ``journal_expiration`` (the TTL new entries get) and ``journal_expiration_floor``
+# (the least TTL any entry has). See the class docstring.
+_ENTRY_INFIX = "#journal#"
+# DynamoDB's item limit is 400 KB (409,600 bytes), attribute names and the entry's id (at most 2,048 bytes) included.
+_MAX_JOURNAL_ENTRY_BYTES = 400_000
+# Entries' TTL lies this far beyond their record's, and is moved on when less than half of it is left.
+_JOURNAL_HEADROOM_SECONDS = 86_400
+# Writes on the record that met a concurrent append of the same owner (its tasks append concurrently) or a read
+# that saw the record change under it: each retry follows another writer's progress.
+_JOURNAL_ATTEMPTS = 8
+_BATCH_GET_KEYS = 100
+# Rounds of a BatchGetItem that returned nothing but unprocessed keys (throttled) before giving up.
+_BATCH_GET_IDLE_ROUNDS = 5
+_BATCH_GET_BACKOFF_SECONDS = 0.05
+# Keys whose journal head this process remembers (a guess that saves a read per append; never trusted).
+_REMEMBERED_HEADS = 1024
+_JOURNAL_NAMES = {
+    "#journal_id": "journal_id",
+    "#journal_length": "journal_length",
+    "#journal_expiration": "journal_expiration",
+    "#journal_floor": "journal_expiration_floor",
+}
+# append: the first entry of a lineage, and the next entry of a known one (the entry is stamped with the stored TTL).
+_JOURNAL_STARTS = _OWNED_IN_PROGRESS + " AND attribute_not_exists(#journal_id)"
+_JOURNAL_CONTINUES = (
+    _OWNED_IN_PROGRESS
+    + " AND #journal_id = :lineage AND #journal_length = :length AND #journal_expiration = :entry_expiration"
+)
+_START_JOURNAL = (
+    "SET #journal_id = :lineage, #journal_length = :next, #journal_expiration = :entry_expiration,"
+    " #journal_floor = :entry_expiration"
+)
+_CONTINUE_JOURNAL = "SET #journal_length = :next"
 
 
 class DynamoDBIdempotencyStore(IdempotencyStore):
@@ -64,17 +109,32 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
     deletes a referred-to record while a record referring to it still counts.
 
     Writes: a claim is one conditional ``PutItem`` that returns the record in the way when its condition fails (no
-    extra read); a takeover is a ``PutItem`` conditional on the version the caller judged; completes
-    (``PutItem``), releases (``DeleteItem``) and renewals (one ``UpdateItem``) are conditional on the owner and the
-    ``IN_PROGRESS`` status, so an owner whose claim was taken over cannot overwrite, delete or renew the new owner's
-    record. Throttling and transient errors are retried by botocore (``standard`` retry mode) unless you pass your
-    own client or config; what still fails (and any error but a failed condition) raises ``IdempotencyStoreError``
-    with the botocore error chained. A DynamoDB-compatible server that does not return the old item with a failed
-    condition costs a claim one extra read.
+    extra read); a takeover is an ``UpdateItem`` conditional on the version the caller judged (it rewrites every
+    field of the record and keeps the journal); completes (``PutItem``), releases (``DeleteItem``) and renewals (one
+    ``UpdateItem``) are conditional on the owner and the ``IN_PROGRESS`` status, so an owner whose claim was taken
+    over cannot overwrite, delete or renew the new owner's record. Throttling and transient errors are retried by
+    botocore (``standard`` retry mode) unless you pass your own client or config; a write rejected because a journal
+    append's transaction holds the same item (``TransactionConflict``) is retried here. What still fails (and any
+    error but a failed condition) raises ``IdempotencyStoreError`` with the botocore error chained. A
+    DynamoDB-compatible server that does not return the old item with a failed condition costs a claim (and a
+    fenced-off or raced journal write) one extra read.
+
+    Journal: each entry is an item of its own, ``<key>#journal#<lineage>#<position>`` (``entry``, binary, and the TTL
+    attribute), so an entry may be as large as an item (``max_journal_entry_bytes``) and the table needs no other key.
+    The record carries the lineage's id and length: ``append`` is one ``TransactWriteItems`` (an ``UpdateItem`` of the
+    record conditional on the owner, the ``IN_PROGRESS`` status and the length, with the ``PutItem`` of the entry), so
+    an entry is never written for an owner that lost the claim. A fresh claim, a complete and a release drop the
+    lineage with the rest of the record; its entries are left to expire. Entries' TTL lies a day beyond their
+    record's and is moved on by the renewals (in the background, once half of that day is used up), so a running
+    journal is never swept, however long its run. ``journal`` is one consistent ``GetItem`` and one consistent
+    ``BatchGetItem`` per 100 entries (more rounds if DynamoDB answers with unprocessed keys); ``truncate`` is one
+    ``UpdateItem``. ``append`` is one round trip when this process knows where the journal stands (it claimed the
+    key, read the journal, or appended last), one more otherwise.
 
     IAM actions needed on the table: ``dynamodb:PutItem``, ``dynamodb:GetItem``, ``dynamodb:DeleteItem``,
-    ``dynamodb:UpdateItem`` (and ``dynamodb:CreateTable``, ``dynamodb:DescribeTable``,
-    ``dynamodb:DescribeTimeToLive``, ``dynamodb:UpdateTimeToLive`` for ``create_table``).
+    ``dynamodb:UpdateItem``, ``dynamodb:BatchGetItem`` (``TransactWriteItems`` is authorised by the ``PutItem`` and
+    ``UpdateItem`` it holds), and ``dynamodb:CreateTable``, ``dynamodb:DescribeTable``,
+    ``dynamodb:DescribeTimeToLive``, ``dynamodb:UpdateTimeToLive`` for ``create_table``.
 
     Thread-safety: safe from any thread and event loop. All boto3 calls run on a small executor owned by the store,
     never on the event loop's default executor. Call ``close()`` (or use the store as a context manager) to stop
@@ -126,6 +186,9 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         self._client = client
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency")
         self._closed = False
+        self._heads = _Heads(_REMEMBERED_HEADS)
+        self._restamping: set[str] = set()  # keys whose entries' TTL is being moved on, by this process
+        self._restamping_mutex = threading.Lock()
 
     def close(self) -> None:
         """Stop the store's executor threads (waiting for calls in progress); later calls raise."""
@@ -159,14 +222,22 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     def _invoke(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         """One boto3 call on this thread; every failure but a failed condition is an outage."""
-        try:
-            return fn(**kwargs)
-        except ClientError as e:
-            if _is_condition_failure(e):
-                raise
-            raise self._outage(e) from e
-        except BotoCoreError as e:  # no answer at all: connection refused, timeouts, bad credentials, ...
-            raise self._outage(e) from e
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(**kwargs)
+            except ClientError as e:
+                if _is_condition_failure(e):
+                    raise
+                if _is_transaction_conflict(e) and attempt < _CONFLICT_ATTEMPTS:
+                    # The item is in a journal append's transaction, which ends within milliseconds; nothing of
+                    # this call was written.
+                    time.sleep(random.uniform(0, _CONFLICT_BACKOFF_SECONDS * 2**attempt))
+                    continue
+                raise self._outage(e) from e
+            except BotoCoreError as e:  # no answer at all: connection refused, timeouts, bad credentials, ...
+                raise self._outage(e) from e
 
     def _outage(self, error: Exception) -> IdempotencyStoreError:
         return IdempotencyStoreError(
@@ -177,6 +248,8 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         return IdempotencyStoreError(f"the DynamoDB idempotency store of table {self.table_name} is closed")
 
     supports_blocking_claims = True
+    supports_journal = True
+    max_journal_entry_bytes = _MAX_JOURNAL_ENTRY_BYTES
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``: one conditional ``PutItem`` returning the old item on failure."""
@@ -189,7 +262,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         return self._claim(record, now)
 
     async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
-        """See ``IdempotencyStore.take_over``: a ``PutItem`` conditional on the stored version."""
+        """See ``IdempotencyStore.take_over``: an ``UpdateItem`` conditional on the version; the journal is kept."""
         return await self._blocking(self._take_over, record, version)
 
     async def get(self, key: str) -> IdempotencyRecord | None:
@@ -217,6 +290,28 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status."""
         return await self._blocking(self._renew, key, owner, version, lease_seconds, expires_at, checkpoint)
 
+    async def append(self, key: str, owner: str, entry: bytes) -> bool:
+        """See ``IdempotencyStore.append``: one ``TransactWriteItems`` (the record's fenced update, the entry's put)."""
+        return await self._blocking(self._append, key, owner, entry)
+
+    async def journal(self, key: str) -> list[bytes]:
+        """See ``IdempotencyStore.journal``: a consistent ``GetItem``, then consistent ``BatchGetItem`` calls.
+
+        Raises:
+            IdempotencyRecordCorruptedError: The record names an entry that is not stored, or an entry is malformed.
+        """
+        return await self._blocking(self._journal, key)
+
+    async def truncate(self, key: str, owner: str, length: int) -> bool:
+        """See ``IdempotencyStore.truncate``: one ``UpdateItem`` of the record's journal length, fenced on the owner.
+
+        Raises:
+            ValueError: ``length`` is negative.
+        """
+        if length < 0:
+            raise ValueError(f"length must not be negative, got {length}")
+        return await self._blocking(self._truncate, key, owner, length)
+
     def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         item = _to_item(record)
         for attempt in range(1, _CLAIM_ATTEMPTS + 1):
@@ -229,6 +324,10 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                     ExpressionAttributeNames=_CLAIMABLE_NAMES,
                     ExpressionAttributeValues={":now": _n(now), ":completed": _COMPLETED},
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+                # A fresh item: no journal yet; its first entries will expire a headroom past the record.
+                self._heads.remember(
+                    record.key, _Head(None, 0, _ttl_seconds(record.expires_at) + _JOURNAL_HEADROOM_SECONDS)
                 )
                 return None
             except ClientError as e:  # only a failed condition reaches here (see _invoke)
@@ -250,23 +349,44 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         )
 
     def _take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        # Every field of the record is set (or removed when absent), so the item is ``record`` plus the journal's
+        # attributes: the new owner resumes from the journal. No condition but the version: an absent item fails it.
+        fields = _to_item(record)
+        del fields["id"]
+        names = {f"#{name}": name for name in fields}
+        values = {f":new_{name}": value for name, value in fields.items()}
+        update = "SET " + ", ".join(f"#{name} = :new_{name}" for name in fields)
+        removed = [name for name in _OPTIONAL_FIELDS if name not in fields]
+        if record.state is not RecordState.IN_PROGRESS:
+            removed += _JOURNAL_NAMES.values()  # a journal lives with an IN_PROGRESS record only
+        if removed:
+            names.update({f"#{name}": name for name in removed})
+            update += " REMOVE " + ", ".join(f"#{name}" for name in removed)
+        self._heads.forget(record.key)  # the journal's head is read again by whoever resumes from it
         return self._fenced(
-            self._client.put_item,
+            self._client.update_item,
             TableName=self.table_name,
-            Item=_to_item(record),
+            Key={"id": {"S": record.key}},
+            UpdateExpression=update,
             ConditionExpression=_SAME_VERSION,
-            ExpressionAttributeNames={"#version": "version"},
-            ExpressionAttributeValues={":version": {"S": version}},
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={**values, ":version": {"S": version}},
         )
 
     def _get(self, key: str) -> IdempotencyRecord | None:
+        item = self._record_item(key)
+        return None if item is None else _from_item(item)
+
+    def _record_item(self, key: str) -> dict[str, Any] | None:
         response = self._invoke(
             self._client.get_item, TableName=self.table_name, Key={"id": {"S": key}}, ConsistentRead=True
         )
         item: dict[str, Any] | None = response.get("Item")
-        return None if item is None else _from_item(item)
+        return item
 
     def _complete(self, record: IdempotencyRecord) -> bool:
+        # The whole item is replaced: the journal's lineage goes with it (its entries expire).
+        self._heads.forget(record.key)
         return self._fenced(
             self._client.put_item,
             TableName=self.table_name,
@@ -277,6 +397,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         )
 
     def _release(self, key: str, owner: str) -> bool:
+        self._heads.forget(key)
         return self._fenced(
             self._client.delete_item,
             TableName=self.table_name,
@@ -309,15 +430,23 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             update += ", #checkpoint = :checkpoint"
             names["#checkpoint"] = "checkpoint"
             values[":checkpoint"] = {"S": checkpoint}
-        return self._fenced(
-            self._client.update_item,
-            TableName=self.table_name,
-            Key={"id": {"S": key}},
-            UpdateExpression=update,
-            ConditionExpression=_OWNED_IN_PROGRESS,
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
-        )
+        try:
+            response = self._invoke(
+                self._client.update_item,
+                TableName=self.table_name,
+                Key={"id": {"S": key}},
+                UpdateExpression=update,
+                ConditionExpression=_OWNED_IN_PROGRESS,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",  # free with the write: tells whether the journal's TTL must move on
+            )
+        except ClientError:  # only a failed condition reaches here (see _invoke)
+            return False
+        renewed = response.get("Attributes", {})
+        if "journal_id" in renewed:
+            self._keep_journal_alive(key, renewed)
+        return True
 
     def _fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
         """A conditional write: True if written, False if its condition failed."""
@@ -326,6 +455,191 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             return True
         except ClientError:  # only a failed condition reaches here (see _invoke)
             return False
+
+    # The journal (see the class docstring). Each method runs whole on one executor thread.
+
+    def _append(self, key: str, owner: str, entry: bytes) -> bool:
+        head = self._heads.recall(key)
+        for attempt in range(1, _JOURNAL_ATTEMPTS + 1):
+            if head is None:
+                item = self._record_item(key)
+                if not _owned(item, owner):
+                    return False
+                head = _head_of(key, item)
+            lineage = head.lineage or new_version()  # a new lineage's id is unique: never an earlier lineage's
+            try:
+                self._invoke(
+                    self._client.transact_write_items,
+                    TransactItems=[
+                        {"Update": _append_update(self.table_name, key, owner, head, lineage)},
+                        {"Put": {"TableName": self.table_name, "Item": _entry_item(key, lineage, head, entry)}},
+                    ],
+                )
+            except ClientError as e:  # only a failed condition reaches here (see _invoke)
+                # Fenced off, or the head assumed was stale (another append of the owner's, a truncate, a fresh
+                # lineage, the entries' TTL moved on): the record says which.
+                item = _old_item(e)
+                if item is None:
+                    item = self._record_item(key)  # a server that returns no old item
+                if not _owned(item, owner):
+                    self._heads.forget(key)
+                    return False
+                head = _head_of(key, item)
+                logger.debug("attempt=<%d> | the journal moved on since it was last seen, appending again", attempt)
+                continue
+            self._heads.remember(key, _Head(lineage, head.length + 1, head.expiration))
+            return True
+        raise IdempotencyStoreError(
+            f"journal append on DynamoDB table {self.table_name} kept racing ({_JOURNAL_ATTEMPTS} attempts)"
+        )
+
+    def _journal(self, key: str) -> list[bytes]:
+        item = self._record_item(key)
+        if item is None or "journal_id" not in item:
+            return []
+        head = _head_of(key, item)
+        self._heads.remember(key, head)
+        # The lineage read with the record: entries of a later lineage (a fresh claim meanwhile) are never mixed in.
+        ids = [_entry_id(key, cast(str, head.lineage), position) for position in range(head.length)]
+        entries = self._entries(key, ids)
+        missing = [position for position, entry_id in enumerate(ids) if entry_id not in entries]
+        if missing:
+            raise IdempotencyRecordCorruptedError(key, f"journal entry {missing[0]} of {len(ids)} is missing")
+        return [entries[entry_id] for entry_id in ids]
+
+    def _entries(self, key: str, ids: list[str]) -> dict[str, bytes]:
+        """The entries stored under ``ids`` (consistent reads), by id; absent ones are left out."""
+        found: dict[str, bytes] = {}
+        pending = [{"id": {"S": entry_id}} for entry_id in ids]
+        idle = 0  # rounds in a row that returned nothing but unprocessed keys
+        while pending:
+            batch, pending = pending[:_BATCH_GET_KEYS], pending[_BATCH_GET_KEYS:]
+            request = {"Keys": batch, "ConsistentRead": True, "ProjectionExpression": "id, entry"}
+            response = self._invoke(self._client.batch_get_item, RequestItems={self.table_name: request})
+            items = response.get("Responses", {}).get(self.table_name, [])
+            for item in items:
+                try:
+                    found[item["id"]["S"]] = bytes(item["entry"]["B"])
+                except (KeyError, TypeError) as e:
+                    reason = f"malformed journal entry: {type(e).__name__}: {e}"
+                    raise IdempotencyRecordCorruptedError(key, reason) from e
+            # A response holds at most 16 MB, and throttled keys come back unprocessed: both are asked for again.
+            unprocessed = response.get("UnprocessedKeys", {}).get(self.table_name, {}).get("Keys", [])
+            pending = unprocessed + pending
+            idle = 0 if items or not unprocessed else idle + 1
+            if idle >= _BATCH_GET_IDLE_ROUNDS:
+                raise IdempotencyStoreError(
+                    f"DynamoDB table {self.table_name} left journal entries unprocessed {idle} times in a row"
+                )
+            if idle:
+                time.sleep(random.uniform(0, _BATCH_GET_BACKOFF_SECONDS * 2**idle))
+        return found
+
+    def _truncate(self, key: str, owner: str, length: int) -> bool:
+        self._heads.forget(key)  # read again by the next append
+        for _ in range(_JOURNAL_ATTEMPTS):
+            try:
+                self._invoke(
+                    self._client.update_item,
+                    TableName=self.table_name,
+                    Key={"id": {"S": key}},
+                    UpdateExpression="SET #journal_length = :length",
+                    # Only a longer journal is cut: a shorter one (or none) fails the condition as a fenced-off owner
+                    # does, and the old item tells which.
+                    ConditionExpression=_OWNED_IN_PROGRESS + " AND #journal_length > :length",
+                    ExpressionAttributeNames={**_OWNED_NAMES, "#journal_length": "journal_length"},
+                    ExpressionAttributeValues={
+                        ":owner": {"S": owner},
+                        ":in_progress": _IN_PROGRESS,
+                        ":length": {"N": str(length)},
+                    },
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+                return True
+            except ClientError as e:  # only a failed condition reaches here (see _invoke)
+                item = _old_item(e)
+                if item is None:
+                    item = self._record_item(key)  # a server that returns no old item
+                if not _owned(item, owner):
+                    return False
+                if _head_of(key, item).length <= length:
+                    return True  # nothing to cut
+                # Only a read after the failed write gets here: an append landed in between. Cut again.
+        raise IdempotencyStoreError(
+            f"journal truncate on DynamoDB table {self.table_name} kept racing ({_JOURNAL_ATTEMPTS} attempts)"
+        )
+
+    def _keep_journal_alive(self, key: str, record: dict[str, Any]) -> None:
+        """After a renewal: move the entries' TTL on, in the background, once less than half the headroom is left."""
+        try:
+            lineage = record["journal_id"]["S"]
+            stamped = int(record["journal_expiration"]["N"])
+            due = int(record["journal_expiration_floor"]["N"]) - int(record["expiration"]["N"])
+            expiration = int(record["expiration"]["N"]) + _JOURNAL_HEADROOM_SECONDS
+        except (KeyError, TypeError, ValueError):
+            # The renewal itself landed; a journal whose head cannot be read fails its next read instead.
+            logger.warning("key=<%s> | malformed journal head, its time to live is not moved on", key)
+            return
+        if due >= _JOURNAL_HEADROOM_SECONDS // 2:
+            return
+        with self._restamping_mutex:
+            if key in self._restamping:
+                return
+            self._restamping.add(key)
+        try:
+            self._executor.submit(self._restamp, key, lineage, stamped, expiration)
+        except RuntimeError:  # the store is being closed: a later renewal (ours or the next owner's) does it
+            self._restamped(key)
+
+    def _restamp(self, key: str, lineage: str, stamped: int, expiration: int) -> None:
+        """Give every entry of ``lineage`` the TTL ``expiration``: a background job of ``_keep_journal_alive``."""
+        names = {"#journal_id": "journal_id", "#journal_expiration": "journal_expiration"}
+        values = {":lineage": {"S": lineage}, ":expiration": {"N": str(expiration)}}
+        try:
+            # 1. Entries appended from now on get the new TTL (an append's condition checks the TTL it stamps).
+            response = self._invoke(
+                self._client.update_item,
+                TableName=self.table_name,
+                Key={"id": {"S": key}},
+                UpdateExpression="SET #journal_expiration = :expiration",
+                ConditionExpression="#journal_id = :lineage AND #journal_expiration = :stamped",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues={**values, ":stamped": {"N": str(stamped)}},
+                ReturnValues="ALL_NEW",
+            )
+            # 2. The entries appended before, up to the length the record had then (any later one has the new TTL).
+            length = int(response["Attributes"]["journal_length"]["N"])
+            for position in range(length):
+                self._fenced(
+                    self._client.update_item,
+                    TableName=self.table_name,
+                    Key={"id": {"S": _entry_id(key, lineage, position)}},
+                    UpdateExpression="SET expiration = :expiration",
+                    ConditionExpression="attribute_exists(id)",
+                    ExpressionAttributeValues={":expiration": values[":expiration"]},
+                )
+            # 3. Only now does the record say that every entry has it: a failure before leaves the floor where it
+            # was, and a later renewal starts over.
+            self._fenced(
+                self._client.update_item,
+                TableName=self.table_name,
+                Key={"id": {"S": key}},
+                UpdateExpression="SET #journal_floor = :expiration",
+                ConditionExpression="#journal_id = :lineage AND #journal_expiration = :expiration",
+                ExpressionAttributeNames={**names, "#journal_floor": "journal_expiration_floor"},
+                ExpressionAttributeValues=values,
+            )
+            logger.debug("entries=<%d> | the journal's time to live moved on", length)
+        except ClientError:  # step 1's condition: the lineage ended, or another process moved the TTL on first
+            logger.debug("key=<%s> | the journal's time to live was not ours to move on", key)
+        except Exception:  # noqa: BLE001 - a background job: nobody else would hear of it
+            logger.warning("key=<%s> | could not move the journal's time to live on; a later renewal will", key)
+        finally:
+            self._restamped(key)
+
+    def _restamped(self, key: str) -> None:
+        with self._restamping_mutex:
+            self._restamping.discard(key)
 
     def create_table(self) -> None:
         """Create the table (on-demand capacity) with TTL on ``expiration``, unless it exists. Blocking.
@@ -378,7 +692,29 @@ def _outcome(fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T | None, Exc
 
 
 def _is_condition_failure(error: ClientError) -> bool:
-    return bool(error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
+    code = error.response.get("Error", {}).get("Code")
+    if code == "TransactionCanceledException":
+        return _cancelled_for(error, "ConditionalCheckFailed")
+    return bool(code == "ConditionalCheckFailedException")
+
+
+def _is_transaction_conflict(error: ClientError) -> bool:
+    code = error.response.get("Error", {}).get("Code")
+    if code == "TransactionCanceledException":
+        return _cancelled_for(error, "TransactionConflict")
+    return bool(code == "TransactionConflictException")
+
+
+def _cancelled_for(error: ClientError, reason: str) -> bool:
+    """Whether a cancelled transaction names ``reason`` for one of its actions."""
+    return any(r.get("Code") == reason for r in error.response.get("CancellationReasons") or ())
+
+
+def _old_item(error: ClientError) -> dict[str, Any] | None:
+    """The item a failed condition returned (``ALL_OLD``): a transaction's is its first action's, the record's."""
+    reasons = error.response.get("CancellationReasons")
+    item: dict[str, Any] | None = (reasons[0] if reasons else error.response).get("Item")
+    return item
 
 
 def _n(value: float) -> dict[str, str]:
@@ -386,9 +722,13 @@ def _n(value: float) -> dict[str, str]:
     return {"N": repr(float(value))}
 
 
-def _ttl(expires_at: float) -> dict[str, str]:
+def _ttl_seconds(expires_at: float) -> int:
     # Whole seconds since the epoch, as DynamoDB TTL wants: rounded up, plus the grace (see the class docstring).
-    return {"N": str(math.ceil(expires_at) + _TTL_GRACE_SECONDS)}
+    return math.ceil(expires_at) + _TTL_GRACE_SECONDS
+
+
+def _ttl(expires_at: float) -> dict[str, str]:
+    return {"N": str(_ttl_seconds(expires_at))}
 
 
 def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
@@ -426,3 +766,98 @@ def _from_item(item: dict[str, Any]) -> IdempotencyRecord:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise IdempotencyRecordCorruptedError(key, f"malformed item: {type(e).__name__}: {e}") from e
+
+
+_OPTIONAL_FIELDS = ("fingerprint", "payload", "checkpoint")
+
+
+def _entry_id(key: str, lineage: str, position: int) -> str:
+    return f"{key}{_ENTRY_INFIX}{lineage}#{position}"
+
+
+def _append_update(table: str, key: str, owner: str, head: _Head, lineage: str) -> dict[str, Any]:
+    """The record's half of an append: fenced on the owner and on the head assumed, it moves the length on."""
+    names = {**_OWNED_NAMES, **_JOURNAL_NAMES}
+    values = {
+        ":owner": {"S": owner},
+        ":in_progress": _IN_PROGRESS,
+        ":lineage": {"S": lineage},
+        ":next": {"N": str(head.length + 1)},
+        ":entry_expiration": {"N": str(head.expiration)},
+    }
+    if head.lineage is not None:
+        values[":length"] = {"N": str(head.length)}
+        del names["#journal_floor"]  # DynamoDB refuses names an expression does not use
+    return {
+        "TableName": table,
+        "Key": {"id": {"S": key}},
+        "UpdateExpression": _CONTINUE_JOURNAL if head.lineage else _START_JOURNAL,
+        "ConditionExpression": _JOURNAL_CONTINUES if head.lineage else _JOURNAL_STARTS,
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }
+
+
+def _entry_item(key: str, lineage: str, head: _Head, entry: bytes) -> dict[str, Any]:
+    """An entry's item, at the head's position, expiring when the head says its lineage's entries do."""
+    return {
+        "id": {"S": _entry_id(key, lineage, head.length)},
+        "entry": {"B": entry},
+        "expiration": {"N": str(head.expiration)},
+    }
+
+
+def _owned(item: dict[str, Any] | None, owner: str) -> TypeGuard[dict[str, Any]]:
+    """The fence of the journal's writes: ``owner``'s ``IN_PROGRESS`` record."""
+    return (
+        item is not None
+        and item.get("owner", {}).get("S") == owner
+        and item.get("status", {}).get("S") == RecordState.IN_PROGRESS.value
+    )
+
+
+@dataclass(frozen=True)
+class _Head:
+    """Where a key's journal stands: its lineage (None before its first entry), its length, its entries' TTL."""
+
+    lineage: str | None
+    length: int
+    expiration: int
+
+
+def _head_of(key: str, item: dict[str, Any]) -> _Head:
+    try:
+        if "journal_id" not in item:
+            return _Head(None, 0, int(item["expiration"]["N"]) + _JOURNAL_HEADROOM_SECONDS)
+        return _Head(item["journal_id"]["S"], int(item["journal_length"]["N"]), int(item["journal_expiration"]["N"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise IdempotencyRecordCorruptedError(key, f"malformed journal head: {type(e).__name__}: {e}") from e
+
+
+class _Heads:
+    """The journal heads this process saw last, by key, the least recently used forgotten first.
+
+    A guess that lets an append go in one round trip; never trusted: every append is conditional on the head it
+    assumed, and a failed condition hands back the record to start again from. Thread-safe.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._heads: OrderedDict[str, _Head] = OrderedDict()
+        self._mutex = threading.Lock()
+
+    def recall(self, key: str) -> _Head | None:
+        with self._mutex:
+            return self._heads.get(key)
+
+    def remember(self, key: str, head: _Head) -> None:
+        with self._mutex:
+            self._heads[key] = head
+            self._heads.move_to_end(key)
+            if len(self._heads) > self._size:
+                self._heads.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        with self._mutex:
+            self._heads.pop(key, None)

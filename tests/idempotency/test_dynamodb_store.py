@@ -104,6 +104,9 @@ async def _every_primitive(store: DynamoDBIdempotencyStore) -> list[Any]:
         store.complete(_completed("s#k", "a", now + 60)),
         store.release("s#k", "a"),
         store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 60),
+        store.append("s#k", "a", b"step"),  # without a known head: the record is read first
+        store.journal("s#k"),
+        store.truncate("s#k", "a", 0),
     ]
     errors = []
     for call in calls:
@@ -113,7 +116,10 @@ async def _every_primitive(store: DynamoDBIdempotencyStore) -> list[Any]:
     return errors
 
 
-OPERATIONS = ["put_item", "put_item", "get_item", "put_item", "delete_item", "update_item"]
+OPERATIONS = [
+    *("put_item", "update_item", "get_item", "put_item", "delete_item", "update_item"),
+    *("get_item", "get_item", "update_item"),
+]
 
 
 @pytest.mark.parametrize(
@@ -220,6 +226,8 @@ class NoOldItems:
             return getattr(self._client, operation)(**kwargs)
         except ClientError as e:
             e.response.pop("Item", None)
+            for reason in e.response.get("CancellationReasons", ()):
+                reason.pop("Item", None)
             raise
 
     def put_item(self, **kwargs: Any) -> Any:
@@ -230,6 +238,9 @@ class NoOldItems:
 
     def delete_item(self, **kwargs: Any) -> Any:
         return self._without_old_item("delete_item", kwargs)
+
+    def transact_write_items(self, **kwargs: Any) -> Any:
+        return self._without_old_item("transact_write_items", kwargs)
 
 
 SERVERS = ["dynamodb", "no old item"]
@@ -341,21 +352,23 @@ async def test_take_over_refuses_a_stale_version_and_an_absent_item(aws: None, s
     assert _item(store, "s#k") == before
     assert await store.take_over(_claim("s#gone", "late", now), judged.version) is False
     assert _item(store, "s#gone") is None
-    # the version stored: replaced, by one PutItem conditional on it
+    # the version stored: replaced, by one UpdateItem conditional on it
     current = await store.get("s#k")
     assert current is not None
-    puts: list[dict[str, Any]] = []
-    real_put = store._client.put_item
+    updates: list[dict[str, Any]] = []
+    real_update = store._client.update_item
 
     def spy(**kwargs: Any) -> Any:
-        puts.append(kwargs)
-        return real_put(**kwargs)
+        updates.append(kwargs)
+        return real_update(**kwargs)
 
-    store._client.put_item = spy
+    store._client.update_item = spy
     new = _claim("s#k", "new", now)
     assert await store.take_over(new, current.version) is True
     assert await store.get("s#k") == new
-    assert [p["ExpressionAttributeValues"] for p in puts] == [{":version": {"S": current.version}}]
+    assert [(u["ConditionExpression"], u["ExpressionAttributeValues"][":version"]) for u in updates] == [
+        ("#version = :version", {"S": current.version})
+    ]
     store.close()
 
 
