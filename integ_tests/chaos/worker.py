@@ -1,0 +1,54 @@
+"""Entry point of a worker process, forked by multiprocessing's fork server with the heavy modules imported.
+
+Importing strands, boto3, uvicorn and redis-py takes seconds of CPU; on two cores, four workers starting at once took
+ten. The cluster therefore starts its workers from a fork server that imported those once (``multiprocessing``
+``forkserver`` context, ``set_forkserver_preload``): a worker, or the replacement of a killed one, is up in about
+half a second. Each is still an OS process of its own (its own pid, signals, memory).
+
+The library itself (``strands_py``) and this package's worker modules are imported in the worker, after the fork:
+whatever the library draws once at import (its record versions are a random per-process prefix and a counter) must
+be the process's own, as it is in processes started from scratch. (Forked after the library was imported, every
+worker would start with the same version prefix and counter: two processes then write equal versions, and a waiter
+that watches versions can take a live lock over; see the chaos run's report.)
+
+The process's wall clock is skewed first, by the offset the cluster gives it (seconds; positive runs ahead), before
+any agent or store exists: whatever reads ``time.time()`` in this process (the library, botocore, redis-py all look
+the function up on the ``time`` module at each call) sees the skewed clock, as on a host whose clock is off.
+``time.monotonic()`` is untouched (it is what the history orders records by).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+
+
+def skew_clock(offset: float) -> None:
+    """Make ``time.time()`` and ``time.time_ns()`` of this process run ``offset`` seconds ahead (behind if < 0)."""
+    if not offset:
+        return
+    real, real_ns = time.time, time.time_ns
+    nanoseconds = int(offset * 1e9)
+    time.time = lambda: real() + offset
+    time.time_ns = lambda: real_ns() + nanoseconds
+
+
+def _output_to(log: str) -> None:
+    """Send this process's stdout and stderr (faulthandler's stack dumps included) to ``log``."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def worker_main(config: str, slot: int, generation: int, offset: float, log: str, ready: Connection) -> None:
+    """Skew the clock, then serve until SIGTERM (see ``server.serve``); the port is sent on ``ready``."""
+    _output_to(log)
+    skew_clock(offset)
+    from .server import WorkerConfig, serve
+
+    serve(WorkerConfig.load(config), slot, generation, offset, ready.send)
