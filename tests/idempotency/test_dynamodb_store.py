@@ -640,3 +640,255 @@ def _whole_seconds_to_item(record: IdempotencyRecord) -> dict[str, Any]:
 async def test_negative_control_deciding_by_whole_seconds_replays_past_the_expiry(aws: None) -> None:
     with mock.patch.object(dynamodb_module, "_to_item", _whole_seconds_to_item):
         await _expired_at_the_exact_instant()
+
+
+# The journal: entries as items of their own, under the claim's lineage.
+
+
+class Hooked:
+    """A client that records the operations called on it, and runs a hook (given the real call) where one is set."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.calls: list[str] = []
+        self.hooks: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            hook = self.hooks.get(name)
+            return attr(*args, **kwargs) if hook is None else hook(attr, kwargs)
+
+        return hooked
+
+
+def _hooked_store(server: str = "dynamodb") -> tuple[DynamoDBIdempotencyStore, Hooked]:
+    """A store over moto (inside ``mock_aws``, calls serialised), table created, whose client records and hooks."""
+    inner = moto_client() if server == "dynamodb" else NoOldItems(moto_client())
+    client = Hooked(SerialisedCalls(inner))
+    store = DynamoDBIdempotencyStore(TABLE, client=client)
+    store.create_table()
+    client.calls.clear()
+    return store, client
+
+
+def _cancelled(*reasons: dict[str, Any]) -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": "TransactionCanceledException", "Message": "Transaction cancelled"},
+            "CancellationReasons": list(reasons),
+        },
+        "TransactWriteItems",
+    )
+
+
+def _scan(store: DynamoDBIdempotencyStore) -> dict[str, dict[str, Any]]:
+    """Every item of the table, by id, read behind the store's back."""
+    items = store._client.scan(TableName=TABLE, ConsistentRead=True)["Items"]
+    return {item["id"]["S"]: item for item in items}
+
+
+async def test_round_trips_of_each_journal_primitive(aws: None) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    first = _claim("s#k", "a", now)
+
+    async def calls(call: Any) -> tuple[Any, list[str]]:
+        client.calls.clear()
+        outcome = await call
+        return outcome, list(client.calls)
+
+    assert await calls(store.claim(first, now)) == (None, ["put_item"])
+    # The claim told this process where the journal stands: each append is one transaction.
+    assert await calls(store.append("s#k", "a", b"0")) == (True, ["transact_write_items"])
+    assert await calls(store.append("s#k", "a", b"1")) == (True, ["transact_write_items"])
+    assert await calls(store.append("s#k", "intruder", b"x")) == (False, ["transact_write_items"])
+    assert await calls(store.journal("s#k")) == ([b"0", b"1"], ["get_item", "batch_get_item"])
+    assert await calls(store.truncate("s#k", "a", 1)) == (True, ["update_item"])
+    assert await calls(store.truncate("s#k", "a", 5)) == (True, ["update_item"])  # nothing to cut: one call too
+    # After a cut, or in another process, the first append reads the record once.
+    assert await calls(store.append("s#k", "a", b"1'")) == (True, ["get_item", "transact_write_items"])
+    with DynamoDBIdempotencyStore(TABLE, client=client) as other:
+        assert await calls(other.append("s#k", "a", b"2")) == (True, ["get_item", "transact_write_items"])
+    renewed = store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 3600)
+    assert await calls(renewed) == (True, ["update_item"])
+    # A takeover keeps the journal; the new owner reads it, then appends in one transaction.
+    current = await store.get("s#k")
+    assert current is not None
+    assert await calls(store.take_over(_claim("s#k", "b", now), current.version)) == (True, ["update_item"])
+    assert await calls(store.journal("s#k")) == ([b"0", b"1'", b"2"], ["get_item", "batch_get_item"])
+    assert await calls(store.append("s#k", "b", b"3")) == (True, ["transact_write_items"])
+    assert await calls(store.journal("s#none")) == ([], ["get_item"])
+    store.close()
+
+
+async def test_a_journal_of_more_than_a_batch_is_read_in_batches_of_100(aws: None) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    entries = [b"%d" % i for i in range(150)]
+    for entry in entries:
+        assert await store.append("s#k", "a", entry) is True
+    sizes: list[int] = []
+
+    def batch_get(real: Any, kwargs: dict[str, Any]) -> Any:
+        sizes.append(len(kwargs["RequestItems"][TABLE]["Keys"]))
+        assert kwargs["RequestItems"][TABLE]["ConsistentRead"] is True
+        return real(**kwargs)
+
+    client.hooks["batch_get_item"] = batch_get
+    assert await store.journal("s#k") == entries
+    assert sizes == [100, 50]
+    store.close()
+
+
+async def test_entries_are_items_of_the_claims_lineage_expiring_a_day_past_their_record(aws: None) -> None:
+    store, _ = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    await store.append("s#k", "a", b"\x00zero")
+    await store.append("s#k", "a", b"one")
+    items = _scan(store)
+    record = items.pop("s#k")
+    lineage = record["journal_id"]["S"]
+    assert record["journal_length"] == {"N": "2"}
+    expiration = int(record["expiration"]["N"]) + DAY
+    assert int(record["journal_expiration"]["N"]) == int(record["journal_expiration_floor"]["N"]) == expiration
+    assert items == {
+        f"s#k#journal#{lineage}#0": {
+            "id": {"S": f"s#k#journal#{lineage}#0"},
+            "entry": {"B": b"\x00zero"},
+            "expiration": {"N": str(expiration)},
+        },
+        f"s#k#journal#{lineage}#1": {
+            "id": {"S": f"s#k#journal#{lineage}#1"},
+            "entry": {"B": b"one"},
+            "expiration": {"N": str(expiration)},
+        },
+    }
+    # A fresh claim forgets the lineage (its entries are left to expire); the next one is another lineage.
+    await store.complete(_completed("s#k", "a", now - 1))
+    assert "journal_id" not in (_item(store, "s#k") or {})
+    await store.claim(_claim("s#k", "b", now), now)
+    await store.append("s#k", "b", b"fresh")
+    fresh = _item(store, "s#k")
+    assert fresh is not None and fresh["journal_id"]["S"] != lineage
+    assert await store.journal("s#k") == [b"fresh"]
+    store.close()
+
+
+async def test_a_take_over_by_a_completed_record_drops_the_journal(aws: None) -> None:
+    """take_over rewrites the record's fields in place; a journal lives with an IN_PROGRESS record only."""
+    store, _ = _hooked_store()
+    now = time.time()
+    judged = _claim("s#k", "a", now)
+    await store.claim(judged, now)
+    await store.append("s#k", "a", b"step")
+    assert await store.take_over(_completed("s#k", "b", now + 60), judged.version) is True
+    item = _item(store, "s#k")
+    assert item is not None and not any(name.startswith("journal") for name in item)
+    assert await store.journal("s#k") == []
+    store.close()
+
+
+# An append fenced by a read and not by its own write: a takeover between the two lets a dead owner's entry in.
+_APPEND_CONDITIONS = {
+    "_JOURNAL_STARTS": dynamodb_module._JOURNAL_STARTS,
+    "_JOURNAL_CONTINUES": dynamodb_module._JOURNAL_CONTINUES,
+}
+_ANY_OWNER = "(#owner = :owner OR #owner <> :owner) AND #status = :in_progress"
+
+
+def _unfenced(condition: str) -> str:
+    return condition.replace(dynamodb_module._OWNED_IN_PROGRESS, _ANY_OWNER)
+
+
+async def _an_append_raced_by_a_takeover() -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    judged = _claim("s#k", "crashed", now)
+    await store.claim(judged, now)
+    await store.append("s#k", "crashed", b"model-0")
+    store._heads.forget("s#k")  # as in a process that has not seen the journal: it reads the record first
+
+    def read_then_taken_over(real: Any, kwargs: dict[str, Any]) -> Any:
+        item = real(**kwargs)
+        client.hooks.pop("get_item")
+        # Between the dead owner's read and its write, a waiter takes the claim over.
+        with DynamoDBIdempotencyStore(TABLE, client=client) as waiter:
+            assert asyncio.run(waiter.take_over(_claim("s#k", "new", now), judged.version)) is True
+        return item
+
+    client.hooks["get_item"] = read_then_taken_over
+    assert await store.append("s#k", "crashed", b"late") is False
+    assert await store.journal("s#k") == [b"model-0"]
+    store.close()
+
+
+async def test_an_append_is_fenced_by_its_own_write_not_by_a_read_before_it(aws: None) -> None:
+    await _an_append_raced_by_a_takeover()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_an_append_not_conditional_on_the_owner(aws: None) -> None:
+    with (
+        mock.patch.object(dynamodb_module, "_JOURNAL_STARTS", _unfenced(_APPEND_CONDITIONS["_JOURNAL_STARTS"])),
+        mock.patch.object(dynamodb_module, "_JOURNAL_CONTINUES", _unfenced(_APPEND_CONDITIONS["_JOURNAL_CONTINUES"])),
+    ):
+        await _an_append_raced_by_a_takeover()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_an_append_not_conditional_on_the_owner_fails_the_contract(aws: None) -> None:
+    with (
+        mock.patch.object(dynamodb_module, "_JOURNAL_STARTS", _unfenced(_APPEND_CONDITIONS["_JOURNAL_STARTS"])),
+        mock.patch.object(dynamodb_module, "_JOURNAL_CONTINUES", _unfenced(_APPEND_CONDITIONS["_JOURNAL_CONTINUES"])),
+    ):
+        CONTRACT.test_journal_appends_are_fenced_on_the_owner_and_read_back_in_order(_store_on("dynamodb"))
+
+
+class _InPlaceRecordWrites(DynamoDBIdempotencyStore):
+    """Negative control: claims and completes update the record's fields in place instead of replacing the item,
+    so the journal's attributes outlive the claim they belonged to."""
+
+    def _in_place(
+        self, record: IdempotencyRecord, condition: str, names: dict[str, str], values: dict[str, Any]
+    ) -> Any:
+        fields = {name: value for name, value in _to_item(record).items() if name != "id"}
+        return self._invoke(
+            self._client.update_item,
+            TableName=self.table_name,
+            Key={"id": {"S": record.key}},
+            UpdateExpression="SET " + ", ".join(f"#{name} = :new_{name}" for name in fields),
+            ConditionExpression=condition,
+            ExpressionAttributeNames={**names, **{f"#{name}": name for name in fields}},
+            ExpressionAttributeValues={**values, **{f":new_{name}": value for name, value in fields.items()}},
+        )
+
+    def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
+        values = {":now": dynamodb_module._n(now), ":completed": {"S": "COMPLETED"}}
+        try:
+            self._in_place(record, dynamodb_module._CLAIMABLE, dynamodb_module._CLAIMABLE_NAMES, values)
+            return None
+        except ClientError:
+            return self._get(record.key)
+
+    def _complete(self, record: IdempotencyRecord) -> bool:
+        values = {":owner": {"S": record.owner}, ":in_progress": {"S": "IN_PROGRESS"}}
+        try:
+            self._in_place(record, dynamodb_module._OWNED_IN_PROGRESS, dynamodb_module._OWNED_NAMES, values)
+            return True
+        except ClientError:
+            return False
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+@pytest.mark.parametrize("end", ["complete", "expiry and a fresh claim"])
+def test_negative_control_a_journal_that_outlives_its_claim(aws: None, end: str) -> None:
+    store = _InPlaceRecordWrites(TABLE, client=moto_client())
+    store.create_table()
+    CONTRACT.test_the_journal_ends_with_its_claim(store, end)
