@@ -347,4 +347,3 @@ def decode_result(record: IdempotencyRecord, structured_output_model: type[BaseM
         raise
     except Exception as e:
         raise IdempotencyRecordCorruptedError(record.key, f"{type(e).__name__}: {e}") from e
-
