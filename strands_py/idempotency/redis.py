@@ -18,14 +18,15 @@ from typing import Any, TypeVar, cast
 try:
     import redis
     from redis.backoff import ExponentialBackoff
-    from redis.exceptions import RedisError, ResponseError
+    from redis.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException, RedisError, ResponseError
     from redis.retry import Retry
 except ImportError as e:  # pragma: no cover - exercised by the packaging test without the extra
     raise ImportError("RedisIdempotencyStore needs redis-py: pip install 'strands-py[redis]'") from e
 
 from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
 from .base import IdempotencyStore
-from .record import IdempotencyRecord, RecordState
+from .record import IdempotencyRecord, RecordState, new_version
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,26 @@ T = TypeVar("T")
 # spare (images included); Redis itself refuses values over 512 MiB.
 _DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
 _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
+# An entry passes through Lua on its way into the list (the fence and the append are one script), and Lua copies it
+# twice: measured on redis-server 7.0, an append holds the server ~0.5 ms at 256 KiB, ~1.5 ms at 512 KiB, ~3.7 ms at
+# 1 MiB and ~24 ms at 4 MiB (a plain RPUSH of 4 MiB: ~1.7 ms), and every other client of the server waits meanwhile.
+# 512 KiB keeps each append near a millisecond; a larger step is split by the layer above (a step of the default
+# journal_max_step_bytes, 4 MiB, is 8 appends).
+_DEFAULT_MAX_JOURNAL_ENTRY_BYTES = 512 * 1024
+_JOURNAL_SUFFIX = ":journal"
 
-# Data layout: one hash per record, at key_prefix + record.key, its lifetime on the key itself. Fields (all text but
-# payload, which is bytes):
+# Data layout. Each record key gets two Redis keys, sharing one Redis Cluster hash tag:
+#   key_prefix + "{" + tag + "}"            the record: a hash
+#   key_prefix + "{" + tag + "}:journal"    its journal (when it has one): a list of entries, oldest first
+# where tag is the record key with "%", "{" and "}" escaped as %25, %7B and %7D ("%" for the empty key). Redis Cluster
+# (and Valkey) hashes only the text between a key's first "{" and the first "}" after it, when that is not empty: the
+# escaped tag holds no brace and is never empty, so the hash tag is always exactly the tag, the record and its journal
+# always share a slot (a script may touch both), and keys of different invocations spread over every slot. Keys are
+# scope#digest and a scope is the caller's string: escaping, rather than the raw key, keeps a scope holding braces
+# from cutting the tag short (all its keys in one slot) or emptying it (then Redis hashes the whole key, and a
+# record and its journal land in different slots: CROSSSLOT). key_prefix may not hold a brace, for the same reason.
+#
+# The record's fields (all text but payload, which is bytes):
 #   status         IN_PROGRESS | COMPLETED
 #   owner          the claim's owner id
 #   version        unique to the write (record.version); take_over compares it
@@ -46,10 +64,15 @@ _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
 #   expires_at     record.expires_at, seconds since the epoch on the writer's clock (repr, exact); a claim compares a
 #                  COMPLETED record's with the caller's now
 #   fingerprint, payload, checkpoint   present only when not None
+#   appended       the id of the owner's last journal append, once it appended (see the append script)
 # A hash rather than one encoded string: the scripts compare status, owner, version and expiry without decoding
 # anything (no cjson/cmsgpack in Lua), renew rewrites a few small fields instead of the whole payload, and the
-# record is readable with redis-cli (HGETALL). A hash of the unreleased earlier layout (`lease`, no `version`) reads as
-# corrupted: there is nothing to migrate.
+# record is readable with redis-cli (HGETALL). A hash of the unreleased earlier layouts (`lease`, no `version`; keys
+# without the hash tag) reads as corrupted or is never read: there is nothing to migrate.
+#
+# The journal lives with the claim's lineage: a fresh claim (of a key that is free, or holds a COMPLETED record that
+# expired) deletes it, complete and release delete it; take_over, renew and a claim retried by its own owner keep it.
+# Only the owner of the IN_PROGRESS record appends to it or truncates it, the fence and the write in one script.
 #
 # Lifetime: every write sets the key's TTL with PEXPIRE, a duration in milliseconds (rounded up, at least 1) that the
 # caller computes as expires_at - now: the claim's own `now`, time.time() for the other writes. The writer's clock
@@ -60,11 +83,15 @@ _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
 # written, then deleted by Redis, instead of an error for a record that simply stopped counting. Redis keeps the TTL
 # as a time of its own clock, and hands that time to replicas and its append-only file: keep the servers' clocks in
 # sync (NTP), as a failover to a replica whose clock is off moves every deadline by the difference.
+# The journal's TTL is always the record's: every script that sets the record's PEXPIRE sets the journal's to the same
+# value (a PEXPIRE of a key that does not exist does nothing), and an append copies the record's PTTL onto the list it
+# may just have created. Redis 7 freezes its clock inside a script, so both keys expire at the same millisecond.
 #
 # No script judges an IN_PROGRESS record by a clock: whether its owner is alive is the caller's judgement, by watching
 # versions (IdempotencyRecord), and only take_over, a compare-and-set on the version, replaces another owner's claim.
 #
-# Each script is one atomic step on one key (KEYS[1], the record's key), so Redis Cluster works.
+# Every script gets the same two keys, KEYS[1] the record and KEYS[2] its journal (one slot: see above), so Redis
+# Cluster routes it to the node that owns both, and each primitive is one atomic step there.
 
 # claim: store the claim unless the key holds another owner's IN_PROGRESS record (whatever its age) or a COMPLETED
 # record not yet expired at the caller's now.
@@ -73,19 +100,23 @@ _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
 #   ARGV[3]   the claim's TTL in milliseconds
 #   ARGV[4..] the claim's hash fields, as name, value, name, value, ...
 #   returns   nil if the claim was stored (the caller owns the key), else the record in the way (HGETALL's flat list)
-# Replaced: the same owner's IN_PROGRESS record (a claim retried after its first attempt landed), or a COMPLETED
-# record whose expires_at <= now. A record the script cannot read (a status it does not know, a missing owner or
-# version, a lease or expiry that is not a number) is kept and returned: the caller reports it as corrupted instead
-# of overwriting what it cannot read. HMGET raises WRONGTYPE on a key of another type.
+# Replaced: the same owner's IN_PROGRESS record (a claim retried after its first attempt landed: its journal stays),
+# or a COMPLETED record whose expires_at <= now. Any other claim is fresh and starts without a journal (one left by a
+# record that vanished without the scripts, evicted or deleted by hand, is not this claim's). A record the script
+# cannot read (a status it does not know, a missing owner or version, a lease or expiry that is not a number) is kept
+# and returned: the caller reports it as corrupted instead of overwriting what it cannot read. HMGET raises WRONGTYPE
+# on a key of another type.
 _CLAIM = """
 local unpack = unpack or table.unpack
 local stored = redis.call('HMGET', KEYS[1], 'status', 'owner', 'version', 'lease_seconds', 'expires_at')
+local own = false
 if redis.call('EXISTS', KEYS[1]) == 1 then
     local status, owner, expires_at = stored[1], stored[2], tonumber(stored[5])
     local free = false
     if owner and stored[3] and tonumber(stored[4]) ~= nil and expires_at ~= nil then
         if status == 'IN_PROGRESS' then
-            free = owner == ARGV[1]
+            own = owner == ARGV[1]
+            free = own
         elseif status == 'COMPLETED' then
             free = expires_at <= tonumber(ARGV[2])
         end
@@ -95,12 +126,17 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
     end
     redis.call('DEL', KEYS[1])
 end
+if not own then
+    redis.call('DEL', KEYS[2])
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return nil
 """
 
-# take_over: replace the stored record only if its version is the one the caller judged (compare-and-set).
+# take_over: replace the stored record only if its version is the one the caller judged (compare-and-set). The
+# journal stays: the new owner resumes from it.
 #   ARGV[1]   the judged version
 #   ARGV[2]   the new record's TTL in milliseconds
 #   ARGV[3..] the new record's hash fields, as name, value, ...
@@ -113,10 +149,12 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
-# complete: replace the owner's IN_PROGRESS record with the completed record, fenced on owner and status.
+# complete: replace the owner's IN_PROGRESS record with the completed record, fenced on owner and status; the journal
+# goes (a completed invocation keeps only its result).
 #   ARGV[1]   the owner
 #   ARGV[2]   the completed record's TTL in milliseconds
 #   ARGV[3..] the completed record's hash fields, as name, value, ...
@@ -126,25 +164,26 @@ local unpack = unpack or table.unpack
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
     return 0
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# release: delete the owner's IN_PROGRESS record, fenced on owner and status.
+# release: delete the owner's IN_PROGRESS record and its journal, fenced on owner and status.
 #   ARGV[1]   the owner
 #   returns   1 if deleted, 0 if fenced off
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
     return 0
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 """
 
 # renew: a heartbeat, fenced on owner and status: a new version, lease and expiry (set as given, earlier or later
-# than before), the key's TTL from that expiry, and the checkpoint if one is given. Payload and fingerprint stay.
+# than before), the keys' TTL from that expiry, and the checkpoint if one is given. Payload, fingerprint and journal
+# stay.
 #   ARGV[1]   the owner
 #   ARGV[2]   the TTL in milliseconds
 #   ARGV[3]   the new version
@@ -162,20 +201,87 @@ if ARGV[6] == '1' then
     redis.call('HSET', KEYS[1], 'checkpoint', ARGV[7])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
+"""
+
+# append: add an entry at the journal's end, fenced on owner and status, and give the journal the record's TTL (the
+# list may have just been created by this RPUSH). A record without a TTL (written by hand) leaves its journal
+# without one. Appending is the one write that is not idempotent, and redis-py sends a command again when its reply
+# was lost (a timeout, a dropped connection: the client's retry policy): the call's id, kept in the record's
+# `appended` field, makes the resent command a no-op instead of a second copy of the entry. One id is enough: an
+# owner appends one entry at a time (the journal's order is the order of its steps).
+#   ARGV[1]   the owner
+#   ARGV[2]   the entry (bytes)
+#   ARGV[3]   the call's id, unique to it
+#   returns   1 if appended (now or by the same call before), 0 if fenced off
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
+    return 0
+end
+if redis.call('HGET', KEYS[1], 'appended') == ARGV[3] then
+    return 1
+end
+redis.call('HSET', KEYS[1], 'appended', ARGV[3])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[2], ttl)
+else
+    redis.call('PERSIST', KEYS[2])
+end
+return 1
+"""
+
+# truncate: keep the journal's first ARGV[2] entries, fenced on owner and status (LTRIM keeps the TTL; trimming a
+# list to nothing deletes it).
+#   ARGV[1]   the owner
+#   ARGV[2]   how many entries to keep (>= 0)
+#   returns   1 if truncated, 0 if fenced off
+_TRUNCATE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
+    return 0
+end
+local length = tonumber(ARGV[2])
+if length == 0 then
+    redis.call('DEL', KEYS[2])
+else
+    redis.call('LTRIM', KEYS[2], 0, length - 1)
+end
+return 1
+"""
+
+# journal: the journal's entries, in order; none when the key holds no record (a journal whose record vanished
+# without the scripts, evicted or deleted by hand, belongs to nobody).
+#   returns   the entries (a list of bytes)
+_JOURNAL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return {}
+end
+return redis.call('LRANGE', KEYS[2], 0, -1)
 """
 
 
 class RedisIdempotencyStore(IdempotencyStore):
-    """Idempotency records in Redis or Valkey, so retries are deduplicated across processes and hosts.
+    """Idempotency records in Redis or Valkey, standalone or Cluster, so retries are deduplicated across hosts.
 
-    One hash per record, its lifetime on the key (see the data layout above the scripts in this module). Each
-    primitive is one Lua script on one key, so one round trip and one atomic step, and Redis Cluster works:
-    ``claim`` stores the claim or returns the record in the way; ``take_over`` is a compare-and-set on the version;
-    ``complete``, ``release`` and ``renew`` are fenced on the owner and the ``IN_PROGRESS`` status, so a primary whose
-    claim was taken over cannot overwrite, delete or extend the new owner's record. Scripts are sent by SHA
-    (``EVALSHA``, via redis-py's ``register_script``) and loaded again when the server does not know them (after a
-    restart or ``SCRIPT FLUSH``).
+    One hash per record, its lifetime on the key, and beside it the claim's journal, a list (see the data layout
+    above the scripts in this module). Each primitive is one Lua script on the record's two keys, so one round trip
+    and one atomic step: ``claim`` stores the claim or returns the record in the way; ``take_over`` is a
+    compare-and-set on the version; ``complete``, ``release``, ``renew``, ``append`` and ``truncate`` are fenced on the
+    owner and the ``IN_PROGRESS`` status, so a primary whose claim was taken over cannot overwrite, delete or extend
+    the new owner's record, nor write to its journal. Scripts are sent by SHA (``EVALSHA``, via redis-py's
+    ``register_script``) and loaded again when the server does not know them (after a restart or ``SCRIPT FLUSH``).
+
+    Journal: kept by ``take_over``, ``renew`` and a claim retried by its owner; deleted by ``complete``, ``release``
+    and a fresh ``claim``; its TTL always the record's. Entries are at most ``max_journal_entry_bytes`` (512 KiB by
+    default: an entry passes through Lua, which holds the server about 1.5 ms per 512 KiB; larger steps are split by
+    the layer above).
+
+    Redis Cluster and Valkey cluster: a record's two keys share a hash tag (the escaped record key), so both live in
+    one slot and every script runs on the node owning it; the keys of different invocations spread over all slots.
+    Pass a ``redis.cluster.RedisCluster`` client, or ``from_url(..., cluster=True)``. redis-py follows ``MOVED`` and
+    ``ASK`` redirections and loads a script on every primary when one does not know it.
 
     Clocks: no script judges a running claim by time. Records are deleted by Redis on its own clock, after a duration
     each write sets (``expires_at`` minus the writer's ``now``), so a host whose clock is minutes ahead or behind
@@ -198,41 +304,61 @@ class RedisIdempotencyStore(IdempotencyStore):
     on the server. Call ``close()`` (or use the store as a context manager) to stop its threads.
 
     Attributes:
-        key_prefix: Prepended to every record's key (namespacing the store inside a shared Redis).
+        key_prefix: Prepended to every Redis key (namespacing the store inside a shared Redis).
         max_result_bytes: Largest encoded result stored.
+        max_journal_entry_bytes: Largest journal entry stored.
     """
+
+    supports_blocking_claims = True
+    supports_journal = True
+    max_result_bytes: int
+    max_journal_entry_bytes: int
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         *,
         key_prefix: str = "strands-py:idempotency:",
         max_result_bytes: int | None = _DEFAULT_MAX_RESULT_BYTES,
+        max_journal_entry_bytes: int | None = _DEFAULT_MAX_JOURNAL_ENTRY_BYTES,
         max_workers: int = 4,
         close_client: bool = False,
     ) -> None:
         """Create a store over a sync redis-py client of yours (``from_url`` builds one).
 
         Args:
-            client: A ``redis.Redis`` client, created with ``decode_responses=False`` (the default): results are
-                bytes. Its timeouts and retry policy apply as configured.
-            key_prefix: Prepended to every key.
+            client: A ``redis.Redis`` or ``redis.cluster.RedisCluster`` client, created with
+                ``decode_responses=False`` (the default): results are bytes. Its timeouts and retry policy apply as
+                configured.
+            key_prefix: Prepended to every key; without ``{`` or ``}`` (the store places the hash tag itself).
             max_result_bytes: Largest encoded result stored (default 8 MiB); None for Redis's own limit, 512 MiB.
+            max_journal_entry_bytes: Largest journal entry stored (default 512 KiB, see the class docstring); None
+                for Redis's own limit, 512 MiB.
             max_workers: Threads of the store's own executor.
             close_client: Whether ``close()`` closes ``client`` too.
 
         Raises:
-            ValueError: ``client`` decodes responses, ``max_workers`` is not positive, or ``max_result_bytes`` is
-                not in 1..512 MiB.
+            ValueError: ``client`` decodes responses, ``key_prefix`` holds a brace, ``max_workers`` is not positive,
+                or ``max_result_bytes`` or ``max_journal_entry_bytes`` is not in 1..512 MiB.
         """
         if max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
-        if max_result_bytes is not None and not 0 < max_result_bytes <= _REDIS_MAX_VALUE_BYTES:
-            raise ValueError(f"max_result_bytes must be in 1..{_REDIS_MAX_VALUE_BYTES}, got {max_result_bytes}")
+        for name, limit in (
+            ("max_result_bytes", max_result_bytes),
+            ("max_journal_entry_bytes", max_journal_entry_bytes),
+        ):
+            if limit is not None and not 0 < limit <= _REDIS_MAX_VALUE_BYTES:
+                raise ValueError(f"{name} must be in 1..{_REDIS_MAX_VALUE_BYTES}, got {limit}")
+        if "{" in key_prefix or "}" in key_prefix:
+            # A brace in the prefix would move the hash tag into it, or empty it: see the data layout.
+            raise ValueError(f"key_prefix must not contain '{{' or '}}', got {key_prefix!r}")
         if client.get_encoder().decode_responses:
             raise ValueError("the redis client must be created with decode_responses=False: results are bytes")
         self.key_prefix = key_prefix
         self.max_result_bytes = max_result_bytes if max_result_bytes is not None else _REDIS_MAX_VALUE_BYTES
+        self.max_journal_entry_bytes = (
+            max_journal_entry_bytes if max_journal_entry_bytes is not None else _REDIS_MAX_VALUE_BYTES
+        )
         self._client = client
         self._close_client = close_client
         self._claim = client.register_script(_CLAIM)
@@ -240,6 +366,9 @@ class RedisIdempotencyStore(IdempotencyStore):
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
+        self._append = client.register_script(_APPEND)
+        self._truncate = client.register_script(_TRUNCATE)
+        self._journal = client.register_script(_JOURNAL)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency-redis")
         self._closed = False
 
@@ -250,42 +379,56 @@ class RedisIdempotencyStore(IdempotencyStore):
         *,
         key_prefix: str = "strands-py:idempotency:",
         max_result_bytes: int | None = _DEFAULT_MAX_RESULT_BYTES,
+        max_journal_entry_bytes: int | None = _DEFAULT_MAX_JOURNAL_ENTRY_BYTES,
         max_workers: int = 4,
         socket_timeout: float = 5.0,
         socket_connect_timeout: float = 5.0,
         retries: int = 3,
+        cluster: bool = False,
         **client_kwargs: Any,
     ) -> RedisIdempotencyStore:
         """Create a store with a client of its own, closed by ``close()``.
 
         Args:
             url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS (certificate options as
-                ``ssl_*`` keyword arguments), or ``unix://path``.
-            key_prefix: Prepended to every key.
+                ``ssl_*`` keyword arguments), or ``unix://path``. With ``cluster=True``, any node of the cluster
+                (``redis://host:port``, no db).
+            key_prefix: Prepended to every key; without ``{`` or ``}``.
             max_result_bytes: Largest encoded result stored (default 8 MiB); None for Redis's own limit.
+            max_journal_entry_bytes: Largest journal entry stored (default 512 KiB); None for Redis's own limit.
             max_workers: Threads of the store's own executor.
             socket_timeout: Seconds to wait for a reply.
             socket_connect_timeout: Seconds to wait for a connection.
             retries: Retries of a command after a connection error or timeout (exponential backoff from 50 ms,
                 capped at 1 s), so an outage fails within seconds. Retrying is safe: a claim retried after its
-                first attempt landed is still the caller's own.
-            **client_kwargs: More ``redis.Redis`` arguments (``ssl_ca_certs``, ``username``, ...).
+                first attempt landed is still the caller's own, and an append carries an id that makes it land once.
+            cluster: Connect to a Redis Cluster (or Valkey cluster) with ``redis.cluster.RedisCluster``, which reads
+                the cluster's slot map from the node in ``url`` now, and follows it from then on.
+            **client_kwargs: More ``redis.Redis`` (or ``RedisCluster``) arguments (``ssl_ca_certs``, ``username``,
+                ...).
 
         Raises:
             ValueError: An argument is out of range, or ``decode_responses=True`` was passed.
+            IdempotencyStoreError: With ``cluster=True``: no node of the cluster answered, or redis-py refused the
+                arguments for a cluster (the redis-py error chained).
         """
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
-            **client_kwargs,
-        )
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+        client: redis.Redis | RedisCluster
+        if cluster:
+            try:
+                client = RedisCluster.from_url(url, retry=retry, **timeouts, **client_kwargs)
+            except (RedisError, RedisClusterException, OSError) as e:
+                # Unlike redis.Redis, the cluster client connects as it is made (it reads the slot map).
+                raise IdempotencyStoreError(f"Redis Cluster could not be used: {type(e).__name__}: {e}") from e
+        else:
+            client = redis.Redis.from_url(url, retry=retry, **timeouts, **client_kwargs)
         try:
             return cls(
                 client,
                 key_prefix=key_prefix,
                 max_result_bytes=max_result_bytes,
+                max_journal_entry_bytes=max_journal_entry_bytes,
                 max_workers=max_workers,
                 close_client=True,
             )
@@ -307,8 +450,6 @@ class RedisIdempotencyStore(IdempotencyStore):
     def __exit__(self, *_: object) -> None:
         """Close the store."""
         self.close()
-
-    supports_blocking_claims = True
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``: one script, one round trip."""
@@ -351,10 +492,39 @@ class RedisIdempotencyStore(IdempotencyStore):
         expires_at: float,
         checkpoint: str | None = None,
     ) -> bool:
-        """See ``IdempotencyStore.renew``: one script, fenced on owner and status."""
+        """See ``IdempotencyStore.renew``: one script, fenced on owner and status; the journal keeps going."""
         return bool(
             await self._blocking(self._renew_record, key, owner, version, lease_seconds, expires_at, checkpoint)
         )
+
+    async def append(self, key: str, owner: str, entry: bytes) -> bool:
+        """See ``IdempotencyStore.append``: one script, fenced on owner and status; safe to resend.
+
+        Raises:
+            ValueError: ``entry`` is larger than ``max_journal_entry_bytes`` (nothing is sent).
+        """
+        entry = bytes(entry)
+        if len(entry) > self.max_journal_entry_bytes:
+            raise ValueError(
+                f"a journal entry of {len(entry)} bytes is larger than max_journal_entry_bytes "
+                f"({self.max_journal_entry_bytes})"
+            )
+        # The id is made here, once per call: redis-py resends the very same arguments when a reply is lost.
+        return bool(await self._blocking(self._execute, key, self._append, [owner, entry, new_version()]))
+
+    async def journal(self, key: str) -> list[bytes]:
+        """See ``IdempotencyStore.journal``: one script (one ``LRANGE``); empty when the key holds no record."""
+        return cast(list[bytes], await self._blocking(self._execute, key, self._journal, []))
+
+    async def truncate(self, key: str, owner: str, length: int) -> bool:
+        """See ``IdempotencyStore.truncate``: one script, fenced on owner and status.
+
+        Raises:
+            ValueError: ``length`` is negative (nothing is sent).
+        """
+        if length < 0:
+            raise ValueError(f"length must not be negative, got {length}")
+        return bool(await self._blocking(self._execute, key, self._truncate, [owner, length]))
 
     def _claim_record(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         # The claim's duration is measured from the caller's own ``now``: the very reading its expires_at came from.
@@ -395,17 +565,28 @@ class RedisIdempotencyStore(IdempotencyStore):
             raise error
         return cast(T, result)
 
+    def redis_keys(self, key: str) -> tuple[str, str]:
+        """The Redis keys of a record key: its record's and its journal's (one hash tag: one cluster slot)."""
+        record = f"{self.key_prefix}{{{_hash_tag(key)}}}"
+        return record, record + _JOURNAL_SUFFIX
+
     def _execute(self, key: str, command: Callable[..., Any], args: Sequence[Any] | None) -> Any:
-        """Run a script (``args`` given) or a one-key command on this thread; map errors."""
-        redis_key = self.key_prefix + key
+        """Run a script on both keys (``args`` given) or a command on the record's key, on this thread; map errors."""
+        keys = self.redis_keys(key)
         try:
-            return command(keys=[redis_key], args=args) if args is not None else command(redis_key)
+            return command(keys=keys, args=args) if args is not None else command(keys[0])
         except ResponseError as e:
             if str(e).startswith("WRONGTYPE"):
                 raise IdempotencyRecordCorruptedError(key, f"the Redis key holds another type: {e}") from e
             raise _outage(key, e) from e
-        except (RedisError, OSError) as e:
+        except (RedisError, RedisClusterException, OSError) as e:
+            # RedisClusterException is not a RedisError: no node reachable, no slot map, keys of several slots.
             raise _outage(key, e) from e
+
+
+def _hash_tag(key: str) -> str:
+    """``key`` with ``%``, ``{`` and ``}`` escaped: no brace, so Redis Cluster hashes exactly it; never empty."""
+    return key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") or "%"
 
 
 def _outage(key: str, error: Exception) -> IdempotencyStoreError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import math
 import os
 import socket
@@ -20,6 +21,9 @@ from unittest import mock
 import fakeredis
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.crc import key_slot
 
 import strands_py.idempotency.redis as redis_module
 from strands_py.idempotency import (
@@ -34,6 +38,18 @@ from strands_py.testing.store_contract import StoreContract
 
 WAIT = 10.0
 PREFIX = "strands-py:idempotency:"
+
+
+def _at(key: str) -> str:
+    """The Redis key of the record of ``key`` (one without braces): the prefix, then the key as its hash tag."""
+    return PREFIX + "{" + key + "}"
+
+
+def _journal_at(key: str) -> str:
+    """The Redis key of the journal of ``key`` (one without braces): the record's, then ``:journal``."""
+    return _at(key) + ":journal"
+
+
 # Bound on the time between a write and the PTTL read that checks it, under any load: far below the skews tested.
 SLACK_MS = 60_000
 SKEW = 600.0  # ten minutes
@@ -62,11 +78,15 @@ def _completed(key: str, owner: str, now: float, *, ttl: float = 3600.0) -> Idem
     return IdempotencyRecord(key, RecordState.COMPLETED, owner, new_version(), 0.0, now + ttl, "fp", b"\x00payload\xff")
 
 
-def _assert_ttl(client: Any, key: str, seconds: float) -> None:
-    """The key's remaining TTL on the server is ``seconds`` (rounded up to ms), less the little time since the write."""
+def _assert_ttl(client: Any, key: str, seconds: float, *, journal: bool = False) -> None:
+    """The key's remaining TTL on the server is ``seconds`` (rounded up to ms), less the little time since the write.
+
+    With ``journal``, its journal's too.
+    """
     intended = math.ceil(seconds * 1000)
-    pttl = client.pttl(PREFIX + key)
-    assert intended - SLACK_MS < pttl <= intended, f"PTTL {pttl} ms, intended {intended} ms"
+    for redis_key in (_at(key), _journal_at(key)) if journal else (_at(key),):
+        pttl = client.pttl(redis_key)
+        assert intended - SLACK_MS < pttl <= intended, f"{redis_key}: PTTL {pttl} ms, intended {intended} ms"
 
 
 class _SkewedClock:
@@ -83,7 +103,7 @@ async def test_one_hash_per_record_with_its_lifetime_on_the_key(store: RedisIdem
     now = time.time()
     claim = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", "v-1", 60.5, now + 3600.25, "fp", None, "cp")
     assert await store.claim(claim, now) is None
-    assert client.hgetall(PREFIX + "s#k") == {
+    assert client.hgetall(_at("s#k")) == {
         b"status": b"IN_PROGRESS",
         b"owner": b"a",
         b"version": b"v-1",
@@ -95,21 +115,21 @@ async def test_one_hash_per_record_with_its_lifetime_on_the_key(store: RedisIdem
     _assert_ttl(client, "s#k", 3600.25)
     # renew sets the version, lease and expiry as given: a later expiry raises the TTL, an earlier one lowers it
     assert await store.renew("s#k", "a", version="v-2", lease_seconds=0.0, expires_at=now + 7200.5) is True
-    assert client.hmget(PREFIX + "s#k", "version", "lease_seconds", "checkpoint") == [b"v-2", b"0.0", b"cp"]
+    assert client.hmget(_at("s#k"), "version", "lease_seconds", "checkpoint") == [b"v-2", b"0.0", b"cp"]
     _assert_ttl(client, "s#k", 7200.5)
     assert await store.renew("s#k", "a", version="v-3", lease_seconds=30.0, expires_at=now + 100) is True
-    assert client.hget(PREFIX + "s#k", "expires_at") == repr(now + 100).encode()
+    assert client.hget(_at("s#k"), "expires_at") == repr(now + 100).encode()
     _assert_ttl(client, "s#k", 100)
     # a takeover replaces the whole hash (no stale checkpoint), with the new record's lifetime
     taken = _claim("s#k", "b", now, lease=10, ttl=20)
     assert await store.take_over(taken, "v-3") is True
-    assert client.hget(PREFIX + "s#k", "checkpoint") is None
-    assert client.hget(PREFIX + "s#k", "version") == taken.version.encode()
+    assert client.hget(_at("s#k"), "checkpoint") is None
+    assert client.hget(_at("s#k"), "version") == taken.version.encode()
     _assert_ttl(client, "s#k", 30)
     # so does complete, with the completed record's
     assert await store.complete(_completed("s#k", "b", now, ttl=10)) is True
-    assert client.hget(PREFIX + "s#k", "payload") == b"\x00payload\xff"
-    assert client.hget(PREFIX + "s#k", "lease_seconds") == b"0.0"
+    assert client.hget(_at("s#k"), "payload") == b"\x00payload\xff"
+    assert client.hget(_at("s#k"), "lease_seconds") == b"0.0"
     _assert_ttl(client, "s#k", 10)
 
 
@@ -203,11 +223,11 @@ async def test_a_record_written_past_its_expiry_lives_one_millisecond(
 
     with mock.patch.object(client, "evalsha", spy):
         assert await store.claim(_claim("s#k", "a", now - 7200), now) is None
-        assert sent[-1][3] == 1  # KEYS[1], then owner, now, TTL
+        assert sent[-1][4] == 1  # KEYS[1], KEYS[2], then owner, now, TTL
         await store.claim(_claim("s#k2", "a", now), now)
         assert await store.complete(_completed("s#k2", "a", now - 7200)) is True
-        assert sent[-1][2] == 1  # KEYS[1], owner, then TTL
-    assert client.pttl(PREFIX + "s#k2") in (-2, 0, 1)  # gone, or going within a millisecond
+        assert sent[-1][3] == 1  # KEYS[1], KEYS[2], owner, then TTL
+    assert client.pttl(_at("s#k2")) in (-2, 0, 1)  # gone, or going within a millisecond
 
 
 # No script judges an IN_PROGRESS record by a clock.
@@ -241,7 +261,7 @@ async def test_an_expired_completed_record_is_judged_by_the_callers_now(
     existing = await store.claim(_claim("s#k", "b", now + 99), now + 99)
     assert existing is not None and existing.state is RecordState.COMPLETED
     assert await store.claim(_claim("s#k", "b", now + 100), now + 100) is None
-    assert client.hget(PREFIX + "s#k", "owner") == b"b" and client.hget(PREFIX + "s#k", "payload") is None
+    assert client.hget(_at("s#k"), "owner") == b"b" and client.hget(_at("s#k"), "payload") is None
 
 
 async def test_key_prefix_namespaces_stores_sharing_a_server(client: Any) -> None:
@@ -249,7 +269,7 @@ async def test_key_prefix_namespaces_stores_sharing_a_server(client: Any) -> Non
     with RedisIdempotencyStore(client, key_prefix="app-1:") as one, RedisIdempotencyStore(client) as two:
         assert await one.claim(_claim("s#k", "a", now), now) is None
         assert await two.claim(_claim("s#k", "b", now), now) is None
-        assert client.exists("app-1:s#k", PREFIX + "s#k") == 2
+        assert client.exists("app-1:{s#k}", _at("s#k")) == 2
 
 
 async def test_scripts_are_loaded_again_after_a_script_flush(store: RedisIdempotencyStore, client: Any) -> None:
@@ -387,13 +407,15 @@ def _every_primitive(store: RedisIdempotencyStore, key: str, now: float) -> list
         store.complete(_completed(key, "a", now)),
         store.release(key, "a"),
         store.renew(key, "a", version=new_version(), lease_seconds=60, expires_at=now + 60),
+        store.append(key, "a", b"entry"),
+        store.truncate(key, "a", 0),
     ]
 
 
 async def test_an_unreachable_server_is_a_store_error_from_every_primitive() -> None:
     store = RedisIdempotencyStore.from_url(f"redis://127.0.0.1:{_closed_port()}", retries=0, socket_connect_timeout=1)
     now = time.time()
-    for call in _every_primitive(store, "s#k", now):
+    for call in [*_every_primitive(store, "s#k", now), store.journal("s#k")]:
         with pytest.raises(IdempotencyStoreError, match="ConnectionError") as raised:
             await asyncio.wait_for(call, WAIT)
         assert isinstance(raised.value.__cause__, redis.ConnectionError)
@@ -410,6 +432,8 @@ async def test_an_unreachable_server_is_a_store_error_from_every_primitive() -> 
         redis.TimeoutError("Timeout reading from socket"),
         redis.AuthenticationError("invalid password"),
         ConnectionResetError("reset by peer"),
+        redis.exceptions.RedisClusterException("EVALSHA - all keys must map to the same key slot"),
+        redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
     ],
 )
 async def test_server_errors_are_store_errors(store: RedisIdempotencyStore, error: Exception) -> None:
@@ -422,16 +446,18 @@ async def test_server_errors_are_store_errors(store: RedisIdempotencyStore, erro
             await store.take_over(_claim("s#k", "a", now), "v")
         with pytest.raises(IdempotencyStoreError):
             await store.renew("s#k", "a", version="v", lease_seconds=60, expires_at=now)
+        with pytest.raises(IdempotencyStoreError):
+            await store.journal("s#k")
 
 
 async def test_a_key_of_another_type_is_a_corrupt_record_to_every_primitive(
     store: RedisIdempotencyStore, client: Any
 ) -> None:
-    client.set(PREFIX + "s#bad", "not a hash")
+    client.set(_at("s#bad"), "not a hash")
     for call in _every_primitive(store, "s#bad", time.time()):
         with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
             await call
-    assert client.get(PREFIX + "s#bad") == b"not a hash"
+    assert client.get(_at("s#bad")) == b"not a hash"
 
 
 _GOOD = {"status": "IN_PROGRESS", "owner": "a", "version": "v", "lease_seconds": "60.0", "expires_at": "1e12"}
@@ -454,20 +480,20 @@ _GOOD = {"status": "IN_PROGRESS", "owner": "a", "version": "v", "lease_seconds":
 async def test_a_malformed_record_is_reported_and_never_overwritten_by_a_claim(
     store: RedisIdempotencyStore, client: Any, fields: dict[str, Any]
 ) -> None:
-    client.hset(PREFIX + "s#bad", mapping=fields)
+    client.hset(_at("s#bad"), mapping=fields)
     now = time.time()
     with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
         await store.get("s#bad")
     with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
         await store.claim(_claim("s#bad", "a", now), now)  # "a": not even by the owner the hash names
-    assert client.hgetall(PREFIX + "s#bad") == {
+    assert client.hgetall(_at("s#bad")) == {
         k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()
     }
 
 
 async def test_a_well_formed_hash_is_read_back(store: RedisIdempotencyStore, client: Any) -> None:
     """The positive control of the malformed records: ``_GOOD`` itself is a record."""
-    client.hset(PREFIX + "s#good", mapping=_GOOD)
+    client.hset(_at("s#good"), mapping=_GOOD)
     expected = IdempotencyRecord("s#good", RecordState.IN_PROGRESS, "a", "v", 60.0, 1e12)
     assert await store.get("s#good") == expected
     now = time.time()
@@ -489,3 +515,351 @@ def test_the_package_imports_without_redis_py() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ}, check=True
     )
     assert "pip install 'strands-py[redis]'" in out.stdout, out.stderr
+
+
+# The journal: a list beside the record, its lifetime the record's, written only by the record's owner.
+
+
+async def test_the_journal_is_a_list_beside_the_record(store: RedisIdempotencyStore, client: Any) -> None:
+    now = time.time()
+    assert await store.claim(_claim("s#k", "a", now), now) is None
+    assert client.exists(_journal_at("s#k")) == 0  # nothing until the first append
+    assert await store.append("s#k", "a", b"\x00one") is True
+    assert await store.append("s#k", "a", b"two\xff") is True
+    assert client.type(_journal_at("s#k")) == b"list"
+    assert client.lrange(_journal_at("s#k"), 0, -1) == [b"\x00one", b"two\xff"]
+    assert sorted(client.keys("*")) == sorted([_at("s#k").encode(), _journal_at("s#k").encode()])
+    assert await store.get("s#k") == (await store.claim(_claim("s#k", "b", now), now))  # still the same record
+
+
+def _journal_ttl_follows_the_record(store: RedisIdempotencyStore, client: Any) -> None:
+    """Every write that sets the record's TTL sets the journal's to the same duration; an append copies it."""
+
+    async def scenario() -> None:
+        now = time.time()
+        first = _claim("s#k", "a", now, lease=60, ttl=3540.25)
+        await store.claim(first, now)
+        assert await store.append("s#k", "a", b"0") is True
+        _assert_ttl(client, "s#k", 3600.25, journal=True)
+        assert await store.renew("s#k", "a", version="v-2", lease_seconds=30, expires_at=now + 7200.5) is True
+        _assert_ttl(client, "s#k", 7200.5, journal=True)
+        assert await store.take_over(_claim("s#k", "b", now, lease=10, ttl=20), "v-2") is True
+        _assert_ttl(client, "s#k", 30, journal=True)
+        retried = _claim("s#k", "b", now, lease=10, ttl=490)
+        assert await store.claim(retried, now) is None  # b's own claim, retried: the journal stays, with its TTL
+        _assert_ttl(client, "s#k", 500, journal=True)
+        assert await store.append("s#k", "b", b"1") is True
+        _assert_ttl(client, "s#k", 500, journal=True)
+        assert await store.journal("s#k") == [b"0", b"1"]
+
+    asyncio.run(scenario())
+
+
+def _a_vanished_record_leaves_no_journal_to_read(store: RedisIdempotencyStore, client: Any) -> None:
+    """A journal whose record is gone (evicted, deleted by hand) reads as none."""
+
+    async def scenario() -> None:
+        now = time.time()
+        await store.claim(_claim("s#k", "a", now), now)
+        assert await store.append("s#k", "a", b"step") is True
+        client.delete(_at("s#k"))
+        assert await store.journal("s#k") == []
+
+    asyncio.run(scenario())
+
+
+def _a_fresh_claim_starts_an_empty_journal(store: RedisIdempotencyStore, client: Any) -> None:
+    """A journal left by a record that vanished is not the next claim's."""
+
+    async def scenario() -> None:
+        now = time.time()
+        await store.claim(_claim("s#k", "a", now), now)
+        assert await store.append("s#k", "a", b"stale") is True
+        client.delete(_at("s#k"))
+        assert await store.claim(_claim("s#k", "b", now), now) is None
+        assert await store.append("s#k", "b", b"fresh") is True
+        assert await store.journal("s#k") == [b"fresh"]
+
+    asyncio.run(scenario())
+
+
+def _an_owners_retried_claim_keeps_its_journal(store: RedisIdempotencyStore, client: Any) -> None:
+    async def scenario() -> None:
+        now = time.time()
+        await store.claim(_claim("s#k", "a", now), now)
+        assert await store.append("s#k", "a", b"step") is True
+        assert await store.claim(_claim("s#k", "a", now), now) is None
+        assert await store.journal("s#k") == [b"step"]
+
+    asyncio.run(scenario())
+
+
+def _a_completed_claim_takes_no_appends(store: RedisIdempotencyStore, client: Any) -> None:
+    """The fence is on the status too: the owner of a COMPLETED record appends nothing."""
+
+    async def scenario() -> None:
+        now = time.time()
+        await store.claim(_claim("s#k", "a", now), now)
+        assert await store.complete(_completed("s#k", "a", now)) is True
+        assert await store.append("s#k", "a", b"late") is False
+        assert await store.truncate("s#k", "a", 0) is False
+        assert client.exists(_journal_at("s#k")) == 0
+
+    asyncio.run(scenario())
+
+
+def _a_released_claim_leaves_nothing(store: RedisIdempotencyStore, client: Any) -> None:
+    """Release deletes the journal with the record: no list is left behind to wait for its TTL."""
+
+    async def scenario() -> None:
+        now = time.time()
+        await store.claim(_claim("s#k", "a", now), now)
+        assert await store.append("s#k", "a", b"step") is True
+        assert await store.release("s#k", "a") is True
+        assert client.keys("*") == []
+
+    asyncio.run(scenario())
+
+
+def _a_resent_append_lands_once(store: RedisIdempotencyStore, client: Any) -> None:
+    """redis-py sends a command again when its reply is lost: the second copy of an append appends nothing."""
+    real = client.evalsha
+
+    def reply_lost_then_resent(sha: Any, numkeys: Any, *keys_and_args: Any) -> Any:
+        real(sha, numkeys, *keys_and_args)  # ran on the server; its reply never came back
+        return real(sha, numkeys, *keys_and_args)  # the same command, sent again by the client's retry
+
+    async def scenario() -> None:
+        now = time.time()
+        await store.claim(_claim("s#k", "a", now), now)
+        await store.append("s#k", "a", b"warm-up")  # scripts loaded: the spy sees only EVALSHA
+        with mock.patch.object(client, "evalsha", reply_lost_then_resent):
+            assert await store.append("s#k", "a", b"once") is True
+            assert await store.append("s#k", "a", b"once") is True  # a second step with the same bytes: its own
+        assert await store.journal("s#k") == [b"warm-up", b"once", b"once"]
+
+    asyncio.run(scenario())
+
+
+def _contract(name: str) -> Callable[[RedisIdempotencyStore, Any], None]:
+    def check(store: RedisIdempotencyStore, client: Any) -> None:
+        test = getattr(StoreContract(), name)
+        if name == "test_the_journal_ends_with_its_claim":
+            for end in ("complete", "release", "expiry and a fresh claim"):
+                client.flushall()  # each run expects a store without its keys
+                test(store, end)
+        else:
+            test(store)
+
+    check.__name__ = name
+    return check
+
+
+_FENCE = (
+    "if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then"
+)
+_CHECKS = {
+    "fenced and ordered": _contract("test_journal_appends_are_fenced_on_the_owner_and_read_back_in_order"),
+    "kept by a takeover": _contract("test_a_takeover_keeps_the_journal_and_fences_the_old_owner"),
+    "truncated to a prefix": _contract("test_truncate_keeps_a_prefix"),
+    "ended with its claim": _contract("test_the_journal_ends_with_its_claim"),
+    "ttl follows the record": _journal_ttl_follows_the_record,
+    "vanished record": _a_vanished_record_leaves_no_journal_to_read,
+    "fresh claim": _a_fresh_claim_starts_an_empty_journal,
+    "own claim retried": _an_owners_retried_claim_keeps_its_journal,
+    "completed claim": _a_completed_claim_takes_no_appends,
+    "released claim": _a_released_claim_leaves_nothing,
+    "resent append": _a_resent_append_lands_once,
+}
+# Broken variants of the scripts, and the check that must catch each: (script, text replaced, replacement, check).
+_BROKEN = {
+    "append without the fence": ("_APPEND", _FENCE, "if false then", "fenced and ordered"),
+    "append fenced on the owner only": (
+        "_APPEND",
+        _FENCE,
+        "if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then",
+        "completed claim",
+    ),
+    "truncate without the fence": ("_TRUNCATE", _FENCE, "if false then", "kept by a takeover"),
+    "truncate to 0 as LTRIM 0 -1": ("_TRUNCATE", "if length == 0 then", "if false then", "truncated to a prefix"),
+    "take_over drops the journal": (
+        "_TAKE_OVER",
+        "redis.call('DEL', KEYS[1])",
+        "redis.call('DEL', KEYS[1], KEYS[2])",
+        "kept by a takeover",
+    ),
+    "complete keeps the journal": (
+        "_COMPLETE",
+        "redis.call('DEL', KEYS[1], KEYS[2])",
+        "redis.call('DEL', KEYS[1])",
+        "ended with its claim",
+    ),
+    "release keeps the journal": (
+        "_RELEASE",
+        "redis.call('DEL', KEYS[1], KEYS[2])",
+        "redis.call('DEL', KEYS[1])",
+        "released claim",
+    ),
+    "a fresh claim keeps a stale journal": ("_CLAIM", "if not own then", "if false then", "fresh claim"),
+    "a retried claim drops its journal": ("_CLAIM", "if not own then", "if true then", "own claim retried"),
+    "journal read without its record": ("_JOURNAL", "== 0 then", "== -1 then", "vanished record"),
+    "renew leaves the journal's ttl": (
+        "_RENEW",
+        "redis.call('PEXPIRE', KEYS[2], ARGV[2])",
+        "",
+        "ttl follows the record",
+    ),
+    "append leaves the journal without a ttl": (
+        "_APPEND",
+        "redis.call('PEXPIRE', KEYS[2], ttl)",
+        "",
+        "ttl follows the record",
+    ),
+    "append without its call id": ("_APPEND", "== ARGV[3] then", "== false then", "resent append"),
+}
+
+
+class _Broken(RedisIdempotencyStore):
+    """The store with one script replaced by a broken variant of it."""
+
+    def __init__(self, client: Any, script: str, old: str, new: str) -> None:
+        super().__init__(client)
+        source = getattr(redis_module, script)
+        broken = source.replace(old, new)
+        assert broken != source, f"{script} does not contain {old!r}"
+        setattr(self, script.lower(), client.register_script(broken))
+
+
+@pytest.mark.parametrize("check", list(_CHECKS), ids=list(_CHECKS))
+def test_the_journal(check: str, client: Any) -> None:
+    with RedisIdempotencyStore(client) as store:
+        _CHECKS[check](store, client)
+
+
+@pytest.mark.parametrize("variant", list(_BROKEN), ids=list(_BROKEN))
+def test_negative_control_a_broken_journal_script_is_caught(variant: str, client: Any) -> None:
+    """Each broken variant fails the check named beside it (which the store passes: ``test_the_journal``)."""
+    script, old, new, check = _BROKEN[variant]
+    with _Broken(client, script, old, new) as broken, pytest.raises(AssertionError):
+        _CHECKS[check](broken, client)
+
+
+async def test_journal_entries_up_to_max_journal_entry_bytes(client: Any) -> None:
+    now = time.time()
+    with RedisIdempotencyStore(client, max_journal_entry_bytes=4) as store:
+        assert store.max_journal_entry_bytes == 4
+        await store.claim(_claim("s#k", "a", now), now)
+        assert await store.append("s#k", "a", bytearray(b"four")) is True
+        with pytest.raises(ValueError, match="5 bytes is larger than max_journal_entry_bytes"):
+            await store.append("s#k", "a", b"fives")
+        assert await store.journal("s#k") == [b"four"]
+        with pytest.raises(ValueError, match="negative"):
+            await store.truncate("s#k", "a", -1)
+        assert await store.journal("s#k") == [b"four"]
+    with RedisIdempotencyStore(client) as default, RedisIdempotencyStore(client, max_journal_entry_bytes=None) as big:
+        assert default.max_journal_entry_bytes == 512 * 1024
+        assert big.max_journal_entry_bytes == 512 * 1024 * 1024
+        assert default.supports_journal
+
+
+async def test_a_journal_key_of_another_type_is_a_corrupt_record(store: RedisIdempotencyStore, client: Any) -> None:
+    now = time.time()
+    await store.claim(_claim("s#bad", "a", now), now)
+    client.set(_journal_at("s#bad"), "not a list")
+    for call in [store.append("s#bad", "a", b"x"), store.journal("s#bad"), store.truncate("s#bad", "a", 1)]:
+        with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
+            await call
+    assert client.get(_journal_at("s#bad")) == b"not a list"
+
+
+# Keys: a record and its journal share one Redis Cluster hash slot, whatever the key; keys spread over all slots.
+
+_NASTY_KEYS = ["", "}", "{", "{}", "}{", "s}#d", "s{#d", "{s}#d", "s{}#d", "%7B", "%", "a%b{c}d}e{", "\u00e9{\u00e8}"]
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)))  # what a key can be: any text UTF-8 can encode
+
+
+def _slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+def _naive_keys(key: str) -> tuple[str, str]:
+    """Negative control: the raw key as the hash tag."""
+    return PREFIX + "{" + key + "}", PREFIX + "{" + key + "}:journal"
+
+
+def test_keys_without_braces_keep_their_readable_layout(client: Any) -> None:
+    with RedisIdempotencyStore(client) as store:
+        assert store.redis_keys("s#k") == (_at("s#k"), _journal_at("s#k"))
+        assert store.redis_keys("a{b}%c") == (PREFIX + "{a%7Bb%7D%25c}", PREFIX + "{a%7Bb%7D%25c}:journal")
+
+
+# A raw key as the tag breaks for a key holding "}" (the tag is cut short: keys spread by a part of the key) or an empty
+# one (no tag: Redis hashes the record's and the journal's key each whole, into different slots).
+_LAYOUTS = [pytest.param("escaped", key, id=f"escaped-{key}") for key in _NASTY_KEYS] + [
+    pytest.param("raw", key, id=f"raw-{key}", marks=pytest.mark.xfail(strict=True))
+    for key in _NASTY_KEYS
+    if "}" in key or not key
+]
+
+
+@pytest.mark.parametrize(("layout", "key"), _LAYOUTS)
+def test_a_record_and_its_journal_share_a_slot_whatever_braces_the_key_holds(
+    client: Any, layout: str, key: str
+) -> None:
+    """The hash tag is the whole (escaped) key; a raw key as the tag is the negative control (xfail)."""
+    with RedisIdempotencyStore(client) as store:
+        record, journal = store.redis_keys(key) if layout == "escaped" else _naive_keys(key)
+        intended = record[len(PREFIX) + 1 : -1]  # what the layout puts between its braces
+        assert _slot(record) == _slot(journal) == _slot(intended)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=_TEXT, other=_TEXT)
+def test_hash_tags_hold_for_any_key_and_never_collide(key: str, other: str) -> None:
+    with RedisIdempotencyStore(fakeredis.FakeRedis()) as store:
+        record, journal = store.redis_keys(key)
+        assert _slot(record) == _slot(journal)
+        assert record.startswith(PREFIX + "{") and record.endswith("}") and journal == record + ":journal"
+        tag = record[len(PREFIX) + 1 : -1]
+        assert "{" not in tag and "}" not in tag and tag
+        if key != other:  # the escape is one-to-one: two keys never share a record, nor a journal
+            assert store.redis_keys(other)[0] not in (record, journal)
+
+
+@pytest.mark.parametrize("layout", ["escaped", pytest.param("raw", marks=pytest.mark.xfail(strict=True))])
+def test_keys_of_a_scope_with_braces_spread_over_the_slots(client: Any, layout: str) -> None:
+    """1,000 keys of a tenant named "{acme}" land in about as many slots (a raw tag puts them all in one, xfail)."""
+    with RedisIdempotencyStore(client) as store:
+        keys = [f"{{acme}}#{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(1000)]
+        slots = {_slot((store.redis_keys(k) if layout == "escaped" else _naive_keys(k))[0]) for k in keys}
+        # 1,000 random draws from 16,384 slots give ~970 distinct ones; 900 is far below any honest spread.
+        assert len(slots) > 900, f"{len(slots)} slots"
+
+
+@pytest.mark.parametrize("prefix", ["app{1}:", "app}:", "{", "a{}"])
+def test_a_key_prefix_with_a_brace_is_refused(client: Any, prefix: str) -> None:
+    with pytest.raises(ValueError, match="key_prefix must not contain"):
+        RedisIdempotencyStore(client, key_prefix=prefix)
+
+
+def test_from_url_with_cluster_builds_a_cluster_client(client: Any) -> None:
+    with mock.patch.object(redis_module.RedisCluster, "from_url", return_value=client) as from_url:
+        store = RedisIdempotencyStore.from_url(
+            "redis://node-1:7000", cluster=True, socket_timeout=2.0, retries=5, max_journal_entry_bytes=1024
+        )
+    (url,), kwargs = from_url.call_args
+    assert url == "redis://node-1:7000"
+    assert kwargs["socket_timeout"] == 2.0 and kwargs["socket_connect_timeout"] == 5.0
+    assert kwargs["retry"]._retries == 5
+    assert store._client is client and store.max_journal_entry_bytes == 1024
+    with mock.patch.object(client, "close") as close:
+        store.close()
+    close.assert_called_once_with()
+
+
+def test_from_url_with_cluster_and_no_node_answering_is_a_store_error() -> None:
+    """The cluster client reads the slot map as it is made: no node answering is an outage, at once."""
+    url = f"redis://127.0.0.1:{_closed_port()}"
+    with pytest.raises(IdempotencyStoreError, match="Redis Cluster could not be used") as raised:
+        RedisIdempotencyStore.from_url(url, cluster=True, retries=0, socket_connect_timeout=1)
+    assert isinstance(raised.value.__cause__, redis.exceptions.RedisClusterException)
