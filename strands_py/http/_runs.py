@@ -52,6 +52,11 @@ class Run:
         self._positions: list[int] = []
         self._count = 0
         self._tag = ""
+        # A journaled run's lineage (``<lineage>.<run>`` tags): its journal, and where its live part began.
+        self._journal_of: Callable[[], Any] | None = None
+        self._journal: Any = None
+        self._lineage = ""
+        self.frontier: int | None = None
         self._version = 0
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -92,10 +97,16 @@ class Run:
         timeout_seconds: float,
         retry_after: int,
         on_settled: Callable[[Run], None],
+        journal_of: Callable[[], Any] | None = None,
     ) -> None:
-        """Start the task that drives ``await open_stream()`` on the running loop, cancelled after the timeout."""
+        """Start the task that drives ``await open_stream()`` on the running loop, cancelled after the timeout.
+
+        ``journal_of`` gives the run's step journal once it is running (None: not journaled): a journaled run's
+        events are named by its journal's lineage, so a client re-attached here after a takeover resumes them.
+        """
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._journal_of = journal_of
         self._task = loop.create_task(self._drive(open_stream, retry_after))
         self._timer = loop.call_later(timeout_seconds, self._cancel_now, timeout_problem)
 
@@ -124,6 +135,7 @@ class Run:
                         if result is not None:
                             # A replay has no events of its own: its sequence is the stored message, then the result.
                             self._append("message", {"message": result.message})
+                    self._mark_frontier()
                     for name, data in wire:
                         if name == "result":
                             self._finish_ok(data)
@@ -169,11 +181,27 @@ class Run:
     # -- recording (the run's task only) -----------------------------------------------------------------------
 
     def _decide(self, *, replayed: bool) -> None:
+        journal = None if replayed or self._journal_of is None else self._journal_of()
         with self._lock:
             self.decided = True
             self.replayed = replayed
-            self._tag = REPLAY_TAG if replayed else secrets.token_hex(4)
+            if replayed:
+                self._tag = REPLAY_TAG
+            elif journal is not None:
+                # <lineage>.<run>: the lineage is every owner's of this invocation, the run this server's.
+                self._journal, self._lineage = journal, journal.run_tag
+                self._tag = f"{journal.run_tag}.{secrets.token_hex(2)}"
+            else:
+                self._tag = secrets.token_hex(4)
         self._notify()
+
+    def _mark_frontier(self) -> None:
+        """Note where the live part of a journaled run began: every event before it replayed an earlier owner's."""
+        journal = self._journal
+        if journal is not None and self.frontier is None and journal.live:
+            with self._lock:
+                self.frontier = self._count
+            self._notify()
 
     def _append(self, name: str, data: dict[str, Any]) -> None:
         with self._lock:
@@ -234,13 +262,38 @@ class Run:
     def start_index(self, last_event_id: tuple[str, int] | None) -> int:
         """Index of the first buffered event to send after ``Last-Event-ID`` (0: the whole sequence).
 
-        A ``Last-Event-ID`` of another run (a replay, a re-run after a failure, another server's run) says nothing
-        about this sequence, so the whole sequence is sent; a client that sees a new run tag starts over.
+        A ``Last-Event-ID`` of another run (a replay, a re-run after a failure, another invocation) says nothing
+        about this sequence, so the whole sequence is sent; a client that sees a new run tag starts over. One of an
+        earlier owner of the same journaled invocation (same lineage) names the same events up to this run's
+        frontier: the client resumes where it was, and gets a ``rewind`` if it had seen events past the frontier.
         """
         with self._lock:
-            if last_event_id is None or last_event_id[0] != self._tag:
+            if last_event_id is None or not self._continues(last_event_id[0]):
                 return 0
             return bisect.bisect_right(self._positions, last_event_id[1])
+
+    def _continues(self, tag: str) -> bool:
+        """Whether events tagged ``tag`` are this run's, or an earlier owner's of the same lineage."""
+        if tag == self._tag:
+            return True
+        lineage, dot, _ = tag.partition(".")
+        return bool(dot) and bool(self._lineage) and lineage == self._lineage
+
+    def seen_by(self, last_event_id: tuple[str, int] | None) -> int:
+        """How far a client re-attached from an earlier owner of this lineage had read (0: not such a client)."""
+        with self._lock:
+            if last_event_id is None or last_event_id[0] == self._tag or not self._continues(last_event_id[0]):
+                return 0
+            return last_event_id[1]
+
+    def rewinds(self, seen: int) -> bool:
+        """Whether a client that saw an earlier owner's events up to ``seen`` must be sent a ``rewind``."""
+        with self._lock:
+            return bool(seen) and self.frontier is not None and self.frontier < seen
+
+    def rewind_frame(self, to: int) -> bytes:
+        """The ``rewind`` event: events after position ``to`` were an earlier owner's, and are withdrawn."""
+        return frame(self._tag, to, "rewind", dumps({"to": to})).frame
 
     def read(self, start: int) -> tuple[list[WireEvent], int, bool]:
         """The buffered events from index ``start``, the version they are current for, and whether the run finished."""
@@ -287,13 +340,25 @@ class Run:
                 return
             await self.changed(version)
 
-    async def events(self, start: int, keepalive_seconds: float) -> AsyncIterator[bytes]:
+    async def events(self, start: int, keepalive_seconds: float, seen: int = 0) -> AsyncIterator[bytes]:
         """The SSE frames from index ``start`` to the end of the run, live; a comment every ``keepalive_seconds``.
+
+        ``seen``: the position up to which the client saw an earlier owner's events of this lineage. Those match
+        this run's up to its frontier; once the frontier is known and lies before ``seen``, a ``rewind`` to it comes
+        first, then this run's events after it.
 
         Closing the iterator (the client went away) stops following only; the run carries on.
         """
         while True:
-            events, version, finished = self.read(start)
+            with self._lock:  # the events and the frontier as of one moment
+                events, version, finished, frontier = self._events[start:], self._version, self.finished, self.frontier
+            if seen and frontier is not None and frontier < seen:
+                # The client saw events past where this run went live: an earlier owner's, never to be reproduced.
+                yield self.rewind_frame(frontier)
+                seen = 0
+                with self._lock:
+                    start = bisect.bisect_right(self._positions, frontier)
+                continue
             for event in events:
                 yield event.frame
             start += len(events)

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..agent.agent import Agent
+from ..idempotency._context import run_context_of
 from ..idempotency._heartbeat import LeaseWatch
 from ..idempotency.codec import decode_result
 from ..idempotency.config import IdempotencyConfig
@@ -185,10 +186,17 @@ class InvocationService:
                 )
             )
 
+        # The agent puts its run's context (with its step journal) here while it runs.
+        invocation_state: dict[str, Any] = {}
+
         async def open_stream() -> AsyncIterator[Any]:
             agent = await self._make_agent(request)
             agent.idempotency = self._config_for(scope)  # the agent keys its tokens with the config's scope
-            return agent.stream_async(invocation.prompt, idempotency_token=token)
+            return agent.stream_async(invocation.prompt, idempotency_token=token, invocation_state=invocation_state)
+
+        def journal_of() -> Any:
+            context = run_context_of(invocation_state)
+            return None if context is None else context.journal
 
         run = Run(key, fingerprint, options.max_buffered_events)
         self.registry.add(run)
@@ -200,6 +208,7 @@ class InvocationService:
             timeout_seconds=options.run_timeout_seconds,
             retry_after=options.retry_after_seconds,
             on_settled=self._settled,
+            journal_of=journal_of,
         )
         logger.debug("key=<%s> | run started", key)
         return run
@@ -257,13 +266,14 @@ class InvocationService:
         if not stream:
             return Response(run.result_json, media_type="application/json", headers=headers)
         start = run.start_index(last_event_id)
-        if run.at_end(start):
+        seen = run.seen_by(last_event_id)  # an earlier owner's events this client saw (a takeover happened)
+        if run.at_end(start) and not run.rewinds(seen):
             return Response(status_code=204, headers=headers)  # EventSource: nothing more, stop reconnecting
-        return EventStreamResponse(self._frames(run, start), headers)
+        return EventStreamResponse(self._frames(run, start, seen), headers)
 
-    async def _frames(self, run: Run, start: int) -> AsyncIterator[bytes]:
+    async def _frames(self, run: Run, start: int, seen: int) -> AsyncIterator[bytes]:
         yield f"retry: {self.options.reconnect_millis}\n\n".encode()
-        async for frame in run.events(start, self.options.keepalive_seconds):
+        async for frame in run.events(start, self.options.keepalive_seconds, seen):
             yield frame
 
     # -- GET /invocations/{key}/events -------------------------------------------------------------------------

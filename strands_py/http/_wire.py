@@ -8,9 +8,15 @@ r"""The wire format: strands events become a small, documented JSON event vocabu
 | `message`   | `{"message": Message}`: a complete message (the model's, or the tool results)      |
 | `result`    | `{"stop_reason", "message", "text", "usage", "structured_output"}`: the outcome    |
 | `error`     | an RFC 9457 problem details object (with `retry_after` when retrying helps)        |
+| `rewind`    | `{"to": int}`: the events after position `to` are withdrawn (see below)            |
 
 Every event carries ``id: <run>:<position>``: ``position`` counts the events of one run from 1, ``run`` names the
-run (``r`` for a replay of a stored result, which is always the two events ``message`` and ``result``).
+run (``r`` for a replay of a stored result, which is always the two events ``message`` and ``result``). A journaled
+run's name is ``<lineage>.<server>``: the lineage is shared by every server that runs the invocation (the first
+owner's, kept in its journal), so a client re-attached to another server after a takeover resumes the same
+sequence: the new owner replays the journaled steps as the same events with the same positions. Where the dead
+owner had streamed part of a step it never journaled, the new owner's events from there on differ: the client first
+gets ``rewind`` with ``id: <run>:<to>``, drops what it showed after position ``to``, and the stream goes on from there.
 ``bytes`` in messages (images, documents) travel as base64 strings, as in the Bedrock Converse JSON API.
 
 Text that is not valid Unicode, such as a file name or a subprocess's output a tool decoded with

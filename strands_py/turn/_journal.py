@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
@@ -106,6 +107,9 @@ class Journal:
         self._started: set[str] = set()
         self._calls = 0  # model steps this run asked for
         self._live = False
+        # Names the run's event sequence across owners (an HTTP stream's event ids): the first owner's, kept in the
+        # first model step's entry, so that a client re-attached to the next owner resumes the very same sequence.
+        self.run_tag = secrets.token_hex(4)
         # Tool calls asked for by model steps this run replayed: only these may be answered from the journal (a
         # live step's tool calls are new, whatever ids a provider happens to give them).
         self._replayed_tool_uses: set[str] = set()
@@ -166,6 +170,8 @@ class Journal:
         kind = entry.get("k")
         if kind == _MODEL and isinstance(entry.get("n"), int) and isinstance(entry.get("c"), list):
             self._models[entry["n"]] = (position, entry)
+            if entry["n"] == 0 and isinstance(entry.get("t"), str):
+                self.run_tag = entry["t"]
         elif kind == _STARTED and isinstance(entry.get("id"), str):
             self._started.add(entry["id"])
         elif kind == _TOOL and isinstance(entry.get("id"), str) and isinstance(entry.get("r"), dict):
@@ -175,6 +181,11 @@ class Journal:
     def resuming(self) -> bool:
         """Whether this run has anything to replay."""
         return bool(self._models or self._results or self._started)
+
+    @property
+    def live(self) -> bool:
+        """Whether the run has gone live: everything it produces from here on was not journaled before."""
+        return self._live
 
     # -- model steps ---------------------------------------------------------------------------------------------
 
@@ -211,7 +222,10 @@ class Journal:
 
     async def record_model(self, step: int, digest: str, chunks: list[Any]) -> None:
         """Journal a completed model step."""
-        await self._append({"k": _MODEL, "n": step, "d": digest, "c": chunks}, f"model step {step}")
+        entry: dict[str, Any] = {"k": _MODEL, "n": step, "d": digest, "c": chunks}
+        if step == 0:
+            entry["t"] = self.run_tag
+        await self._append(entry, f"model step {step}")
 
     # -- tool steps ----------------------------------------------------------------------------------------------
 
