@@ -48,8 +48,22 @@ const BASE = __BASE__;
 const STORE = "strands-py.invocation";
 const $ = (id) => document.getElementById(id);
 let source = null;  // the EventSource following the current invocation
-let run = null;     // the run tag of the events shown: a new tag means a new sequence (a replay, a re-run)
+let run = null;     // the lineage of the events shown: a new one means a new sequence (a replay, a re-run)
+let chunks = [];    // [position, text] of the data events shown, so that a rewind can withdraw the later ones
 let streamed = "";  // the text of the data events, exactly as streamed
+
+// Event ids are "<run>:<position>"; a journaled run is "<lineage>.<server>": after a takeover another server goes
+// on with the same lineage and positions, so only a new lineage starts the answer over.
+function lineageOf(id) {
+  const tag = id.slice(0, id.lastIndexOf(":"));
+  const dot = tag.indexOf(".");
+  return dot < 0 ? tag : tag.slice(0, dot);
+}
+
+function show() {
+  streamed = chunks.map((chunk) => chunk[1]).join("");
+  $("answer").textContent = streamed;
+}
 
 function uuid() {
   if (crypto.randomUUID) return crypto.randomUUID();
@@ -82,7 +96,7 @@ async function problemOf(response) {
 
 function reset(key) {
   if (source) source.close();
-  source = null; run = null; streamed = "";
+  source = null; run = null; chunks = []; streamed = "";
   $("answer").textContent = ""; $("error").hidden = true;
   delete document.body.dataset.corrected;
   $("key").textContent = key ? "Idempotency-Key: " + key : "";
@@ -117,11 +131,13 @@ function follow(key) {
   const events = new EventSource(url);
   source = events;
   const on = (name, handle) => events.addEventListener(name, (event) => {
-    const tag = event.lastEventId.slice(0, event.lastEventId.lastIndexOf(":"));
-    if (tag !== run) { run = tag; streamed = ""; $("answer").textContent = ""; }
-    handle(JSON.parse(event.data));
+    const lineage = lineageOf(event.lastEventId);
+    if (lineage !== run) { run = lineage; chunks = []; show(); }
+    handle(JSON.parse(event.data), Number(event.lastEventId.slice(event.lastEventId.lastIndexOf(":") + 1)));
   });
-  on("data", (data) => { streamed += data.text; $("answer").textContent = streamed; });
+  on("data", (data, position) => { chunks.push([position, data.text]); show(); });
+  // A takeover: what the dead server streamed after "to" was never journaled, and the new one streams it anew.
+  on("rewind", (data) => { chunks = chunks.filter((chunk) => chunk[0] <= data.to); show(); });
   on("tool_use", (data) => setState("streaming", "Calling " + data.name + "…"));
   on("result", (result) => {
     events.close();
