@@ -423,7 +423,7 @@ def _version(dist: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller N (under 3 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="smaller N (5 to 6 minutes on 2 busy cores)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
 

@@ -21,7 +21,7 @@ from ..idempotency._calls import _store, shielded
 from ..idempotency._context import _RunContext
 from ..idempotency._heartbeat import _Lease
 from ..idempotency.codec import decode_result, encode_result
-from ..idempotency.record import IdempotencyRecord, RecordState, new_version
+from ..idempotency.record import IdempotencyRecord, RecordState, ReplayedAgentResult, new_version
 from ..session._turn import SessionTurn
 from ..types.exceptions import (
     IdempotencyKeyMismatchError,
@@ -83,41 +83,17 @@ async def durable_stream(
         SessionBusyError: With ``session``: another request holds the session.
     """
     config, key = call.config, call.key
-    span = telemetry.start_span(telemetry.SPAN_CLAIM, {"key": key})
-    started = time.monotonic()
-    decision = "error"
-    error: BaseException | None = None
-    took_over = False
-    try:
-        if claimed_at is None:
-            completed, claimed_at, took_over = await claim_or_wait(call, span, seen)
-        else:
-            completed = None
-        if completed is None:
-            decision = "claimed"
-        else:
-            result = decode_result(completed, call.structured_output_model)
-            decision = "replayed"
-            telemetry.add_event(span, telemetry.EVENT_RESULT_REPLAYED, {"key": key})
-    except IdempotencyKeyMismatchError as e:
-        decision, error = "mismatch", e
-        telemetry.add_event(span, telemetry.EVENT_FINGERPRINT_MISMATCH, {"key": key})
-        raise
-    except IdempotencyWaitTimeoutError as e:
-        decision, error = "timeout", e
-        telemetry.add_event(span, telemetry.EVENT_WAIT_DEADLINE_EXCEEDED, {"key": key})
-        raise
-    except BaseException as e:
-        error = e
-        raise
-    finally:
-        telemetry.end_span(span, {"decision": decision, "wait_seconds": time.monotonic() - started}, error)
+    if claimed_at is None:
+        completed, claimed_at, took_over = await _claim_traced(call, seen)
+    else:
+        # Claimed on the caller's thread already (a sync call's blocking claim, traced there).
+        completed, took_over = None, False
 
     if completed is not None:
         logger.debug("key=<%s> | completed within the window, replaying stored result", key)
         if callback_handler is not None:
-            callback_handler(result=result)
-        yield {"result": result}
+            callback_handler(result=completed)
+        yield {"result": completed}
         return
 
     lease = _Lease(
@@ -187,6 +163,44 @@ async def durable_stream(
                             await shielded(session.abort())
                     finally:
                         await shielded(call.release())
+
+
+async def _claim_traced(
+    call: DurableCall, seen: IdempotencyRecord | None
+) -> tuple[ReplayedAgentResult | None, float, bool]:
+    """``claim_or_wait`` in the claim span.
+
+    Returns:
+        The stored result to replay (or None: claimed), when the winning write was sent, and whether the claim was
+        taken over.
+    """
+    key = call.key
+    span = telemetry.start_span(telemetry.SPAN_CLAIM, {"key": key})
+    started = time.monotonic()
+    decision = "error"
+    error: BaseException | None = None
+    try:
+        completed, claimed_at, took_over = await claim_or_wait(call, span, seen)
+        if completed is None:
+            decision = "claimed"
+            return None, claimed_at, took_over
+        result = decode_result(completed, call.structured_output_model)
+        decision = "replayed"
+        telemetry.add_event(span, telemetry.EVENT_RESULT_REPLAYED, {"key": key})
+        return result, claimed_at, took_over
+    except IdempotencyKeyMismatchError as e:
+        decision, error = "mismatch", e
+        telemetry.add_event(span, telemetry.EVENT_FINGERPRINT_MISMATCH, {"key": key})
+        raise
+    except IdempotencyWaitTimeoutError as e:
+        decision, error = "timeout", e
+        telemetry.add_event(span, telemetry.EVENT_WAIT_DEADLINE_EXCEEDED, {"key": key})
+        raise
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        telemetry.end_span(span, {"decision": decision, "wait_seconds": time.monotonic() - started}, error)
 
 
 async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn | None) -> None:
