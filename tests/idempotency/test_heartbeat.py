@@ -54,11 +54,13 @@ async def _a_live_owner_is_never_taken_over() -> None:
     script = ScriptedBedrock(gate=gate, gate_timeout=WAIT)
     shared = InMemoryIdempotencyStore()
     owner_store, other_store = CountingStore(shared), CountingStore(shared)
-    owner = _agent(script, owner_store)
+    other_script = ScriptedBedrock()
+    # Both agents are built first: building one (its boto3 client) blocks the event loop for up to a second or more
+    # on a loaded machine, and the owner's heartbeat runs on that loop.
+    owner, other = _agent(script, owner_store), _agent(other_script, other_store)
     primary = asyncio.create_task(owner.invoke_async("weather?", idempotency_token="req-1"))
     await _until(script.entered.is_set, WAIT, "the primary's model call")
-    other_script = ScriptedBedrock()
-    waiting = asyncio.create_task(_agent(other_script, other_store).invoke_async("weather?", idempotency_token="req-1"))
+    waiting = asyncio.create_task(other.invoke_async("weather?", idempotency_token="req-1"))
     # three whole leases of renewals (nine heartbeats) while the other process polls, then let the run finish; or
     # stop as soon as the other process runs the token itself (what the negative controls below do)
     await _until(
