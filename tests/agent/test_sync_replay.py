@@ -77,7 +77,9 @@ def test_a_claim_taken_on_the_callers_thread_runs_once_and_is_completed() -> Non
     agent, script = _agent(store)
     result = agent("weather?", idempotency_token="req-1")
     assert result.stop_reason == "end_turn" and script.model_calls == 2
-    assert dict(store.calls) == {"claim": 1, "complete": 1}
+    # one claim (on the caller's thread), no second claim, no poll; the journal's writes are the run's own business
+    journal = ("append", "journal", "truncate")
+    assert {op: n for op, n in store.calls.items() if op not in journal} == {"claim": 1, "complete": 1}
 
 
 def test_a_call_strands_never_started_hands_its_claim_back() -> None:

@@ -160,7 +160,13 @@ async def test_in_process_duplicates_never_touch_the_store(store: IdempotencySto
     gate.set()
     results = await asyncio.wait_for(asyncio.gather(primary, *dups), WAIT)
     assert all(r is results[0] for r in results)
-    assert counting.calls == Counter(claim=1, complete=1)
+    # exactly the store calls of one invocation alone (its claim, its journal, its result): none for the duplicates
+    alone = CountingStore(store)
+    await asyncio.wait_for(
+        _agent(ScriptedBedrock(), store=alone).invoke_async("weather?", idempotency_token="r2"), WAIT
+    )
+    assert counting.calls == alone.calls
+    assert counting.calls["claim"] == counting.calls["complete"] == 1 and counting.calls["get"] == 0
 
 
 async def test_waits_for_another_owner_then_replays(store: IdempotencyStore) -> None:
