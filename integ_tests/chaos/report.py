@@ -1,8 +1,8 @@
-"""The summary a chaos run prints: one table row per run, then the faults and the violations (with examples)."""
+"""The summary a chaos run prints: a table of the runs, the faults and the violations by kind, and examples."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from .checker import Violation
 from .run import RunOutcome
@@ -30,7 +30,7 @@ def _row(outcome: RunOutcome) -> list[str]:
         str(len(report.violations)),
         f"{model:.2f} / {tool:.2f}",
         _amplification(outcome),
-        f"{outcome.seconds:.0f} s",
+        f"{outcome.seconds:.0f} s" if outcome.seconds else "-",
     ]
 
 
@@ -48,15 +48,36 @@ HEADER = [
 ]
 
 
-def table(outcomes: list[RunOutcome]) -> str:
-    """A Markdown table of the runs."""
-    rows = [HEADER, *(_row(o) for o in outcomes)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+def _markdown(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])])
+
+
+def _name(outcome: RunOutcome) -> str:
+    return f"{outcome.settings.store} {'chaos' if outcome.settings.faults else 'fault-free'}"
+
+
+def _by_kind(outcomes: list[RunOutcome], counts: list[Counter[str]], what: str) -> str:
+    kinds = sorted({kind for count in counts for kind in count})
+    if not kinds:
+        return f"{what}: none"
+    rows = [[what, *(_name(o) for o in outcomes)], *([k, *(str(c[k]) for c in counts)] for k in kinds)]
+    return _markdown(rows)
+
+
+def table(outcomes: list[RunOutcome]) -> str:
+    """Markdown tables of the runs: the figures, the faults injected by kind, the violations by kind."""
+    return "\n\n".join(
+        [
+            _markdown([HEADER, *(_row(o) for o in outcomes)]),
+            _by_kind(outcomes, [o.report.faults for o in outcomes], "faults injected"),
+            _by_kind(outcomes, [o.report.by_kind() for o in outcomes], "violations"),
+        ]
+    )
 
 
 def _examples(violations: list[Violation]) -> list[str]:
@@ -74,8 +95,7 @@ def _examples(violations: list[Violation]) -> list[str]:
 def details(outcome: RunOutcome) -> str:
     """Faults, outcomes of the attempts, violations with examples, and the harness's troubles of one run."""
     report = outcome.report
-    name = f"{outcome.settings.store} {'chaos' if outcome.settings.faults else 'fault-free'}"
-    lines = [f"{name} (history: {outcome.directory})"]
+    lines = [f"{_name(outcome)} (history: {outcome.directory})"]
     if report.faults:
         lines.append("  faults: " + ", ".join(f"{k} {n}" for k, n in sorted(report.faults.items())))
     lines.append("  attempts: " + ", ".join(f"{k} {n}" for k, n in sorted(report.outcomes.items())))

@@ -19,10 +19,15 @@ the function up on the ``time`` module at each call) sees the skewed clock, as o
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
 import sys
 import time
 from multiprocessing.connection import Connection
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def skew_clock(offset: float) -> None:
@@ -33,6 +38,20 @@ def skew_clock(offset: float) -> None:
     nanoseconds = int(offset * 1e9)
     time.time = lambda: real() + offset
     time.time_ns = lambda: real_ns() + nanoseconds
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (the fork server) exits (Linux; elsewhere nothing).
+
+    The fork server exits when the orchestrator does, however it ends: a worker never outlives its run.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or libc_name is None:
+        return
+    parent = os.getppid()
+    ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent was already gone before the request took effect
+        os._exit(1)
 
 
 def _output_to(log: str) -> None:
@@ -47,6 +66,7 @@ def _output_to(log: str) -> None:
 
 def worker_main(config: str, slot: int, generation: int, offset: float, log: str, ready: Connection) -> None:
     """Skew the clock, then serve until SIGTERM (see ``server.serve``); the port is sent on ``ready``."""
+    _die_with_parent()
     _output_to(log)
     skew_clock(offset)
     from .server import WorkerConfig, serve
