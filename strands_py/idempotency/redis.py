@@ -19,7 +19,7 @@ try:
     import redis
     from redis.backoff import ExponentialBackoff
     from redis.cluster import RedisCluster
-    from redis.exceptions import RedisClusterException, RedisError, ResponseError
+    from redis.exceptions import AskError, RedisClusterException, RedisError, ResponseError
     from redis.retry import Retry
 except ImportError as e:  # pragma: no cover - exercised by the packaging test without the extra
     raise ImportError("RedisIdempotencyStore needs redis-py: pip install 'strands-py[redis]'") from e
@@ -591,7 +591,11 @@ def _hash_tag(key: str) -> str:
 
 def _outage(key: str, error: Exception) -> IdempotencyStoreError:
     logger.debug("key=<%s>, error=<%s> | redis call failed", key, type(error).__name__)
-    return IdempotencyStoreError(f"Redis could not be used: {type(error).__name__}: {error}")
+    # MOVED or ASK reach the store only through a plain client talking to a cluster node: say what to use instead.
+    hint = (
+        "; the server is a Redis Cluster node: use from_url(..., cluster=True)" if isinstance(error, AskError) else ""
+    )
+    return IdempotencyStoreError(f"Redis could not be used: {type(error).__name__}: {error}{hint}")
 
 
 def _closed_error() -> IdempotencyStoreError:

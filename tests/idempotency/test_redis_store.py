@@ -857,6 +857,13 @@ def test_from_url_with_cluster_builds_a_cluster_client(client: Any) -> None:
     close.assert_called_once_with()
 
 
+async def test_a_plain_client_on_a_cluster_node_is_told_to_use_the_cluster_client(store: RedisIdempotencyStore) -> None:
+    now = time.time()
+    with mock.patch.object(store._client, "evalsha", side_effect=redis.exceptions.MovedError("9406 10.0.0.2:6379")):
+        with pytest.raises(IdempotencyStoreError, match=r"MovedError: 9406 10\.0\.0\.2:6379; .* cluster=True"):
+            await store.claim(_claim("s#k", "a", now), now)
+
+
 def test_from_url_with_cluster_and_no_node_answering_is_a_store_error() -> None:
     """The cluster client reads the slot map as it is made: no node answering is an outage, at once."""
     url = f"redis://127.0.0.1:{_closed_port()}"
