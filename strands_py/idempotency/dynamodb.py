@@ -70,6 +70,8 @@ _BATCH_GET_IDLE_ROUNDS = 5
 _BATCH_GET_BACKOFF_SECONDS = 0.05
 # Keys whose journal head this process remembers (a guess that saves a read per append; never trusted).
 _REMEMBERED_HEADS = 1024
+# Appends to one key from this process (an owner's tools finishing together) take turns: none fails on another's.
+_APPEND_STRIPES = 64
 _JOURNAL_NAMES = {
     "#journal_id": "journal_id",
     "#journal_length": "journal_length",
@@ -187,6 +189,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency")
         self._closed = False
         self._heads = _Heads(_REMEMBERED_HEADS)
+        self._append_stripes = [threading.Lock() for _ in range(_APPEND_STRIPES)]
         self._restamping: set[str] = set()  # keys whose entries' TTL is being moved on, by this process
         self._restamping_mutex = threading.Lock()
 
@@ -459,6 +462,10 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
     # The journal (see the class docstring). Each method runs whole on one executor thread.
 
     def _append(self, key: str, owner: str, entry: bytes) -> bool:
+        with self._append_stripes[hash(key) % _APPEND_STRIPES]:
+            return self._append_alone(key, owner, entry)
+
+    def _append_alone(self, key: str, owner: str, entry: bytes) -> bool:
         head = self._heads.recall(key)
         for attempt in range(1, _JOURNAL_ATTEMPTS + 1):
             if head is None:
