@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 from unittest import mock
 
@@ -781,6 +782,20 @@ async def test_entries_are_items_of_the_claims_lineage_expiring_a_day_past_their
     store.close()
 
 
+async def test_a_take_over_sets_every_field_and_removes_the_absent_ones(aws: None) -> None:
+    store, _ = _hooked_store()
+    now = time.time()
+    judged = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", new_version(), 60.0, now + 60, "fp", None, "cp")
+    await store.claim(judged, now)
+    full = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "b", new_version(), 7.5, now + 90.25, "fp2", b"", "cp2")
+    assert await store.take_over(full, judged.version) is True
+    assert await store.get("s#k") == full
+    bare = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "c", new_version(), 30.0, now + 120)
+    assert await store.take_over(bare, full.version) is True
+    assert await store.get("s#k") == bare
+    store.close()
+
+
 async def test_a_take_over_by_a_completed_record_drops_the_journal(aws: None) -> None:
     """take_over rewrites the record's fields in place; a journal lives with an IN_PROGRESS record only."""
     store, _ = _hooked_store()
@@ -892,3 +907,453 @@ def test_negative_control_a_journal_that_outlives_its_claim(aws: None, end: str)
     store = _InPlaceRecordWrites(TABLE, client=moto_client())
     store.create_table()
     CONTRACT.test_the_journal_ends_with_its_claim(store, end)
+
+
+# The entries' TTL: renewals move it on, so a running journal outlives the sweeper however long its run.
+
+
+def _sweep_all(store: DynamoDBIdempotencyStore, aws_now: float) -> None:
+    """DynamoDB's TTL sweeper, at ``aws_now``: every item whose TTL has passed is deleted."""
+    for key, item in _scan(store).items():
+        if int(item["expiration"]["N"]) <= aws_now:
+            store._client.delete_item(TableName=TABLE, Key={"id": {"S": key}})
+
+
+def _traced_restamps(store: DynamoDBIdempotencyStore, gate: threading.Event | None = None) -> list[Future[Any]]:
+    """The background re-stamp jobs the store starts, as futures (recorded when submitted; held at ``gate`` first)."""
+    real_restamp, real_submit = store._restamp, store._executor.submit
+    jobs: list[Future[Any]] = []
+
+    def held(*args: Any) -> None:
+        assert gate is None or gate.wait(WAIT)
+        real_restamp(*args)
+
+    def submit(fn: Any, /, *args: Any) -> Future[Any]:
+        if fn != real_restamp:
+            return real_submit(fn, *args)
+        job = real_submit(held, *args)
+        jobs.append(job)
+        return job
+
+    store._executor.submit = submit  # type: ignore[method-assign]
+    return jobs
+
+
+async def _a_journal_running_for_two_days() -> None:
+    store, _ = _hooked_store()
+    jobs = _traced_restamps(store)
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)  # the record's TTL: now + 1 h + a day
+    for entry in (b"0", b"1", b"2"):
+        await store.append("s#k", "a", entry)
+    first_stamp = int(
+        _scan(store)[f"s#k#journal#{(_item(store, 's#k') or {})['journal_id']['S']}#0"]["expiration"]["N"]
+    )
+    # Two days of heartbeats later, the record's TTL has moved on by two days.
+    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
+    for job in jobs:
+        job.result(WAIT)
+    await store.append("s#k", "a", b"3")  # the head this process knew is stale: the append finds the new TTL
+    # The sweeper, past the TTL the entries were first given, while the record still counts:
+    _sweep_all(store, aws_now=first_stamp + 1)
+    assert _item(store, "s#k") is not None
+    assert await store.journal("s#k") == [b"0", b"1", b"2", b"3"]
+    store.close()
+
+
+async def test_renewals_move_the_entries_ttl_on_before_the_sweeper_takes_them(aws: None) -> None:
+    await _a_journal_running_for_two_days()
+
+
+@pytest.mark.xfail(strict=True, raises=IdempotencyRecordCorruptedError)
+async def test_negative_control_entries_that_keep_the_ttl_of_their_append(aws: None) -> None:
+    with mock.patch.object(DynamoDBIdempotencyStore, "_keep_journal_alive", lambda *_: None):
+        await _a_journal_running_for_two_days()
+
+
+async def test_the_ttl_moves_on_once_half_the_headroom_is_used_and_only_then(aws: None) -> None:
+    store, _ = _hooked_store()
+    jobs = _traced_restamps(store)
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    await store.append("s#k", "a", b"0")
+    stamped = int((_item(store, "s#k") or {})["journal_expiration"]["N"])
+    # Up to half a day past the record's TTL when the entries were stamped: nothing to do.
+    for ahead in (3600, 3600 + DAY // 2):
+        assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + ahead)
+    assert jobs == []
+    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 3601 + DAY // 2)
+    assert len(jobs) == 1 and jobs[0].result(WAIT) is None
+    record = _item(store, "s#k")
+    assert record is not None
+    moved = int(record["expiration"]["N"]) + DAY
+    assert int(record["journal_expiration"]["N"]) == int(record["journal_expiration_floor"]["N"]) == moved > stamped
+    assert {int(item["expiration"]["N"]) for key, item in _scan(store).items() if key != "s#k"} == {moved}
+    store.close()
+
+
+async def test_one_job_per_journal_moves_its_ttl_on(aws: None) -> None:
+    store, client = _hooked_store()
+    gate = threading.Event()
+    jobs = _traced_restamps(store, gate)
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    await store.append("s#k", "a", b"0")
+    for _ in range(3):  # renewals while the first job is held
+        assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
+    gate.set()
+    assert len(jobs) == 1 and jobs[0].result(WAIT) is None
+    assert store._restamping == set()
+    store.close()
+
+
+async def test_a_journal_that_ended_meanwhile_keeps_its_ttl(aws: None) -> None:
+    store, _ = _hooked_store()
+    gate = threading.Event()
+    jobs = _traced_restamps(store, gate)
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    await store.append("s#k", "a", b"0")
+    before = {key: item["expiration"] for key, item in _scan(store).items() if key != "s#k"}
+    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
+    assert await store.release("s#k", "a") is True  # before the job runs: the lineage is gone
+    gate.set()
+    assert len(jobs) == 1 and jobs[0].result(WAIT) is None
+    assert {key: item["expiration"] for key, item in _scan(store).items()} == before
+    assert store._restamping == set()
+    store.close()
+
+
+async def test_a_job_that_fails_midway_leaves_the_floor_and_the_next_renewal_finishes(aws: None) -> None:
+    store, client = _hooked_store()
+    jobs = _traced_restamps(store)
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    for entry in (b"0", b"1"):
+        await store.append("s#k", "a", entry)
+    floor = (_item(store, "s#k") or {})["journal_expiration_floor"]
+
+    def entry_update_fails_once(real: Any, kwargs: dict[str, Any]) -> Any:
+        if "#journal#" in kwargs["Key"]["id"]["S"]:
+            client.hooks.pop("update_item")
+            raise ClientError({"Error": {"Code": "InternalServerError", "Message": "oops"}}, "UpdateItem")
+        return real(**kwargs)
+
+    client.hooks["update_item"] = entry_update_fails_once
+    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
+    assert len(jobs) == 1 and jobs[0].result(WAIT) is None
+    record = _item(store, "s#k")
+    assert record is not None and record["journal_expiration_floor"] == floor  # not every entry has the new TTL
+    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
+    assert len(jobs) == 2 and jobs[1].result(WAIT) is None
+    record = _item(store, "s#k")
+    assert record is not None
+    moved = int(record["expiration"]["N"]) + DAY
+    assert int(record["journal_expiration_floor"]["N"]) == moved
+    assert {int(item["expiration"]["N"]) for key, item in _scan(store).items() if key != "s#k"} == {moved}
+    assert await store.journal("s#k") == [b"0", b"1"]
+    store.close()
+
+
+async def test_a_renewal_of_a_record_with_a_malformed_journal_head_still_renews(aws: None) -> None:
+    store, _ = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    store._client.update_item(
+        TableName=TABLE,
+        Key={"id": {"S": "s#k"}},
+        UpdateExpression="SET journal_id = :lineage",  # no length, no TTLs
+        ExpressionAttributeValues={":lineage": {"S": "l"}},
+    )
+    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
+    with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
+        await store.journal("s#k")
+    store.close()
+
+
+def test_no_job_is_started_on_a_store_being_closed(aws: None) -> None:
+    # A renewal in flight while ``close()`` runs: the executor takes no new work; a later renewal does it.
+    store, _ = _hooked_store()
+    store._executor.shutdown()
+    due = {
+        "journal_id": {"S": "l"},
+        "journal_expiration": {"N": "100"},
+        "journal_expiration_floor": {"N": "100"},
+        "expiration": {"N": "100"},
+    }
+    store._keep_journal_alive("s#k", due)
+    assert store._restamping == set()
+
+
+# Writes that meet a journal append's transaction on the same item: DynamoDB rejects them; they are retried.
+
+
+def _conflict() -> ClientError:
+    message = "Transaction is ongoing for the item"
+    return ClientError({"Error": {"Code": "TransactionConflictException", "Message": message}}, "UpdateItem")
+
+
+def _failing(times: int, error: Any) -> Any:
+    """A hook failing its first ``times`` calls with ``error()``, then making the real call."""
+    failures = {"left": times}
+
+    def hook(real: Any, kwargs: dict[str, Any]) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise error()
+        return real(**kwargs)
+
+    return hook
+
+
+@pytest.fixture
+def no_backoff() -> Iterator[None]:
+    with (
+        mock.patch.object(dynamodb_module, "_CONFLICT_BACKOFF_SECONDS", 0),
+        mock.patch.object(dynamodb_module, "_BATCH_GET_BACKOFF_SECONDS", 0),
+    ):
+        yield
+
+
+async def test_writes_meeting_a_transaction_are_tried_again(aws: None, no_backoff: None) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    client.hooks["update_item"] = _failing(2, _conflict)
+    client.calls.clear()
+    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 600) is True
+    assert client.calls == ["update_item"] * 3
+    # A transaction cancelled because another one holds an item: tried again too.
+    client.hooks["transact_write_items"] = _failing(1, lambda: _cancelled({"Code": "TransactionConflict"}, {}))
+    assert await store.append("s#k", "a", b"0") is True
+    assert await store.journal("s#k") == [b"0"]
+    store.close()
+
+
+async def test_a_conflict_that_does_not_end_is_a_store_error(aws: None, no_backoff: None) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    client.hooks["update_item"] = _failing(100, _conflict)
+    client.calls.clear()
+    with pytest.raises(IdempotencyStoreError, match="TransactionConflictException") as raised:
+        await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 600)
+    assert isinstance(raised.value.__cause__, ClientError)
+    assert client.calls == ["update_item"] * dynamodb_module._CONFLICT_ATTEMPTS
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "reasons",
+    [
+        pytest.param(
+            [{"Code": "ValidationError", "Message": "Item size has exceeded"}, {"Code": "None"}], id="invalid"
+        ),
+        pytest.param([{"Code": "ThrottlingError"}, {"Code": "None"}], id="throttled"),
+        pytest.param(None, id="no-reasons"),
+    ],
+)
+async def test_a_transaction_cancelled_for_another_reason_is_a_store_error(aws: None, reasons: Any) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    client.hooks["transact_write_items"] = _failing(1, lambda: _cancelled(*(reasons or ())))
+    with pytest.raises(IdempotencyStoreError, match="TransactionCanceledException"):
+        await store.append("s#k", "a", b"0")
+    assert await store.journal("s#k") == []
+    store.close()
+
+
+# Reading the journal: unprocessed keys, missing and malformed entries.
+
+
+def _partly_processed(rounds: list[int | None]) -> Any:
+    """A batch_get_item hook: each call serves only ``rounds.pop(0)`` keys (all when None), the rest unprocessed."""
+
+    def hook(real: Any, kwargs: dict[str, Any]) -> Any:
+        served = rounds.pop(0) if rounds else None
+        request = kwargs["RequestItems"][TABLE]
+        keys = request["Keys"]
+        response = real(RequestItems={TABLE: {**request, "Keys": keys[:served]}}) if served != 0 else {}
+        if served is not None and keys[served:]:
+            response["UnprocessedKeys"] = {TABLE: {**request, "Keys": keys[served:]}}
+        return response
+
+    return hook
+
+
+async def test_unprocessed_keys_are_asked_for_again(aws: None, no_backoff: None) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    entries = [b"%d" % i for i in range(5)]
+    for entry in entries:
+        await store.append("s#k", "a", entry)
+    client.hooks["batch_get_item"] = _partly_processed([2, 0, 0, 1])  # some, none twice (throttled), one, the rest
+    client.calls.clear()
+    assert await store.journal("s#k") == entries
+    assert client.calls == ["get_item"] + ["batch_get_item"] * 5
+    store.close()
+
+
+async def test_keys_left_unprocessed_round_after_round_are_a_store_error(aws: None, no_backoff: None) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    await store.append("s#k", "a", b"0")
+    client.hooks["batch_get_item"] = _partly_processed([0] * 100)
+    client.calls.clear()
+    with pytest.raises(IdempotencyStoreError, match="unprocessed"):
+        await store.journal("s#k")
+    assert client.calls == ["get_item"] + ["batch_get_item"] * dynamodb_module._BATCH_GET_IDLE_ROUNDS
+    store.close()
+
+
+def _lineage(store: DynamoDBIdempotencyStore, key: str) -> str:
+    item = _item(store, key)
+    assert item is not None
+    lineage: str = item["journal_id"]["S"]
+    return lineage
+
+
+@pytest.mark.parametrize("damage", ["missing", "no-entry-attribute"])
+async def test_a_journal_with_a_lost_or_malformed_entry_is_corrupt(aws: None, damage: str) -> None:
+    store, _ = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    for entry in (b"0", b"1", b"2"):
+        await store.append("s#k", "a", entry)
+    entry_id = f"s#k#journal#{_lineage(store, 's#k')}#1"
+    if damage == "missing":
+        store._client.delete_item(TableName=TABLE, Key={"id": {"S": entry_id}})
+    else:
+        store._client.put_item(TableName=TABLE, Item={"id": {"S": entry_id}, "expiration": {"N": "1"}})
+    with pytest.raises(IdempotencyRecordCorruptedError, match="s#k") as raised:
+        await store.journal("s#k")
+    assert ("entry 1 of 3 is missing" in str(raised.value)) is (damage == "missing")
+    store.close()
+
+
+async def test_a_malformed_journal_head_is_a_corrupt_record(aws: None) -> None:
+    store, _ = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    store._client.update_item(
+        TableName=TABLE,
+        Key={"id": {"S": "s#k"}},
+        UpdateExpression="SET journal_id = :lineage, journal_length = :length",
+        ExpressionAttributeValues={":lineage": {"S": "l"}, ":length": {"S": "two"}},
+    )
+    store._heads.forget("s#k")
+    with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
+        await store.journal("s#k")
+    with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
+        await store.append("s#k", "a", b"0")
+    store.close()
+
+
+# Appends and cuts that keep meeting other writers; what this process remembers.
+
+
+def _owned_item(store: DynamoDBIdempotencyStore, key: str) -> dict[str, Any]:
+    item = _item(store, key)
+    assert item is not None
+    return item
+
+
+async def test_an_append_that_keeps_meeting_a_moved_journal_gives_up(aws: None) -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    await store.append("s#k", "a", b"0")
+    record = _owned_item(store, "s#k")
+    stale = {**record, "journal_length": {"N": "7"}}  # as if another append always landed first
+    client.hooks["transact_write_items"] = _failing(
+        100, lambda: _cancelled({"Code": "ConditionalCheckFailed", "Item": stale}, {"Code": "None"})
+    )
+    client.calls.clear()
+    with pytest.raises(IdempotencyStoreError, match="kept racing"):
+        await store.append("s#k", "a", b"1")
+    assert client.calls == ["transact_write_items"] * dynamodb_module._JOURNAL_ATTEMPTS
+    store.close()
+
+
+async def test_concurrent_appends_of_one_owner_take_turns(aws: None) -> None:
+    """Tools finishing together append at once: each lands, in one transaction, none failing on another's."""
+    await _appends_at_once()
+
+
+# Appends racing each other from one process: they fail on each other's transactions, and run out of attempts (12
+# appends on 4 threads failed in 100 runs of 100).
+@pytest.mark.xfail(strict=True, raises=(AssertionError, IdempotencyStoreError))
+async def test_negative_control_concurrent_appends_not_taking_turns(aws: None) -> None:
+    with mock.patch.object(DynamoDBIdempotencyStore, "_append", DynamoDBIdempotencyStore._append_alone):
+        await _appends_at_once()
+
+
+async def _appends_at_once() -> None:
+    store, client = _hooked_store()
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    entries = [b"tool-%d" % i for i in range(12)]
+    client.calls.clear()
+    outcomes = await asyncio.gather(*(store.append("s#k", "a", entry) for entry in entries))
+    assert outcomes == [True] * len(entries)
+    assert client.calls == ["transact_write_items"] * len(entries)
+    assert sorted(await store.journal("s#k")) == sorted(entries)
+    store.close()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_appends_of_two_processes_to_one_journal_all_land(aws: None, server: str) -> None:
+    """Each store is another process: an append on a journal the other moved on meanwhile finds where it stands."""
+    store, client = _hooked_store(server)
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    with DynamoDBIdempotencyStore(TABLE, client=client) as other:
+        for i in range(3):
+            assert await store.append("s#k", "a", b"here-%d" % i) is True
+            assert await other.append("s#k", "a", b"there-%d" % i) is True
+        expected = [b"here-0", b"there-0", b"here-1", b"there-1", b"here-2", b"there-2"]
+        assert await store.journal("s#k") == await other.journal("s#k") == expected
+    store.close()
+
+
+async def test_a_cut_raced_by_an_append_on_a_server_without_old_items_cuts_again(aws: None) -> None:
+    store, client = _hooked_store("no old item")
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    for entry in (b"0", b"1", b"2"):
+        await store.append("s#k", "a", entry)
+    client.hooks["update_item"] = _failing(1, lambda: _condition_failed("UpdateItem"))
+    client.calls.clear()
+    assert await store.truncate("s#k", "a", 1) is True
+    assert client.calls == ["update_item", "get_item", "update_item"]
+    assert await store.journal("s#k") == [b"0"]
+    client.hooks["update_item"] = _failing(100, lambda: _condition_failed("UpdateItem"))
+    await store.append("s#k", "a", b"1")
+    with pytest.raises(IdempotencyStoreError, match="kept racing"):
+        await store.truncate("s#k", "a", 0)
+    store.close()
+
+
+async def test_truncate_refuses_a_negative_length(aws: None) -> None:
+    store, _ = _hooked_store()
+    with pytest.raises(ValueError, match="negative"):
+        await store.truncate("s#k", "a", -1)
+    store.close()
+
+
+async def test_the_heads_remembered_are_bounded(aws: None) -> None:
+    with mock.patch.object(dynamodb_module, "_REMEMBERED_HEADS", 2):
+        store, client = _hooked_store()
+    now = time.time()
+    for key in ("s#1", "s#2", "s#3"):
+        await store.claim(_claim(key, "a", now), now)
+    client.calls.clear()
+    assert await store.append("s#3", "a", b"x") is True
+    assert client.calls == ["transact_write_items"]
+    client.calls.clear()
+    assert await store.append("s#1", "a", b"x") is True  # the least recently used head was forgotten
+    assert client.calls == ["get_item", "transact_write_items"]
+    store.close()
