@@ -7,6 +7,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -18,6 +19,8 @@ import pytest
 import redis
 import redis_worker as worker
 from _servers import RedisServer, running_redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import strands_py.idempotency.redis as redis_module
 from strands_py.idempotency import (
@@ -449,7 +452,7 @@ class _CheckThenTakeOver(RedisIdempotencyStore):
     def __init__(self, client: redis.Redis, takers: int) -> None:
         super().__init__(client, max_workers=takers + 1, close_client=True)
         self._all_checked = threading.Barrier(takers)
-        blind = redis_module._TAKE_OVER.replace("redis.call('HGET', KEYS[1], 'version') ~= ARGV[1]", "false")
+        blind = redis_module._TAKE_OVER.replace("if stored ~= ARGV[1] then", "if false then")
         assert blind != redis_module._TAKE_OVER
         self._overwrite = client.register_script(blind)
 
@@ -458,7 +461,8 @@ class _CheckThenTakeOver(RedisIdempotencyStore):
         if current is None or current.version != version:
             return False
         self._all_checked.wait(WAIT)  # deterministic interleaving: nobody writes before every taker has checked
-        return bool(await self._blocking(self._write, self._overwrite, record.key, [version], record))
+        head = [version, record.version]
+        return bool(await self._blocking(self._write, self._overwrite, record.key, head, record))
 
 
 TAKERS = 8
@@ -586,3 +590,171 @@ def test_a_record_written_past_its_expiry_lands_and_is_deleted_by_the_server(url
         assert asyncio.run(store.claim(_record("s#past", "a", now - 7200), now)) is None
         assert client.pttl(_at("s#past")) in (-2, 0, 1)
     client.close()
+
+
+# Lost replies. redis-py sends a command again when the connection fails before its reply arrives (from_url's store
+# retries 3 times): the first copy may have run on the server. Every write must land once and report its outcome.
+
+
+class _ReplyDropper:
+    """A TCP proxy to a redis-server; when armed, it loses the next reply: the command ran, its connection dies.
+
+    redis-py then reconnects (through the proxy) and sends the same command again, as after a network failure
+    between the server's write and the client's read.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._armed = threading.Event()
+        self.dropped = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="reply-dropper", daemon=True).start()
+
+    def drop_next_reply(self) -> None:
+        self.dropped.clear()
+        self._armed.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self._upstream))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if replies and self._armed.is_set():
+                    self._armed.clear()
+                    self.dropped.set()
+                    break  # the reply goes nowhere: both ends of this connection close below
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            _hang_up(s)
+
+    def close(self) -> None:
+        self._listener.close()
+        for s in self._sockets:
+            _hang_up(s)
+
+
+def _hang_up(s: socket.socket) -> None:
+    """Close ``s`` now: shutdown wakes the other pump blocked in recv on it and sends the peer its end of stream."""
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed, or never connected
+    s.close()
+
+
+# Negative controls: scripts that do not recognise a resent copy of themselves (script, text replaced, replacement).
+_BLIND_TO_RESENDS = {
+    "append-without-id": ("_APPEND", "== ARGV[3] then", "== false then"),
+    "take-over-blind": ("_TAKE_OVER", "if stored == ARGV[2] then", "if false then"),
+    "complete-blind": ("_COMPLETE", "if redis.call('HGET', KEYS[1], 'version') == ARGV[2] then", "if false then"),
+}
+
+
+class _BlindToResends(RedisIdempotencyStore):
+    def __init__(self, url: str, variant: str) -> None:
+        super().__init__(redis.Redis.from_url(url, retry=Retry(NoBackoff(), 3)), close_client=True)
+        script, old, new = _BLIND_TO_RESENDS[variant]
+        source = getattr(redis_module, script)
+        assert old in source
+        setattr(self, script.lower(), self._client.register_script(source.replace(old, new)))
+
+
+@pytest.fixture
+def dropper(server: RedisServer, url: str) -> Iterator[_ReplyDropper]:
+    proxy = _ReplyDropper(server.port)
+    yield proxy
+    proxy.close()
+
+
+def _lossy_store(request: pytest.FixtureRequest, dropper: _ReplyDropper) -> RedisIdempotencyStore:
+    proxied = f"redis://127.0.0.1:{dropper.port}"
+    variant = getattr(request, "param", "store")
+    return RedisIdempotencyStore.from_url(proxied) if variant == "store" else _BlindToResends(proxied, variant)
+
+
+@pytest.fixture
+def lossy(request: pytest.FixtureRequest, dropper: _ReplyDropper) -> Iterator[RedisIdempotencyStore]:
+    """The store through the proxy, or (``indirect`` param) a variant of ``_BLIND_TO_RESENDS``."""
+    store = _lossy_store(request, dropper)
+    yield store
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "lossy",
+    ["store", pytest.param("append-without-id", marks=pytest.mark.xfail(strict=True, raises=AssertionError))],
+    indirect=True,
+)
+def test_an_append_whose_reply_is_lost_lands_once(lossy: RedisIdempotencyStore, dropper: _ReplyDropper) -> None:
+    now = time.time()
+
+    async def scenario() -> None:
+        assert await lossy.claim(_record("s#k", "a", now), now) is None
+        assert await lossy.append("s#k", "a", b"step-0") is True  # the scripts are loaded, a connection is open
+        dropper.drop_next_reply()
+        assert await lossy.append("s#k", "a", b"step-1") is True
+        assert dropper.dropped.is_set()
+        assert await lossy.journal("s#k") == [b"step-0", b"step-1"]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "lossy",
+    [
+        "store",
+        *(
+            pytest.param(variant, marks=pytest.mark.xfail(strict=True, raises=AssertionError))
+            for variant in ("take-over-blind", "complete-blind")
+        ),
+    ],
+    indirect=True,
+)
+def test_writes_whose_reply_is_lost_report_what_landed(lossy: RedisIdempotencyStore, dropper: _ReplyDropper) -> None:
+    """A takeover, a completion, a renewal, a truncation and a claim, each resent after its reply was lost."""
+    now = time.time()
+
+    async def lose_reply(call: Awaitable[Any]) -> Any:
+        dropper.drop_next_reply()
+        outcome = await call
+        assert dropper.dropped.is_set()
+        return outcome
+
+    async def scenario() -> None:
+        # Every script once (fenced off, on another key), so that the replies lost below are the writes' own, never
+        # a NOSCRIPT answered before the script was loaded.
+        await lossy.take_over(_record("s#warm", "a", now), "v")
+        await lossy.complete(_completed("s#warm", "a", now, ttl=600))
+        await lossy.renew("s#warm", "a", version="v", lease_seconds=60, expires_at=now + 600)
+        await lossy.truncate("s#warm", "a", 0)
+        first = _record("s#k", "a", now)
+        assert await lossy.claim(first, now) is None
+        assert await lossy.append("s#k", "a", b"step-0") is True
+        retried = _record("s#k", "a", now)
+        assert await lose_reply(lossy.claim(retried, now)) is None  # its own claim, again
+        assert await lossy.get("s#k") == retried
+        taken = _record("s#k", "b", now)
+        assert await lose_reply(lossy.take_over(taken, retried.version)) is True
+        assert await lossy.get("s#k") == taken
+        assert await lose_reply(lossy.renew("s#k", "b", version="v-2", lease_seconds=60, expires_at=now + 600))
+        assert await lossy.append("s#k", "b", b"step-1") is True
+        assert await lose_reply(lossy.truncate("s#k", "b", 1)) is True
+        assert await lossy.journal("s#k") == [b"step-0"]
+        done = _completed("s#k", "b", now, ttl=600)
+        assert await lose_reply(lossy.complete(done)) is True
+        assert await lossy.get("s#k") == done
+
+    asyncio.run(scenario())

@@ -135,38 +135,53 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return nil
 """
 
+# Resent writes. redis-py sends a command again when its connection fails before the reply arrives (the client's
+# retry policy), and the first copy may have run. Versions are unique to a write, so take_over and complete find
+# their own write in place by its version and report it as done, instead of reporting a takeover or a completion
+# that landed as fenced off. (claim, renew and truncate land the same state again; append carries an id of its own.)
+
 # take_over: replace the stored record only if its version is the one the caller judged (compare-and-set). The
 # journal stays: the new owner resumes from it.
 #   ARGV[1]   the judged version
-#   ARGV[2]   the new record's TTL in milliseconds
-#   ARGV[3..] the new record's hash fields, as name, value, ...
-#   returns   1 if replaced, 0 if the key holds another version or nothing (nothing written)
+#   ARGV[2]   the new record's version
+#   ARGV[3]   the new record's TTL in milliseconds
+#   ARGV[4..] the new record's hash fields, as name, value, ...
+#   returns   1 if replaced (now, or by this very write before), 0 if the key holds another version or nothing
+#             (nothing written)
 _TAKE_OVER = """
 local unpack = unpack or table.unpack
-if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then
+local stored = redis.call('HGET', KEYS[1], 'version')
+if stored == ARGV[2] then
+    return 1
+end
+if stored ~= ARGV[1] then
     return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
 # complete: replace the owner's IN_PROGRESS record with the completed record, fenced on owner and status; the journal
 # goes (a completed invocation keeps only its result).
 #   ARGV[1]   the owner
-#   ARGV[2]   the completed record's TTL in milliseconds
-#   ARGV[3..] the completed record's hash fields, as name, value, ...
-#   returns   1 if written, 0 if fenced off (taken over, completed, or gone)
+#   ARGV[2]   the completed record's version
+#   ARGV[3]   the completed record's TTL in milliseconds
+#   ARGV[4..] the completed record's hash fields, as name, value, ...
+#   returns   1 if written (now, or by this very write before), 0 if fenced off (taken over, completed, or gone)
 _COMPLETE = """
 local unpack = unpack or table.unpack
+if redis.call('HGET', KEYS[1], 'version') == ARGV[2] then
+    return 1
+end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
     return 0
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -463,7 +478,7 @@ class RedisIdempotencyStore(IdempotencyStore):
 
     async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
         """See ``IdempotencyStore.take_over``: one script, a compare-and-set on the stored version."""
-        return bool(await self._blocking(self._write, self._take_over, record.key, [version], record))
+        return bool(await self._blocking(self._write, self._take_over, record.key, [version, record.version], record))
 
     async def get(self, key: str) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.get``: one ``HGETALL``, no clock.
@@ -476,7 +491,9 @@ class RedisIdempotencyStore(IdempotencyStore):
 
     async def complete(self, record: IdempotencyRecord) -> bool:
         """See ``IdempotencyStore.complete``: one script, fenced on owner and status."""
-        return bool(await self._blocking(self._write, self._complete, record.key, [record.owner], record))
+        return bool(
+            await self._blocking(self._write, self._complete, record.key, [record.owner, record.version], record)
+        )
 
     async def release(self, key: str, owner: str) -> bool:
         """See ``IdempotencyStore.release``: one script, fenced on owner and status."""

@@ -226,7 +226,7 @@ async def test_a_record_written_past_its_expiry_lives_one_millisecond(
         assert sent[-1][4] == 1  # KEYS[1], KEYS[2], then owner, now, TTL
         await store.claim(_claim("s#k2", "a", now), now)
         assert await store.complete(_completed("s#k2", "a", now - 7200)) is True
-        assert sent[-1][3] == 1  # KEYS[1], KEYS[2], owner, then TTL
+        assert sent[-1][4] == 1  # KEYS[1], KEYS[2], owner, version, then TTL
     assert client.pttl(_at("s#k2")) in (-2, 0, 1)  # gone, or going within a millisecond
 
 
@@ -621,19 +621,47 @@ def _a_released_claim_leaves_nothing(store: RedisIdempotencyStore, client: Any) 
     asyncio.run(scenario())
 
 
-def _a_resent_append_lands_once(store: RedisIdempotencyStore, client: Any) -> None:
-    """redis-py sends a command again when its reply is lost: the second copy of an append appends nothing."""
+def _replies_lost(client: Any) -> Any:
+    """While active, every script runs twice, as when redis-py sends a command again after losing its reply."""
     real = client.evalsha
 
     def reply_lost_then_resent(sha: Any, numkeys: Any, *keys_and_args: Any) -> Any:
         real(sha, numkeys, *keys_and_args)  # ran on the server; its reply never came back
         return real(sha, numkeys, *keys_and_args)  # the same command, sent again by the client's retry
 
+    return mock.patch.object(client, "evalsha", reply_lost_then_resent)
+
+
+def _resent_writes_report_what_landed(store: RedisIdempotencyStore, client: Any) -> None:
+    """A takeover or a completion resent after it landed finds its own write (by its version): True, not fenced."""
+
+    async def scenario() -> None:
+        now = time.time()
+        first = _claim("s#k", "a", now)
+        await store.claim(first, now)
+        await store.complete(_completed("s#warm", "a", now))  # scripts loaded: the spy sees only EVALSHA
+        await store.take_over(_claim("s#warm", "a", now), "v")
+        taken = _claim("s#k", "b", now)
+        with _replies_lost(client):
+            assert await store.take_over(taken, first.version) is True
+            assert await store.get("s#k") == taken
+            done = _completed("s#k", "b", now)
+            assert await store.complete(done) is True
+            assert await store.get("s#k") == done
+            assert await store.take_over(_claim("s#k", "c", now), taken.version) is False  # still a compare-and-set
+            assert await store.complete(_completed("s#k", "c", now)) is False  # still fenced on the owner
+
+    asyncio.run(scenario())
+
+
+def _a_resent_append_lands_once(store: RedisIdempotencyStore, client: Any) -> None:
+    """redis-py sends a command again when its reply is lost: the second copy of an append appends nothing."""
+
     async def scenario() -> None:
         now = time.time()
         await store.claim(_claim("s#k", "a", now), now)
         await store.append("s#k", "a", b"warm-up")  # scripts loaded: the spy sees only EVALSHA
-        with mock.patch.object(client, "evalsha", reply_lost_then_resent):
+        with _replies_lost(client):
             assert await store.append("s#k", "a", b"once") is True
             assert await store.append("s#k", "a", b"once") is True  # a second step with the same bytes: its own
         assert await store.journal("s#k") == [b"warm-up", b"once", b"once"]
@@ -670,6 +698,7 @@ _CHECKS = {
     "completed claim": _a_completed_claim_takes_no_appends,
     "released claim": _a_released_claim_leaves_nothing,
     "resent append": _a_resent_append_lands_once,
+    "resent takeover and completion": _resent_writes_report_what_landed,
 }
 # Broken variants of the scripts, and the check that must catch each: (script, text replaced, replacement, check).
 _BROKEN = {
@@ -716,6 +745,18 @@ _BROKEN = {
         "ttl follows the record",
     ),
     "append without its call id": ("_APPEND", "== ARGV[3] then", "== false then", "resent append"),
+    "take_over blind to its own write": (
+        "_TAKE_OVER",
+        "if stored == ARGV[2] then",
+        "if false then",
+        "resent takeover and completion",
+    ),
+    "complete blind to its own write": (
+        "_COMPLETE",
+        "if redis.call('HGET', KEYS[1], 'version') == ARGV[2] then",
+        "if false then",
+        "resent takeover and completion",
+    ),
 }
 
 
