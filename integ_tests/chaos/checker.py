@@ -279,13 +279,17 @@ def _tool_violations(calls: list[dict[str, Any]]) -> tuple[list[Violation], int]
         runs[key].append(record)
     uncertain = 0
     for key, records in sorted(runs.items()):
-        starts = sorted(r["mono"] for r in records if r["phase"] == "start")
-        dones = sorted(r["mono"] for r in records if r["phase"] == "done")
-        if dones and any(start > dones[0] for start in starts):
-            reruns = sum(start > dones[0] for start in starts)
-            turn, step = records[0].get("turn"), records[0].get("step")
-            detail = f"tool key {key[:12]}… (step {step}) started {reruns} more time(s) after a run completed"
-            violations.append(Violation(TOOL_RERUN, None, turn, detail))
+        records.sort(key=lambda r: r["mono"])
+        starts = [r for r in records if r["phase"] == "start"]
+        done = next((r for r in records if r["phase"] == "done"), None)
+        again = [r for r in starts if done is not None and r["mono"] > done["mono"]]
+        if done is not None and again:
+            later = again[0]["mono"] - done["mono"]
+            detail = (
+                f"tool key {key[:12]}… (step {done.get('step')}) completed by pid {done.get('pid')}, started again "
+                f"{len(again)} time(s), first by pid {again[0].get('pid')} {later:.1f}s later"
+            )
+            violations.append(Violation(TOOL_RERUN, None, done.get("turn"), detail))
         elif len(starts) > 1:
             uncertain += len(starts) - 1
     return violations, uncertain

@@ -12,8 +12,11 @@ A run's directory holds:
   with ``pid``, ``turn``, ``step`` and ``mono``; model and tool records are fsync'ed before the call goes on, so a
   SIGKILL cannot hide a call that started; ``reconcile`` records when the library asked whether a tool call that died
   mid-run had completed (``found``);
-- ``faults.jsonl``: one ``fault`` record per fault applied (``kind``, ``pid`` or ``slot``, parameters, ``mono``);
+- ``faults.jsonl``: one ``fault`` record per fault applied (``kind``, ``pid`` or ``slot``, parameters, ``mono``),
+  ``missed`` for an aimed fault that found no target in time, ``healed`` when the faults stopped;
 - ``phases.jsonl``: when the orchestrator's phases ended (``begun``, ``started``, ``worked``, ``closed``, ...);
+- ``sessions/``: the conversations (strands' ``FileSessionManager`` directory, shared by every worker);
+- ``logs/``: each worker process's log (the library's INFO log, tracebacks, stack dumps) and the store server's;
 - ``final.json``: the state after every process is gone: each conversation's persisted messages, and each
   conversation's session lock record as the store's ``get`` returns it (``state`` and ``owner``, or null).
 
@@ -40,6 +43,7 @@ FINAL = "final.json"
 META = "meta.json"
 PHASES = "phases.jsonl"
 EVENTS = "events"
+SESSIONS = "sessions"
 
 
 class JsonLines:

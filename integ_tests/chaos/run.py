@@ -38,6 +38,7 @@ from .history import (
     FINAL,
     META,
     PHASES,
+    SESSIONS,
     SETTINGS,
     WORKLOAD,
     FinalState,
@@ -127,6 +128,63 @@ async def _send(clients: Clients, turns: list[Turn], settings: Settings) -> None
         task.result()  # raises what the clients raised
 
 
+@dataclass
+class _Rig:
+    """What a run has running once its processes are up, and the records it keeps."""
+
+    settings: Settings
+    workload: Workload
+    cluster: Cluster
+    proxy: FaultProxy
+    observer: Observer
+    faults: JsonLines
+    attempts: JsonLines
+    phases: JsonLines
+    troubles: list[str]
+
+    async def drive(self) -> None:
+        """The work turns under faults, then (faults healed, every slot up) the closing turns."""
+        settings = self.settings
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        async with httpx.AsyncClient(limits=limits) as http:
+            clients = Clients(settings, self.cluster, self.attempts, http)
+            scheduler = Scheduler(settings, self.cluster, self.proxy, self.observer, self.faults)
+            # Faults for ``minutes``, or until the work turns are done; whatever is still in effect is then undone.
+            injecting = asyncio.ensure_future(scheduler.run(settings.minutes * 60 if settings.faults else 0.0))
+            try:
+                await _send(clients, self.workload.of_phase(WORK), settings)
+            finally:
+                injecting.cancel()
+                await asyncio.wait([injecting])
+            phase(self.phases, "worked")
+            if not await self.cluster.whole(WHOLE_TIMEOUT):
+                self.troubles.append(f"not every worker slot was up {WHOLE_TIMEOUT:g}s after the faults stopped")
+            await _send(clients, self.workload.of_phase(CLOSING), settings)
+            phase(self.phases, "closed")
+
+
+def phase(phases: JsonLines, name: str) -> None:
+    """Record that the run reached phase ``name``."""
+    phases.write({"ev": "phase", "name": name, "mono": time.monotonic()})
+
+
+def _worker_config(settings: Settings, directory: Path, proxy: FaultProxy, observer: Observer) -> Path:
+    """Write what every worker process is given; returns its path."""
+    path = directory / "worker.json"
+    WorkerConfig(
+        store=settings.store,
+        endpoint=proxy.endpoint,
+        sessions_dir=str(directory / SESSIONS),
+        events_dir=str(directory / EVENTS),
+        notify_port=observer.port,
+        seed=settings.seed,
+        lease_seconds=settings.lease_seconds,
+        wait_timeout_seconds=settings.wait_timeout_seconds,
+        expires_after_seconds=settings.expires_after_seconds,
+    ).save(path)
+    return path
+
+
 async def execute(settings: Settings, directory: Path) -> list[str]:
     """One run of ``settings`` recorded in ``directory`` (see the module docstring); returns the harness's own
     troubles (worker crashes, slots that did not come back), which are not the library's violations."""
@@ -135,82 +193,37 @@ async def execute(settings: Settings, directory: Path) -> list[str]:
     write_json(directory / SETTINGS, settings.as_dict())
     write_json(directory / WORKLOAD, workload.as_dict())
     write_json(directory / META, provenance())
-    sessions, logs = directory / "sessions", directory / "logs"
+    logs = directory / "logs"
     logs.mkdir()
-    faults, attempts = JsonLines(directory / FAULTS), JsonLines(directory / CLIENTS)
-    phases = JsonLines(directory / PHASES)
-    _phase(phases, "begun")
-    await asyncio.to_thread(open_conversations, workload.conversations, sessions)
+    faults, attempts, phases = (JsonLines(directory / name) for name in (FAULTS, CLIENTS, PHASES))
+    phase(phases, "begun")
+    await asyncio.to_thread(open_conversations, workload.conversations, directory / SESSIONS)
     troubles: list[str] = []
     try:
         async with running_store_server(settings.store, logs / "store.log") as server:
-            _phase(phases, "store server started")
+            phase(phases, "store server started")
             proxy = await FaultProxy(server.endpoint).start()
             observer = await Observer.listen()
-            config = directory / "worker.json"
-            WorkerConfig(
-                store=settings.store,
-                endpoint=proxy.endpoint,
-                sessions_dir=str(sessions),
-                events_dir=str(directory / EVENTS),
-                notify_port=observer.port,
-                seed=settings.seed,
-                lease_seconds=settings.lease_seconds,
-                wait_timeout_seconds=settings.wait_timeout_seconds,
-                expires_after_seconds=settings.expires_after_seconds,
-            ).save(config)
+            config = _worker_config(settings, directory, proxy, observer)
             cluster = Cluster(settings, config, logs, faults, observer)
             try:
                 # The workers start while the store's server does: they reach it only when requests arrive.
                 await all_or_none(server.ready(), cluster.start())
-                _phase(phases, "started")
-                await _phases(settings, workload, cluster, proxy, observer, faults, attempts, phases, troubles)
+                phase(phases, "started")
+                rig = _Rig(settings, workload, cluster, proxy, observer, faults, attempts, phases, troubles)
+                await rig.drive()
             finally:
                 await cluster.close()
                 await proxy.close()
                 observer.close()
                 troubles.extend(cluster.crashes)
-                _phase(phases, "stopped")
-            final = await read_final_state(settings, server.endpoint, workload.conversations, sessions)
+                phase(phases, "stopped")
+            final = await read_final_state(settings, server.endpoint, workload.conversations, directory / SESSIONS)
             write_json(directory / FINAL, final.as_dict())
     finally:
         for lines in (faults, attempts, phases):
             lines.close()
     return troubles
-
-
-def _phase(phases: JsonLines, name: str) -> None:
-    phases.write({"ev": "phase", "name": name, "mono": time.monotonic()})
-
-
-async def _phases(
-    settings: Settings,
-    workload: Workload,
-    cluster: Cluster,
-    proxy: FaultProxy,
-    observer: Observer,
-    faults: JsonLines,
-    attempts: JsonLines,
-    phases: JsonLines,
-    troubles: list[str],
-) -> None:
-    """The work turns under faults, then (faults healed, every slot up) the closing turns."""
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    async with httpx.AsyncClient(limits=limits) as http:
-        clients = Clients(settings, cluster, attempts, http)
-        scheduler = Scheduler(settings, cluster, proxy, observer, faults)
-        # Faults for ``minutes``, or until the work turns are done; whatever is still in effect is then undone.
-        injecting = asyncio.ensure_future(scheduler.run(settings.minutes * 60 if settings.faults else 0.0))
-        try:
-            await _send(clients, workload.of_phase(WORK), settings)
-        finally:
-            injecting.cancel()
-            await asyncio.wait([injecting])
-        _phase(phases, "worked")
-        if not await cluster.whole(WHOLE_TIMEOUT):
-            troubles.append(f"not every worker slot was up {WHOLE_TIMEOUT:g}s after the faults stopped")
-        await _send(clients, workload.of_phase(CLOSING), settings)
-        _phase(phases, "closed")
 
 
 @dataclass
