@@ -209,7 +209,11 @@ class SessionLock:
         self._ticket: _Ticket | None = None
 
     async def acquire(
-        self, mode: SessionInvocationMode, wait_timeout_seconds: float | None, token_key: str | None = None
+        self,
+        mode: SessionInvocationMode,
+        wait_timeout_seconds: float | None,
+        token_key: str | None = None,
+        watch: LeaseWatch | None = None,
     ) -> dict[str, str] | None:
         """Take the lock, waiting per ``mode``.
 
@@ -222,6 +226,8 @@ class SessionLock:
             rolled back), or None. Until this lock's holder writes a checkpoint of its own, the lock record carries
             that verdict forward, so a holder that fails before rolling back leaves it to the next one.
 
+        ``watch``: the caller's judgement of the lock's holder so far, if it watched the lock before calling.
+
         Raises:
             SessionBusyError: Another request holds the session (at once in THROW mode; after
                 ``wait_timeout_seconds`` in ENQUEUE mode).
@@ -231,7 +237,7 @@ class SessionLock:
         if mode is SessionInvocationMode.THROW and _busy(self.store, self.key):
             raise SessionBusyError("another request of this process is running a turn of this session")
         ticket = self._ticket = _join(self.store, self.key)
-        watch = LeaseWatch()
+        watch = watch if watch is not None else LeaseWatch()
         acquired = False
         try:
             delay = _POLL_FIRST_SECONDS

@@ -25,12 +25,15 @@ so its retry starts from the same conversation.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from ..idempotency._heartbeat import _Lease
+from ..idempotency._calls import _store
+from ..idempotency._heartbeat import LeaseWatch, _Lease
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import session_lock_key
+from ..idempotency.record import RecordState
 from ..types.exceptions import IdempotencyLeaseLostError
 from ..types.session import SessionInvocationMode
 from ._conversation import _Conversation
@@ -71,6 +74,8 @@ class SessionTurn:
         )
         self.lease: _Lease | None = None
         self.checkpoint: str | None = None
+        # Watches the lock's holder from before ``begin`` (while the token's owner is waited for): see watch_lock.
+        self._watch = LeaseWatch()
         self._on_lost = on_lost
         self._held = False
         self._fenced = False
@@ -92,7 +97,7 @@ class SessionTurn:
         """
         config = self.config
         previous = await self.lock.acquire(
-            SessionInvocationMode(config.session_invocation_mode), config.wait_timeout_seconds, token_key
+            SessionInvocationMode(config.session_invocation_mode), config.wait_timeout_seconds, token_key, self._watch
         )
         self._held = True
         self.lease = _Lease(
@@ -149,6 +154,19 @@ class SessionTurn:
         self._fenced = False
         for name in _FENCED_WRITES:
             manager.__dict__.pop(name, None)
+
+    async def watch_lock(self) -> None:
+        """Read the lock's record into this turn's watch, before ``begin``; never raises.
+
+        Called while the turn's token is held by another owner: a dead owner's token claim and session lock went
+        silent together, so watching both at once judges both gone in one lease, not one after the other.
+        """
+        try:
+            record = await _store(self.config.store.get(self.key))
+        except Exception:  # noqa: BLE001 - only a head start: begin() reads the lock again anyway
+            return
+        if record is not None and record.state is RecordState.IN_PROGRESS:
+            self._watch.remaining(record, time.monotonic())
 
     def check(self) -> None:
         """Raise ``IdempotencyLeaseLostError`` if the lock's lease is lost."""

@@ -13,6 +13,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
@@ -92,11 +93,16 @@ class DurableCall:
 
 
 async def claim_or_wait(
-    call: DurableCall, span: Span, seen: IdempotencyRecord | None = None
+    call: DurableCall,
+    span: Span,
+    seen: IdempotencyRecord | None = None,
+    while_waiting: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[IdempotencyRecord | None, float, bool]:
     """Claim the key (returns None) or return its completed record, waiting while another owner runs it.
 
-    ``seen``: a claim was already attempted and met this record; start by waiting on it.
+    ``seen``: a claim was already attempted and met this record; start by waiting on it. ``while_waiting``: called
+    at every poll while another owner holds the claim (a session turn watches its session's lock meanwhile, so that
+    a dead owner's lock is judged in the same lease as its claim, not one lease later).
 
     Returns:
         The completed record (or None when we claimed it), the monotonic time our winning write was sent, and
@@ -156,6 +162,8 @@ async def claim_or_wait(
         # Wake up when the owner could be judged gone, not a whole backoff step later.
         await asyncio.sleep(min(pause, wait + 0.01))
         delay = min(delay * 2, _POLL_MAX_SECONDS)
+        if while_waiting is not None:
+            await while_waiting()
         existing = await _store(store.get(key))
         read_at = time.monotonic()
         if existing is None:

@@ -44,7 +44,7 @@ class _Stored(enum.Enum):
     """What storing a result came to."""
 
     STORED = "stored"
-    NOT_STORED = "not stored"  # the write failed and our claim was released: nothing will replay it
+    NOT_STORED = "not stored"  # the write failed and our claim was yielded, its journal kept for the retry
     UNKNOWN = "unknown"  # the write failed and whether it landed cannot be learned now
 
 
@@ -84,7 +84,7 @@ async def durable_stream(
     """
     config, key = call.config, call.key
     if claimed_at is None:
-        completed, claimed_at, took_over = await _claim_traced(call, seen)
+        completed, claimed_at, took_over = await _claim_traced(call, seen, session)
     else:
         # Claimed on the caller's thread already (a sync call's blocking claim, traced there).
         completed, took_over = None, False
@@ -166,7 +166,7 @@ async def durable_stream(
 
 
 async def _claim_traced(
-    call: DurableCall, seen: IdempotencyRecord | None
+    call: DurableCall, seen: IdempotencyRecord | None, session: SessionTurn | None
 ) -> tuple[ReplayedAgentResult | None, float, bool]:
     """``claim_or_wait`` in the claim span.
 
@@ -180,7 +180,8 @@ async def _claim_traced(
     decision = "error"
     error: BaseException | None = None
     try:
-        completed, claimed_at, took_over = await claim_or_wait(call, span, seen)
+        watch_lock = session.watch_lock if session is not None else None
+        completed, claimed_at, took_over = await claim_or_wait(call, span, seen, watch_lock)
         if completed is None:
             decision = "claimed"
             return None, claimed_at, took_over
@@ -295,8 +296,8 @@ async def _complete(call: DurableCall, result: AgentResult, *, margin: int) -> _
         IdempotencyLeaseLostError: The claim is no longer ours: another owner took it over, so this result is not
             the token's result (the new owner's will be).
 
-    A store failure is logged; the claim is released if it is still ours and unused, which tells whether the write
-    landed (``NOT_STORED``), or the outcome stays ``UNKNOWN`` when even that fails.
+    A store failure is logged; the claim is yielded if it is still ours, which tells whether the write landed
+    (``NOT_STORED``), or the outcome stays ``UNKNOWN`` when even that fails.
     """
     config, key, owner = call.config, call.key, call.owner
     # A result over the store's limit is stored as a marker: its replays raise IdempotencyResultTooLargeError.
@@ -326,12 +327,26 @@ async def _complete(call: DurableCall, result: AgentResult, *, margin: int) -> _
 
 
 async def _learn_outcome(call: DurableCall) -> _Stored:
-    """After a failed complete: release our claim (fenced) if the write did not land, else find the record it wrote."""
-    store, key, owner = call.config.store, call.key, call.owner
+    """After a failed complete: learn whether it landed, by yielding our claim (a write fenced on our claim).
+
+    If the claim was still ours, the result was not stored: the claim is now yielded, so a retry takes it over at
+    once and, with the journal, resumes from it (the answer rebuilt without paying for it again). If not, the record
+    the complete wrote, or another owner's, is there to read.
+    """
+    config, key, owner = call.config, call.key, call.owner
     try:
-        if await _store(store.release(key, owner)):
+        yielded = await _store(
+            config.store.renew(
+                key,
+                owner,
+                version=new_version(),
+                lease_seconds=0.0,
+                expires_at=time.time() + config.lease_seconds + config.expires_after_seconds,
+            )
+        )
+        if yielded:
             return _Stored.NOT_STORED
-        current = await _store(store.get(key))
+        current = await _store(config.store.get(key))
     except IdempotencyStoreError:
         logger.warning("key=<%s> | whether the result was stored is unknown; the claim is taken over later", key)
         return _Stored.UNKNOWN
