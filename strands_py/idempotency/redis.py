@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -25,8 +24,23 @@ except ImportError as e:  # pragma: no cover - exercised by the packaging test w
     raise ImportError("RedisIdempotencyStore needs redis-py: pip install 'strands-py[redis]'") from e
 
 from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
+from ._redis_layout import (
+    _APPEND,
+    _CLAIM,
+    _COMPLETE,
+    _JOURNAL,
+    _RELEASE,
+    _RENEW,
+    _TAKE_OVER,
+    _TRUNCATE,
+    _fields,
+    _from_fields,
+    _hash_tag,
+    _pairs,
+    _ttl_ms,
+)
 from .base import IdempotencyStore
-from .record import IdempotencyRecord, RecordState, new_version
+from .record import IdempotencyRecord, new_version
 
 logger = logging.getLogger(__name__)
 
@@ -45,236 +59,7 @@ _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
 _DEFAULT_MAX_JOURNAL_ENTRY_BYTES = 512 * 1024
 _JOURNAL_SUFFIX = ":journal"
 
-# Data layout. Each record key gets two Redis keys, sharing one Redis Cluster hash tag:
-#   key_prefix + "{" + tag + "}"            the record: a hash
-#   key_prefix + "{" + tag + "}:journal"    its journal (when it has one): a list of entries, oldest first
-# where tag is the record key with "%", "{" and "}" escaped as %25, %7B and %7D ("%" for the empty key). Redis Cluster
-# (and Valkey) hashes only the text between a key's first "{" and the first "}" after it, when that is not empty: the
-# escaped tag holds no brace and is never empty, so the hash tag is always exactly the tag, the record and its journal
-# always share a slot (a script may touch both), and keys of different invocations spread over every slot. Keys are
-# scope#digest and a scope is the caller's string: escaping, rather than the raw key, keeps a scope holding braces
-# from cutting the tag short (all its keys in one slot) or emptying it (then Redis hashes the whole key, and a
-# record and its journal land in different slots: CROSSSLOT). key_prefix may not hold a brace, for the same reason.
-#
-# The record's fields (all text but payload, which is bytes):
-#   status         IN_PROGRESS | COMPLETED
-#   owner          the claim's owner id
-#   version        unique to the write (record.version); take_over compares it
-#   lease_seconds  record.lease_seconds (Python repr of the float: exact when read back; 0 is a yielded claim)
-#   expires_at     record.expires_at, seconds since the epoch on the writer's clock (repr, exact); a claim compares a
-#                  COMPLETED record's with the caller's now
-#   fingerprint, payload, checkpoint   present only when not None
-#   appended       the id of the owner's last journal append, once it appended (see the append script)
-# A hash rather than one encoded string: the scripts compare status, owner, version and expiry without decoding
-# anything (no cjson/cmsgpack in Lua), renew rewrites a few small fields instead of the whole payload, and the
-# record is readable with redis-cli (HGETALL). A hash of the unreleased earlier layouts (`lease`, no `version`; keys
-# without the hash tag) reads as corrupted or is never read: there is nothing to migrate.
-#
-# The journal lives with the claim's lineage: a fresh claim (of a key that is free, or holds a COMPLETED record that
-# expired) deletes it, complete and release delete it; take_over, renew and a claim retried by its own owner keep it.
-# Only the owner of the IN_PROGRESS record appends to it or truncates it, the fence and the write in one script.
-#
-# Lifetime: every write sets the key's TTL with PEXPIRE, a duration in milliseconds (rounded up, at least 1) that the
-# caller computes as expires_at - now: the claim's own `now`, time.time() for the other writes. The writer's clock
-# only measures a difference between two readings of itself, and the server counts that duration down on its own
-# clock, so no host's skew (minutes ahead or behind) deletes a running claim early or keeps a record late. (An
-# absolute PEXPIREAT would be judged on the server's clock against the writer's: a host ten minutes behind would
-# write claims Redis deletes ten minutes early.) A write whose expires_at is already past gets the minimum TTL, 1 ms:
-# written, then deleted by Redis, instead of an error for a record that simply stopped counting. Redis keeps the TTL
-# as a time of its own clock, and hands that time to replicas and its append-only file: keep the servers' clocks in
-# sync (NTP), as a failover to a replica whose clock is off moves every deadline by the difference.
-# The journal's TTL is always the record's: every script that sets the record's PEXPIRE sets the journal's to the same
-# value (a PEXPIRE of a key that does not exist does nothing), and an append copies the record's PTTL onto the list it
-# may just have created. Redis 7 freezes its clock inside a script, so both keys expire at the same millisecond.
-#
-# No script judges an IN_PROGRESS record by a clock: whether its owner is alive is the caller's judgement, by watching
-# versions (IdempotencyRecord), and only take_over, a compare-and-set on the version, replaces another owner's claim.
-#
-# Every script gets the same two keys, KEYS[1] the record and KEYS[2] its journal (one slot: see above), so Redis
-# Cluster routes it to the node that owns both, and each primitive is one atomic step there.
-
-# claim: store the claim unless the key holds another owner's IN_PROGRESS record (whatever its age) or a COMPLETED
-# record not yet expired at the caller's now.
-#   ARGV[1]   the claiming owner
-#   ARGV[2]   now: the caller's clock, seconds since the epoch, compared with a COMPLETED record's expires_at
-#   ARGV[3]   the claim's TTL in milliseconds
-#   ARGV[4..] the claim's hash fields, as name, value, name, value, ...
-#   returns   nil if the claim was stored (the caller owns the key), else the record in the way (HGETALL's flat list)
-# Replaced: the same owner's IN_PROGRESS record (a claim retried after its first attempt landed: its journal stays),
-# or a COMPLETED record whose expires_at <= now. Any other claim is fresh and starts without a journal (one left by a
-# record that vanished without the scripts, evicted or deleted by hand, is not this claim's). A record the script
-# cannot read (a status it does not know, a missing owner or version, a lease or expiry that is not a number) is kept
-# and returned: the caller reports it as corrupted instead of overwriting what it cannot read. HMGET raises WRONGTYPE
-# on a key of another type.
-_CLAIM = """
-local unpack = unpack or table.unpack
-local stored = redis.call('HMGET', KEYS[1], 'status', 'owner', 'version', 'lease_seconds', 'expires_at')
-local own = false
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    local status, owner, expires_at = stored[1], stored[2], tonumber(stored[5])
-    local free = false
-    if owner and stored[3] and tonumber(stored[4]) ~= nil and expires_at ~= nil then
-        if status == 'IN_PROGRESS' then
-            own = owner == ARGV[1]
-            free = own
-        elseif status == 'COMPLETED' then
-            free = expires_at <= tonumber(ARGV[2])
-        end
-    end
-    if not free then
-        return redis.call('HGETALL', KEYS[1])
-    end
-    redis.call('DEL', KEYS[1])
-end
-if not own then
-    redis.call('DEL', KEYS[2])
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return nil
-"""
-
-# Resent writes. redis-py sends a command again when its connection fails before the reply arrives (the client's
-# retry policy), and the first copy may have run. Versions are unique to a write, so take_over and complete find
-# their own write in place by its version and report it as done, instead of reporting a takeover or a completion
-# that landed as fenced off. (claim, renew and truncate land the same state again; append carries an id of its own.)
-
-# take_over: replace the stored record only if its version is the one the caller judged (compare-and-set). The
-# journal stays: the new owner resumes from it.
-#   ARGV[1]   the judged version
-#   ARGV[2]   the new record's version
-#   ARGV[3]   the new record's TTL in milliseconds
-#   ARGV[4..] the new record's hash fields, as name, value, ...
-#   returns   1 if replaced (now, or by this very write before), 0 if the key holds another version or nothing
-#             (nothing written)
-_TAKE_OVER = """
-local unpack = unpack or table.unpack
-local stored = redis.call('HGET', KEYS[1], 'version')
-if stored == ARGV[2] then
-    return 1
-end
-if stored ~= ARGV[1] then
-    return 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
-"""
-
-# complete: replace the owner's IN_PROGRESS record with the completed record, fenced on owner and status; the journal
-# goes (a completed invocation keeps only its result).
-#   ARGV[1]   the owner
-#   ARGV[2]   the completed record's version
-#   ARGV[3]   the completed record's TTL in milliseconds
-#   ARGV[4..] the completed record's hash fields, as name, value, ...
-#   returns   1 if written (now, or by this very write before), 0 if fenced off (taken over, completed, or gone)
-_COMPLETE = """
-local unpack = unpack or table.unpack
-if redis.call('HGET', KEYS[1], 'version') == ARGV[2] then
-    return 1
-end
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
-    return 0
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
-# release: delete the owner's IN_PROGRESS record and its journal, fenced on owner and status.
-#   ARGV[1]   the owner
-#   returns   1 if deleted, 0 if fenced off
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
-    return 0
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-return 1
-"""
-
-# renew: a heartbeat, fenced on owner and status: a new version, lease and expiry (set as given, earlier or later
-# than before), the keys' TTL from that expiry, and the checkpoint if one is given. Payload, fingerprint and journal
-# stay.
-#   ARGV[1]   the owner
-#   ARGV[2]   the TTL in milliseconds
-#   ARGV[3]   the new version
-#   ARGV[4]   the new lease_seconds (repr)
-#   ARGV[5]   the new expires_at (repr)
-#   ARGV[6]   '1' to store ARGV[7] as the checkpoint, '0' to keep the stored one
-#   ARGV[7]   the checkpoint
-#   returns   1 if renewed, 0 if fenced off
-_RENEW = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
-    return 0
-end
-redis.call('HSET', KEYS[1], 'version', ARGV[3], 'lease_seconds', ARGV[4], 'expires_at', ARGV[5])
-if ARGV[6] == '1' then
-    redis.call('HSET', KEYS[1], 'checkpoint', ARGV[7])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
-
-# append: add an entry at the journal's end, fenced on owner and status, and give the journal the record's TTL (the
-# list may have just been created by this RPUSH). A record without a TTL (written by hand) leaves its journal
-# without one. Appending is the one write that is not idempotent, and redis-py sends a command again when its reply
-# was lost (a timeout, a dropped connection: the client's retry policy): the call's id, kept in the record's
-# `appended` field, makes the resent command a no-op instead of a second copy of the entry. One id is enough: an
-# owner appends one entry at a time (the journal's order is the order of its steps).
-#   ARGV[1]   the owner
-#   ARGV[2]   the entry (bytes)
-#   ARGV[3]   the call's id, unique to it
-#   returns   1 if appended (now or by the same call before), 0 if fenced off
-_APPEND = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
-    return 0
-end
-if redis.call('HGET', KEYS[1], 'appended') == ARGV[3] then
-    return 1
-end
-redis.call('HSET', KEYS[1], 'appended', ARGV[3])
-redis.call('RPUSH', KEYS[2], ARGV[2])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then
-    redis.call('PEXPIRE', KEYS[2], ttl)
-else
-    redis.call('PERSIST', KEYS[2])
-end
-return 1
-"""
-
-# truncate: keep the journal's first ARGV[2] entries, fenced on owner and status (LTRIM keeps the TTL; trimming a
-# list to nothing deletes it).
-#   ARGV[1]   the owner
-#   ARGV[2]   how many entries to keep (>= 0)
-#   returns   1 if truncated, 0 if fenced off
-_TRUNCATE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'IN_PROGRESS' then
-    return 0
-end
-local length = tonumber(ARGV[2])
-if length == 0 then
-    redis.call('DEL', KEYS[2])
-else
-    redis.call('LTRIM', KEYS[2], 0, length - 1)
-end
-return 1
-"""
-
-# journal: the journal's entries, in order; none when the key holds no record (a journal whose record vanished
-# without the scripts, evicted or deleted by hand, belongs to nobody).
-#   returns   the entries (a list of bytes)
-_JOURNAL = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-    return {}
-end
-return redis.call('LRANGE', KEYS[2], 0, -1)
-"""
+# The data layout, the scripts and the encoding of records: see _redis_layout.py.
 
 
 class RedisIdempotencyStore(IdempotencyStore):
@@ -601,11 +386,6 @@ class RedisIdempotencyStore(IdempotencyStore):
             raise _outage(key, e) from e
 
 
-def _hash_tag(key: str) -> str:
-    """``key`` with ``%``, ``{`` and ``}`` escaped: no brace, so Redis Cluster hashes exactly it; never empty."""
-    return key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") or "%"
-
-
 def _outage(key: str, error: Exception) -> IdempotencyStoreError:
     logger.debug("key=<%s>, error=<%s> | redis call failed", key, type(error).__name__)
     # MOVED or ASK reach the store only through a plain client talking to a cluster node: say what to use instead.
@@ -629,61 +409,3 @@ def _outcome(call: Callable[[], T]) -> tuple[T | None, Exception | None]:
         return call(), None
     except Exception as e:
         return None, e
-
-
-def _ttl_ms(expires_at: float, now: float) -> int:
-    """``expires_at - now`` in milliseconds for PEXPIRE: rounded up (Redis never deletes a record early), at least 1.
-
-    A record already past its expiry gets 1 ms: its write lands as any other, and Redis deletes it a millisecond later
-    (a PEXPIRE of zero or less would delete the key inside the very script that wrote it).
-    """
-    return max(1, math.ceil((expires_at - now) * 1000))
-
-
-def _fields(record: IdempotencyRecord) -> list[str | bytes]:
-    fields: list[str | bytes] = [
-        "status",
-        record.state.value,
-        "owner",
-        record.owner,
-        "version",
-        record.version,
-        "lease_seconds",
-        repr(float(record.lease_seconds)),
-        "expires_at",
-        repr(float(record.expires_at)),
-    ]
-    if record.fingerprint is not None:
-        fields += ["fingerprint", record.fingerprint]
-    if record.payload is not None:
-        fields += ["payload", record.payload]
-    if record.checkpoint is not None:
-        fields += ["checkpoint", record.checkpoint]
-    return fields
-
-
-def _pairs(flat: Any) -> dict[bytes, bytes]:
-    items = cast(list[bytes], flat)
-    return dict(zip(items[::2], items[1::2], strict=True))
-
-
-def _text(fields: Mapping[bytes, bytes], name: bytes) -> str | None:
-    value = fields.get(name)
-    return None if value is None else value.decode()
-
-
-def _from_fields(key: str, fields: Mapping[bytes, bytes]) -> IdempotencyRecord:
-    try:
-        return IdempotencyRecord(
-            key=key,
-            state=RecordState(fields[b"status"].decode()),
-            owner=fields[b"owner"].decode(),
-            version=fields[b"version"].decode(),
-            lease_seconds=float(fields[b"lease_seconds"]),
-            expires_at=float(fields[b"expires_at"]),
-            fingerprint=_text(fields, b"fingerprint"),
-            payload=fields.get(b"payload"),
-            checkpoint=_text(fields, b"checkpoint"),
-        )
-    except (KeyError, TypeError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise IdempotencyRecordCorruptedError(key, f"malformed record: {type(e).__name__}: {e}") from e
