@@ -46,7 +46,9 @@ class AgentApp:
       of a key joins its run (live, or finished a moment ago) or replays its stored result, with
       ``Idempotent-Replayed: true``. Errors are ``application/problem+json`` (RFC 9457).
     - ``GET /invocations/{key}/events``: the events of that key's invocation (in the caller's scope), for
-      ``EventSource``: live, resumed after ``Last-Event-ID``, or replayed from the store.
+      ``EventSource``: live, resumed after ``Last-Event-ID`` (or ``?last_event_id=``, for a new ``EventSource``
+      that goes on where an earlier one was), or replayed from the store. 404 for a key nobody runs any more (its
+      owner stopped without a result): POST it again to resume it.
     - ``GET /``: a small chat page (only with ``page=True``).
 
     Whose keys: keys of different scopes never meet (a key of one caller can neither join, replay nor read
@@ -228,7 +230,10 @@ class AgentApp:
         key = request.path_params["key"]
         if not is_valid_key(key):
             raise HTTPException(404)
-        return await self._service.follow(request, key, parse_last_event_id(request.headers.get("last-event-id")))
+        # EventSource sends Last-Event-ID only when it reconnects by itself; a client opening a new one to go on
+        # where it was (after re-posting its request, say) names the id in the query instead.
+        last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        return await self._service.follow(request, key, parse_last_event_id(last_event_id))
 
     async def _get_page(self, request: Request) -> Response:
         return HTMLResponse(render_page(request.scope.get("root_path", "")), headers={"Cache-Control": "no-store"})

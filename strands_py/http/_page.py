@@ -49,6 +49,7 @@ const STORE = "strands-py.invocation";
 const $ = (id) => document.getElementById(id);
 let source = null;  // the EventSource following the current invocation
 let run = null;     // the lineage of the events shown: a new one means a new sequence (a replay, a re-run)
+let lastId = "";    // the id of the last event shown: where a new EventSource goes on from
 let chunks = [];    // [position, text] of the data events shown, so that a rewind can withdraw the later ones
 let streamed = "";  // the text of the data events, exactly as streamed
 
@@ -96,7 +97,7 @@ async function problemOf(response) {
 
 function reset(key) {
   if (source) source.close();
-  source = null; run = null; chunks = []; streamed = "";
+  source = null; run = null; lastId = ""; chunks = []; streamed = "";
   $("answer").textContent = ""; $("error").hidden = true;
   delete document.body.dataset.corrected;
   $("key").textContent = key ? "Idempotency-Key: " + key : "";
@@ -124,15 +125,46 @@ async function start(key, prompt) {
   follow(key);
 }
 
-function follow(key) {
+// The server following this invocation lost it (it stopped, or restarted): post the same request again with the
+// same key. A durable store resumes it (the journaled steps are not paid again, and the text shown goes on where
+// it was); the in-memory store of a restarted server runs it again (a new lineage: the answer starts over).
+async function resume(key, prompt) {
+  const from = {run: run, lastId: lastId, chunks: chunks};
+  setState("reconnecting", "The server stopped; resuming…");
+  let response;
+  const abort = new AbortController();
+  try {
+    response = await fetch(BASE + "/invocations", {
+      method: "POST", signal: abort.signal,
+      headers: {
+        "Content-Type": "application/json", "Accept": "text/event-stream", "Idempotency-Key": JSON.stringify(key),
+      },
+      body: JSON.stringify({prompt: prompt}),
+    });
+  } catch (e) {
+    setTimeout(() => resume(key, prompt), 1000);
+    return;
+  }
+  if (!response.ok) { showProblem(await problemOf(response)); return; }
+  abort.abort();
+  follow(key, from);
+}
+
+function follow(key, from) {
   reset(key);
-  setState("streaming", "Streaming…");
-  const url = BASE + "/invocations/" + encodeURIComponent(key) + "/events";
+  if (from) { run = from.run; lastId = from.lastId; chunks = from.chunks; show(); }
+  setState("streaming", from ? "Resumed" : "Streaming…");
+  let url = BASE + "/invocations/" + encodeURIComponent(key) + "/events";
+  if (from && from.lastId) url += "?last_event_id=" + encodeURIComponent(from.lastId);
   const events = new EventSource(url);
   source = events;
   const on = (name, handle) => events.addEventListener(name, (event) => {
     const lineage = lineageOf(event.lastEventId);
-    if (lineage !== run) { run = lineage; chunks = []; show(); }
+    if (lineage !== run) {
+      if (run !== null && from) $("status").textContent = "The server restarted and lost the answer: it ran again";
+      run = lineage; chunks = []; show();
+    }
+    lastId = event.lastEventId;
     handle(JSON.parse(event.data), Number(event.lastEventId.slice(event.lastEventId.lastIndexOf(":") + 1)));
   });
   on("data", (data, position) => { chunks.push([position, data.text]); show(); });
@@ -154,7 +186,12 @@ function follow(key) {
       const response = await fetch(url, {signal: probe.signal});
       if (response.status === 204) { setState("done", "Done"); return; }
       if (response.ok) { probe.abort(); setTimeout(() => follow(key), 1000); return; }
-      if (response.status === 404) {  // a saved key whose record expired: start afresh
+      if (response.status === 404) {
+        const saved = JSON.parse(sessionStorage.getItem(STORE) || "null");
+        // Nobody runs it any more: its server stopped mid-answer (post it again to resume), or it expired.
+        if (saved && saved.key === key && run !== null) {
+          resume(key, saved.prompt); return;
+        }
         sessionStorage.removeItem(STORE); reset(null); setState("idle", ""); return;
       }
       const problem = await problemOf(response);
