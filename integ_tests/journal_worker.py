@@ -111,6 +111,15 @@ class FourSteps(ScriptedBedrock):
         return [make(name) for name in TOOLS]
 
 
+def _reconcile(key: str | None, tool_input: Any) -> str:
+    """What a payment service's lookup by idempotency key would answer: this payment went through."""
+    return f"reconciled: paid {tool_input['cents']} cents"
+
+
+def _uncertain(policy: str) -> Any:
+    return _reconcile if policy == "reconcile" else policy
+
+
 def _store(config: dict[str, Any]) -> IdempotencyStore:
     if config["store"] == "redis":
         from strands_py.idempotency.redis import RedisIdempotencyStore
@@ -138,9 +147,23 @@ def main(path: str) -> None:
         answer = upstream("Pay a, b and c.")
         print(json.dumps({"answer": "".join(b.get("text", "") for b in answer.message["content"])}), flush=True)
         return
+    tools = script.tools()
+    if config.get("extra_tool"):
+        # The agent changed between the crash and the retry: one more tool, so every model request differs.
+
+        @tool
+        def refund(cents: int) -> str:
+            """Refund a payment.
+
+            Args:
+                cents: The amount.
+            """
+            return f"refunded {cents} cents"
+
+        tools.append(refund)
     agent = Agent(
         model=script.model(),
-        tools=script.tools(),
+        tools=tools,
         callback_handler=None,
         session_manager=FileSessionManager(session_id="conv-1", storage_dir=config["sessions"]),
         idempotency=IdempotencyConfig(
@@ -148,7 +171,7 @@ def main(path: str) -> None:
             scope="journal-integ",
             lease_seconds=config["lease_seconds"],
             journal=config["journal"],
-            uncertain_tools=dict.fromkeys(TOOLS, config.get("uncertain", "retry")),
+            uncertain_tools=dict.fromkeys(TOOLS, _uncertain(config.get("uncertain", "retry"))),
             session_invocation_mode="enqueue",
         ),
     )

@@ -174,3 +174,42 @@ def test_without_the_journal_the_retry_pays_the_turn_again(store: dict[str, str]
     model_calls, tools = turn.paid()
     print(f"\n{store['store']} without the journal: model calls {model_calls}, tool runs {dict(tools)}")
     assert model_calls == 2 + 4 and dict(tools) == {"pay_a": 2, "pay_b": 2, "pay_c": 1}
+
+
+def _tool_result_text(messages: list[Any], tool_use_id: str) -> str:
+    for message in messages:
+        for block in message["content"]:
+            result = block.get("toolResult")
+            if result is not None and result["toolUseId"] == tool_use_id:
+                return "".join(part.get("text", "") for part in result["content"])
+    raise AssertionError(f"no result for {tool_use_id}")
+
+
+@pytest.mark.parametrize("policy", ["report", "reconcile"])
+def test_an_uncertain_tool_is_reported_or_reconciled_not_run_again(
+    store: dict[str, str], tmp_path: Path, policy: str
+) -> None:
+    turn = _Turn(tmp_path, store)
+    turn.base["uncertain"] = policy
+    _stop_and_kill(turn, "tool:pay_b")
+    assert _finish(turn.start("b"))["answer"] == "Paid a, b and c."
+    model_calls, tools = turn.paid()
+    assert model_calls == 4 and dict(tools) == {"pay_a": 1, "pay_b": 1, "pay_c": 1}, "the uncertain tool ran again"
+    shown = _tool_result_text(turn.messages(), "call-2")
+    expected = "outcome of this tool call is unknown" if policy == "report" else "reconciled: paid 200 cents"
+    assert expected in shown, shown
+
+
+def test_a_changed_agent_is_never_answered_from_the_journal(store: dict[str, str], tmp_path: Path) -> None:
+    # Between the crash and the retry the agent got one more tool: every model request differs from the journaled
+    # ones, so nothing is replayed (the retry runs the turn live, on the rolled-back conversation).
+    turn = _Turn(tmp_path, store)
+    _stop_and_kill(turn, "after-tool:pay_b")
+    assert _finish(turn.start("b", extra_tool=True))["answer"] == "Paid a, b and c."
+    model_calls, tools = turn.paid()
+    assert model_calls == 2 + 4 and dict(tools) == {"pay_a": 2, "pay_b": 2, "pay_c": 1}
+    assert [m["role"] for m in turn.messages()] == ["user", "assistant", "user", "assistant", "user"] + [
+        "assistant",
+        "user",
+        "assistant",
+    ]
