@@ -1,5 +1,6 @@
-"""The clients: each sends its turns in order, every attempt of a turn with the turn's idempotency key, to any worker
-that is up, over HTTP (``AgentApp``) or as a direct call, until it gets an answer or the turn's deadline passes.
+"""The clients: each sends its turns in order, each when it is due, every attempt of a turn with the turn's
+idempotency key, to any worker that is up, over HTTP (``AgentApp``) or as a direct call, until it gets an answer or
+the turn's deadline passes.
 
 A client retries on anything but an answer: a refused or reset connection (the worker was killed), a timeout (the
 worker is stopped, or the attempt hung up on purpose), 409 (the session is busy, the key runs elsewhere, a lease was
@@ -37,21 +38,24 @@ class Clients:
         self._dice: dict[int, ClientDice] = {}
 
     async def run(self, turns: list[Turn]) -> None:
-        """Send ``turns``: each client's in order, the clients at once."""
+        """Send ``turns``: each client's in order, each when it is due (``at_seconds`` from now), the clients at
+        once."""
         by_client: dict[int, list[Turn]] = defaultdict(list)
         for turn in turns:
             by_client[turn.client].append(turn)
-        await asyncio.gather(*(self._client(client, mine) for client, mine in sorted(by_client.items())))
+        start = time.monotonic()
+        await asyncio.gather(*(self._client(client, mine, start) for client, mine in sorted(by_client.items())))
 
     def _dice_of(self, client: int) -> ClientDice:
         if client not in self._dice:
             self._dice[client] = ClientDice(self.settings, client)
         return self._dice[client]
 
-    async def _client(self, client: int, turns: list[Turn]) -> None:
+    async def _client(self, client: int, turns: list[Turn], start: float) -> None:
         dice = self._dice_of(client)
         for turn in turns:
-            await asyncio.sleep(turn.think_seconds)  # the client's seeded think time
+            # The turn's seeded arrival time (at once when this client is behind): the workload, not a synchronisation.
+            await asyncio.sleep(max(0.0, start + turn.at_seconds - time.monotonic()))
             deadline = time.monotonic() + self.settings.turn_deadline_seconds
             await asyncio.gather(*(self._until_answered(turn, dice, deadline) for _ in range(turn.fanout)))
 

@@ -91,6 +91,15 @@ class WorkerConfig:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def _reconciled(script: ChaosScript) -> dict[str, Any]:
+    """The config's ``uncertain_tools``: a call of the tool that died mid-run is reconciled with the tool's own
+    records, as a tool with side effects asks its downstream system (it runs again only if its first run did not
+    complete). Empty for a library without a journal (an older version, run to compare)."""
+    if "uncertain_tools" not in {f.name for f in dataclasses.fields(IdempotencyConfig)}:
+        return {}
+    return {"uncertain_tools": {TOOL: script.reconcile}}
+
+
 def _tenant(request: Request) -> str:
     """Every request's tenant: one for the whole run (so HTTP requests are scoped like direct calls, ``SCOPE``)."""
     return TENANT
@@ -124,9 +133,7 @@ class Worker:
                 wait_timeout_seconds=config.wait_timeout_seconds,
                 expires_after_seconds=config.expires_after_seconds,
                 session_invocation_mode=mode,
-                # A call of the tool that died mid-run is reconciled with the tool's own records, as a tool with side
-                # effects asks its downstream system: it runs again only if its first run did not complete.
-                uncertain_tools={TOOL: script.reconcile},
+                **_reconciled(script),
             )
             for mode in (ENQUEUE, THROW)
         }

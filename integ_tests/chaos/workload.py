@@ -32,8 +32,9 @@ WORK, CLOSING = "work", "closing"
 HTTP, DIRECT = "http", "direct"
 ENQUEUE, THROW = "enqueue", "throw"
 
-# Turns per minute of a chaos run on a 2-core machine (measured); ``--minutes`` sizes the workload with it, and the
-# scheduler injects faults for that long (turns still unanswered then are finished without faults).
+# Turns a minute: ``--minutes`` sizes the workload with it, its turns arrive over that long, and the scheduler injects
+# faults for that long (turns still unanswered then are finished without faults). On a 2-core machine under faults,
+# about what four workers answer.
 TURNS_PER_MINUTE = 30
 # A worker's wall clock is off by one of these (seconds; minutes ahead or behind, or a little), never by more than a
 # third of the records' expiry: a finished record must outlive every clock's idea of when it expires.
@@ -47,7 +48,7 @@ class Settings:
     Attributes:
         seed: Decides the workload, the fault schedule, the clock offsets and the clients' choices.
         store: ``redis`` or ``dynamodb``.
-        minutes: How long faults are injected; sizes the workload too (``TURNS_PER_MINUTE`` turns a minute).
+        minutes: How long turns arrive and faults are injected (``TURNS_PER_MINUTE`` turns a minute).
         faults: False for the fault-free run of the same workload (no faults, no clock offsets, no disconnects).
         workers: Worker processes serving at once (killed ones are replaced).
         clients: Clients sending turns at once.
@@ -98,7 +99,9 @@ class Turn:
         path: ``http`` (``AgentApp``) or ``direct`` (``agent.invoke_async`` in the worker).
         mode: The session invocation mode of the request (``enqueue`` or ``throw``).
         fanout: How many attempt loops send it at once (2: a duplicate to another worker).
-        think_seconds: The client's pause before sending it.
+        at_seconds: When the client sends it, from the start of its phase (seeded arrival times spread the work turns
+            over the run's ``minutes``, so faults land on a busy system all along); a client that is behind sends
+            it as soon as its previous turn is answered.
         phase: ``work``, or ``closing`` (the fault-free turn every conversation gets at the end).
     """
 
@@ -109,7 +112,7 @@ class Turn:
     path: str
     mode: str
     fanout: int = 1
-    think_seconds: float = 0.0
+    at_seconds: float = 0.0
     phase: str = WORK
 
     @property
@@ -145,8 +148,10 @@ def make_workload(settings: Settings) -> Workload:
     conversations = tuple(f"conv-{settings.seed}-{i}" for i in range(settings.conversations))
     # Half the conversations take turns in enqueue mode, half in throw mode (which ones is the seed's).
     modes = {c: (ENQUEUE, THROW)[(i + rng.randrange(2)) % 2] for i, c in enumerate(conversations)}
+    window = settings.minutes * 60
+    arrivals = sorted(rng.uniform(0.0, window) for _ in range(settings.turns))
     turns = []
-    for index in range(settings.turns):
+    for index, at in enumerate(arrivals):
         conversation = rng.choice(conversations)
         turns.append(
             Turn(
@@ -157,7 +162,7 @@ def make_workload(settings: Settings) -> Workload:
                 path=rng.choice((HTTP, HTTP, DIRECT)),
                 mode=modes[conversation],
                 fanout=2 if rng.random() < settings.fanout_probability else 1,
-                think_seconds=rng.uniform(0.0, 0.3),
+                at_seconds=at,
             )
         )
     for index, conversation in enumerate(conversations):
