@@ -5,6 +5,10 @@ same thing longer, with any seed.
 
 On failure the test prints the summary and the violations with examples; the history stays in pytest's ``tmp_path``
 (the last runs are kept), and ``hatch run chaos --seed <SEED> --store <store> --minutes <MINUTES>`` runs it again.
+
+The negative control runs the harness with a defect of its own that breaks the session lock's promise for real:
+direct calls keyed in another scope than HTTP requests, so turns of one conversation take two different locks and
+run over each other. The whole pipeline (records, final state, checker) must see the damage.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from pathlib import Path
 
 import pytest
 from _servers import redis_server_binary
+from chaos import checker
 from chaos.report import details, table
-from chaos.run import run_store
+from chaos.run import judged_run, run_store
 from chaos.stores import REDIS, STORES
 from chaos.workload import SCHEDULED, Settings
 
@@ -48,3 +53,20 @@ def test_a_short_chaos_run_breaks_no_promise(store: str, tmp_path: Path) -> None
     # The run was a chaos run: faults of several kinds landed, and every turn (closing turns included) was answered.
     assert len(set(chaos.report.faults) & set(SCHEDULED)) >= 3, chaos.report.faults
     assert chaos.report.unanswered == []
+
+
+@CHAOS
+@pytest.mark.timeout(120)
+def test_negative_control_turns_of_one_conversation_under_two_locks_are_caught(tmp_path: Path) -> None:
+    redis_server_binary()
+    # Sixteen turns arrive within three seconds on two conversations, a third of them as direct calls.
+    settings = Settings(
+        seed=SEED, store=REDIS, minutes=0.05, faults=False, clients=16, conversations=2, split_scopes=True
+    )
+
+    outcome = judged_run(settings, tmp_path / "split-scopes")
+
+    print(f"\n{table([outcome])}\n{details(outcome)}")
+    assert not outcome.troubles
+    found = set(outcome.report.by_kind())
+    assert found & {checker.ACKED_MISSING, checker.STALE_CONVERSATION, checker.MALFORMED_TURN}, details(outcome)

@@ -46,7 +46,7 @@ from .history import (
     load_history,
     write_json,
 )
-from .names import AGENT_ID
+from .names import AGENT_ID, SCOPE
 from .observer import Observer
 from .proxy import FaultProxy
 from .scheduler import Scheduler
@@ -181,6 +181,7 @@ def _worker_config(settings: Settings, directory: Path, proxy: FaultProxy, obser
         lease_seconds=settings.lease_seconds,
         wait_timeout_seconds=settings.wait_timeout_seconds,
         expires_after_seconds=settings.expires_after_seconds,
+        direct_scope=f"{SCOPE}-direct" if settings.split_scopes else SCOPE,
     ).save(path)
     return path
 

@@ -68,6 +68,8 @@ class WorkerConfig:
         wait_timeout_seconds: ``IdempotencyConfig.wait_timeout_seconds``.
         expires_after_seconds: ``IdempotencyConfig.expires_after_seconds``.
         run_timeout_seconds: ``AgentApp``'s ``run_timeout_seconds``.
+        direct_scope: The durable scope of direct calls: ``SCOPE``, as HTTP requests have; another one only in the
+            negative control that splits them (``Settings.split_scopes``).
     """
 
     store: str
@@ -80,6 +82,7 @@ class WorkerConfig:
     wait_timeout_seconds: float
     expires_after_seconds: float
     run_timeout_seconds: float = 60.0
+    direct_scope: str = SCOPE
 
     def save(self, path: Path) -> None:
         """Write the config as JSON."""
@@ -128,7 +131,7 @@ class Worker:
         self.configs = {
             mode: IdempotencyConfig(
                 store=self.store,
-                scope=SCOPE,
+                scope=config.direct_scope,
                 lease_seconds=config.lease_seconds,
                 wait_timeout_seconds=config.wait_timeout_seconds,
                 expires_after_seconds=config.expires_after_seconds,
@@ -140,7 +143,7 @@ class Worker:
         self.apps = {
             mode: AgentApp(
                 self._factory(mode),
-                dataclasses.replace(self.configs[mode], scope=APP_SCOPE),
+                dataclasses.replace(self.configs[mode], scope=APP_SCOPE),  # and the tenant: SCOPE
                 scope=_tenant,
                 run_timeout_seconds=config.run_timeout_seconds,
                 shutdown_grace_seconds=2.0,

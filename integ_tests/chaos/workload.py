@@ -60,6 +60,9 @@ class Settings:
         attempt_timeout_seconds: One request's timeout (a client that does not hear back retries).
         disconnect_probability: Chance that an attempt hangs up early on purpose (and retries).
         fanout_probability: Chance that a turn is sent twice at once, to two workers, with the same key.
+        split_scopes: Negative control of the harness and its checker: direct calls are keyed in a scope of their
+            own, so an HTTP turn and a direct turn of one conversation take two different session locks and run
+            over each other; the checker must see the damage.
     """
 
     seed: int
@@ -76,6 +79,7 @@ class Settings:
     attempt_timeout_seconds: float = 20.0
     disconnect_probability: float = 0.08
     fanout_probability: float = 0.15
+    split_scopes: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON."""
