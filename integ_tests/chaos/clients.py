@@ -87,6 +87,7 @@ class Clients:
                 "turn": turn.turn,
                 "conversation": turn.conversation,
                 "key": turn.key,
+                "prompt": turn.prompt,
                 "phase": turn.phase,
                 "path": turn.path,
                 "slot": worker.slot,

@@ -5,8 +5,8 @@ A run's directory holds:
 - ``settings.json`` and ``workload.json``: what the seed decided (``workload.Settings``, ``workload.Workload``);
 - ``meta.json``: what was tested (Python, strands-agents, the library's commit and uncommitted files);
 - ``clients.jsonl``: one ``attempt`` record per request a client sent (``client``, ``turn``, ``conversation``,
-  ``key``, ``path``, ``slot``, ``pid``, ``start``/``end`` on the monotonic clock, ``outcome``: ``ok``, ``status:NNN``,
-  ``hung_up`` or ``error:<ExceptionName>``, ``text``: the answer when ``ok``);
+  ``key``, ``prompt``, ``path``, ``slot``, ``pid``, ``start``/``end`` on the monotonic clock, ``outcome``: ``ok``,
+  ``status:NNN``, ``refused``, ``hung_up`` or ``error:<ExceptionName>``, ``text``: the answer when ``ok``);
 - ``events/worker-<slot>-<generation>.jsonl``: per worker process, ``ready``, then ``model`` (``phase`` ``start`` or
   ``end``) and ``tool`` (``phase`` ``start`` or ``done``, with the tool call's idempotency ``key``) records, each
   with ``pid``, ``turn``, ``step`` and ``mono``; model and tool records are fsync'ed before the call goes on, so a
