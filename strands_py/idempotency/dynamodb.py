@@ -96,7 +96,9 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     The table needs a string partition key ``id`` and, to have old records deleted, DynamoDB TTL on the
     ``expiration`` attribute. An item holds the record's fields (``status``, ``owner``, ``version``,
-    ``lease_seconds``, ``expires_at``, and ``fingerprint``, ``payload``, ``checkpoint`` when set) plus ``expiration``.
+    ``lease_seconds``, ``expires_at``, and ``fingerprint``, ``payload``, ``checkpoint`` when set) plus ``expiration``
+    (and, once its owner journals, ``journal_id``, ``journal_length``, ``journal_expiration``,
+    ``journal_expiration_floor``); each journal entry is an item of its own (see Journal below).
 
     Expiry: every decision uses the exact ``expires_at`` (decimal seconds): a claim replaces a ``COMPLETED`` record
     past it at the caller's ``now``; no clock ever frees an ``IN_PROGRESS`` record (only ``take_over`` replaces
@@ -131,7 +133,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
     journal is never swept, however long its run. ``journal`` is one consistent ``GetItem`` and one consistent
     ``BatchGetItem`` per 100 entries (more rounds if DynamoDB answers with unprocessed keys); ``truncate`` is one
     ``UpdateItem``. ``append`` is one round trip when this process knows where the journal stands (it claimed the
-    key, read the journal, or appended last), one more otherwise.
+    key, read the journal, or appended last), one more otherwise; appends to one key from one process take turns.
 
     IAM actions needed on the table: ``dynamodb:PutItem``, ``dynamodb:GetItem``, ``dynamodb:DeleteItem``,
     ``dynamodb:UpdateItem``, ``dynamodb:BatchGetItem`` (``TransactWriteItems`` is authorised by the ``PutItem`` and
@@ -140,7 +142,8 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     Thread-safety: safe from any thread and event loop. All boto3 calls run on a small executor owned by the store,
     never on the event loop's default executor. Call ``close()`` (or use the store as a context manager) to stop
-    its threads. Cancellation: cancelling a call stops the caller waiting; the boto3 call finishes on its thread.
+    its threads (it waits for calls in progress, and for the journals' TTL being moved on). Cancellation: cancelling
+    a call stops the caller waiting; the boto3 calls finish on their thread (an append lands or not, whole).
     """
 
     def __init__(
@@ -194,7 +197,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         self._restamping_mutex = threading.Lock()
 
     def close(self) -> None:
-        """Stop the store's executor threads (waiting for calls in progress); later calls raise."""
+        """Stop the store's executor threads (waiting for calls and background jobs in progress); later calls raise."""
         self._closed = True
         self._executor.shutdown(wait=True)
 
@@ -365,8 +368,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         if removed:
             names.update({f"#{name}": name for name in removed})
             update += " REMOVE " + ", ".join(f"#{name}" for name in removed)
-        self._heads.forget(record.key)  # the journal's head is read again by whoever resumes from it
-        return self._fenced(
+        written = self._written(
             self._client.update_item,
             TableName=self.table_name,
             Key={"id": {"S": record.key}},
@@ -374,7 +376,12 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             ConditionExpression=_SAME_VERSION,
             ExpressionAttributeNames=names,
             ExpressionAttributeValues={**values, ":version": {"S": version}},
+            ReturnValues="ALL_NEW",  # free with the write: where the journal stands, for the new owner
         )
+        if written is None:
+            return False
+        self._learn_head(record.key, written.get("Attributes"))
+        return True
 
     def _get(self, key: str) -> IdempotencyRecord | None:
         item = self._record_item(key)
@@ -433,31 +440,39 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             update += ", #checkpoint = :checkpoint"
             names["#checkpoint"] = "checkpoint"
             values[":checkpoint"] = {"S": checkpoint}
-        try:
-            response = self._invoke(
-                self._client.update_item,
-                TableName=self.table_name,
-                Key={"id": {"S": key}},
-                UpdateExpression=update,
-                ConditionExpression=_OWNED_IN_PROGRESS,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",  # free with the write: tells whether the journal's TTL must move on
-            )
-        except ClientError:  # only a failed condition reaches here (see _invoke)
+        head = self._heads.recall(key)
+        written = self._written(
+            self._client.update_item,
+            TableName=self.table_name,
+            Key={"id": {"S": key}},
+            UpdateExpression=update,
+            ConditionExpression=_OWNED_IN_PROGRESS,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+            # Free with the write, the record tells whether its journal's TTL must move on. Not for a record known
+            # to have no journal: a session lock's checkpoint may hold tens of KB, at every heartbeat.
+            ReturnValues="NONE" if head is not None and head.lineage is None else "ALL_NEW",
+        )
+        if written is None:
             return False
-        renewed = response.get("Attributes", {})
-        if "journal_id" in renewed:
+        renewed = written.get("Attributes")
+        if renewed is not None:
+            if head is None:
+                self._learn_head(key, renewed)
             self._keep_journal_alive(key, renewed)
         return True
 
     def _fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
         """A conditional write: True if written, False if its condition failed."""
+        return self._written(fn, **kwargs) is not None
+
+    def _written(self, fn: Callable[..., Any], /, **kwargs: Any) -> dict[str, Any] | None:
+        """A conditional write: its response, or None if its condition failed."""
         try:
-            self._invoke(fn, **kwargs)
-            return True
+            response: dict[str, Any] = self._invoke(fn, **kwargs)
+            return response
         except ClientError:  # only a failed condition reaches here (see _invoke)
-            return False
+            return None
 
     # The journal (see the class docstring). Each method runs whole on one executor thread.
 
@@ -576,8 +591,17 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             f"journal truncate on DynamoDB table {self.table_name} kept racing ({_JOURNAL_ATTEMPTS} attempts)"
         )
 
+    def _learn_head(self, key: str, item: dict[str, Any] | None) -> None:
+        """Remember where the journal of ``item`` (just written) stands; forget it if the item does not say."""
+        try:
+            self._heads.remember(key, _head_of(key, item or {}))
+        except IdempotencyRecordCorruptedError:  # a read of the journal reports it
+            self._heads.forget(key)
+
     def _keep_journal_alive(self, key: str, record: dict[str, Any]) -> None:
         """After a renewal: move the entries' TTL on, in the background, once less than half the headroom is left."""
+        if "journal_id" not in record:
+            return
         try:
             lineage = record["journal_id"]["S"]
             stamped = int(record["journal_expiration"]["N"])

@@ -1056,7 +1056,7 @@ async def test_a_job_that_fails_midway_leaves_the_floor_and_the_next_renewal_fin
 
 
 async def test_a_renewal_of_a_record_with_a_malformed_journal_head_still_renews(aws: None) -> None:
-    store, _ = _hooked_store()
+    store, client = _hooked_store()
     now = time.time()
     await store.claim(_claim("s#k", "a", now), now)
     store._client.update_item(
@@ -1065,9 +1065,54 @@ async def test_a_renewal_of_a_record_with_a_malformed_journal_head_still_renews(
         UpdateExpression="SET journal_id = :lineage",  # no length, no TTLs
         ExpressionAttributeValues={":lineage": {"S": "l"}},
     )
-    assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
-    with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
-        await store.journal("s#k")
+    with DynamoDBIdempotencyStore(TABLE, client=client) as other:  # a process that knows nothing of the journal
+        assert await other.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
+        assert other._restamping == set()
+        with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
+            await other.journal("s#k")
+    store.close()
+
+
+async def test_a_renewal_returns_the_record_only_where_a_journal_may_be(aws: None) -> None:
+    """A session lock's checkpoint may hold tens of KB: its renewals return nothing, a journaled claim's its item."""
+    store, client = _hooked_store()
+    returned: list[str] = []
+
+    def update(real: Any, kwargs: dict[str, Any]) -> Any:
+        returned.append(kwargs.get("ReturnValues", "NONE"))
+        return real(**kwargs)
+
+    client.hooks["update_item"] = update
+    now = time.time()
+
+    async def renew(on: DynamoDBIdempotencyStore, key: str) -> None:
+        assert await on.renew(key, "a", version=new_version(), lease_seconds=60, expires_at=now + 60)
+
+    lock = _claim("s#lock", "a", now)
+    await store.claim(lock, now)
+    await store.claim(_claim("s#token", "a", now), now)
+    await renew(store, "s#lock")
+    await renew(store, "s#token")
+    await store.append("s#token", "a", b"0")
+    await renew(store, "s#token")
+    assert returned == ["NONE", "NONE", "ALL_NEW"]
+    with DynamoDBIdempotencyStore(TABLE, client=client) as other:  # knows nothing: asks once, then knows
+        returned.clear()
+        await renew(other, "s#lock")
+        await renew(other, "s#lock")
+        await renew(other, "s#token")
+        assert returned == ["ALL_NEW", "NONE", "ALL_NEW"]
+        # A takeover learns where the journal stands from the item it wrote.
+        current = await other.get("s#lock")
+        assert current is not None
+        returned.clear()
+        assert await other.take_over(_claim("s#lock", "a", now), current.version) is True
+        with DynamoDBIdempotencyStore(TABLE, client=client) as third:
+            current = await third.get("s#lock")
+            assert current is not None
+            assert await third.take_over(_claim("s#lock", "a", now), current.version) is True
+            await renew(third, "s#lock")
+        assert returned == ["ALL_NEW", "ALL_NEW", "NONE"]
     store.close()
 
 
