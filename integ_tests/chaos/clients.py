@@ -37,13 +37,13 @@ class Clients:
         self._http = http
         self._dice: dict[int, ClientDice] = {}
 
-    async def run(self, turns: list[Turn]) -> None:
-        """Send ``turns``: each client's in order, each when it is due (``at_seconds`` from now), the clients at
-        once."""
+    async def run(self, turns: list[Turn], *, paced: bool) -> None:
+        """Send ``turns``: each client's in order, the clients at once; ``paced``: each turn when it is due
+        (``at_seconds`` from now), else as soon as the client's previous turn is answered."""
         by_client: dict[int, list[Turn]] = defaultdict(list)
         for turn in turns:
             by_client[turn.client].append(turn)
-        start = time.monotonic()
+        start = time.monotonic() if paced else None
         await asyncio.gather(*(self._client(client, mine, start) for client, mine in sorted(by_client.items())))
 
     def _dice_of(self, client: int) -> ClientDice:
@@ -51,11 +51,12 @@ class Clients:
             self._dice[client] = ClientDice(self.settings, client)
         return self._dice[client]
 
-    async def _client(self, client: int, turns: list[Turn], start: float) -> None:
+    async def _client(self, client: int, turns: list[Turn], start: float | None) -> None:
         dice = self._dice_of(client)
         for turn in turns:
-            # The turn's seeded arrival time (at once when this client is behind): the workload, not a synchronisation.
-            await asyncio.sleep(max(0.0, start + turn.at_seconds - time.monotonic()))
+            if start is not None:
+                # The turn's seeded arrival time (at once if the client is behind): the workload, not a synchronisation.
+                await asyncio.sleep(max(0.0, start + turn.at_seconds - time.monotonic()))
             deadline = time.monotonic() + self.settings.turn_deadline_seconds
             await asyncio.gather(*(self._until_answered(turn, dice, deadline) for _ in range(turn.fanout)))
 

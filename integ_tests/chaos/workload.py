@@ -103,9 +103,9 @@ class Turn:
         path: ``http`` (``AgentApp``) or ``direct`` (``agent.invoke_async`` in the worker).
         mode: The session invocation mode of the request (``enqueue`` or ``throw``).
         fanout: How many attempt loops send it at once (2: a duplicate to another worker).
-        at_seconds: When the client sends it, from the start of its phase (seeded arrival times spread the work turns
-            over the run's ``minutes``, so faults land on a busy system all along); a client that is behind sends
-            it as soon as its previous turn is answered.
+        at_seconds: When the client sends it under faults, from the start of its phase (seeded arrival times spread
+            the work turns over the run's ``minutes``, so faults land on a busy system all along); a client that is
+            behind sends it as soon as its previous turn is answered. The fault-free run sends turns back to back.
         phase: ``work``, or ``closing`` (the fault-free turn every conversation gets at the end).
     """
 
