@@ -18,18 +18,17 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checker import check, work_of
-from .history import load_history
-from .report import details, table
-from .run import RunOutcome, provenance, run_store
-from .stores import STORES
-from .workload import Settings
+# As ``stores.STORES``. This module imports nothing of the run at import time: a worker process imports the parent's
+# main module again when it starts, and must import the library itself, from the run's snapshot (see ``worker``).
+STORES = ("redis", "dynamodb")
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hatch run chaos", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=None, help="decides workload and faults (default: random)")
-    parser.add_argument("--minutes", type=float, default=2.0, help="size of the workload per store (default 2)")
+    parser.add_argument(
+        "--minutes", type=float, default=2.0, help="per store: turns arrive and faults land this long (default 2)"
+    )
     parser.add_argument("--store", choices=[*STORES, "both"], default="both")
     parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     parser.add_argument("--clients", type=int, default=8, help="clients sending at once (default 8)")
@@ -44,6 +43,11 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _recheck(directory: Path, baseline: Path | None) -> int:
+    from .checker import check, work_of
+    from .history import load_history
+    from .report import details, table
+    from .run import RunOutcome
+
     history = load_history(directory)
     base = work_of(load_history(baseline)) if baseline is not None else None
     outcome = RunOutcome(history.settings, directory, check(history, base), 0.0, [])
@@ -57,6 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     if args.check is not None:
         return _recheck(args.check, args.baseline_dir)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .report import details, table
+    from .run import RunOutcome, provenance, run_store
+    from .workload import Settings
+
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
     root = args.out or Path(tempfile.mkdtemp(prefix=f"strands-py-chaos-{seed}-"))
     stores = STORES if args.store == "both" else (args.store,)

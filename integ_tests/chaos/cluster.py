@@ -104,9 +104,12 @@ class WorkerProcess:
 class Cluster:
     """The run's worker slots. Use from the orchestrator's event loop."""
 
-    def __init__(self, settings: Settings, config: Path, logs: Path, faults: JsonLines, observer: Observer) -> None:
+    def __init__(
+        self, settings: Settings, config: Path, library: Path, logs: Path, faults: JsonLines, observer: Observer
+    ) -> None:
         self.settings = settings
         self._config = config
+        self._library = library
         self._logs = logs
         self._faults = faults
         self._observer = observer
@@ -136,7 +139,7 @@ class Cluster:
         context = _forkserver()
         port_out, port_in = context.Pipe(duplex=False)
         log = self._logs / f"worker-{slot}-{generation}.log"
-        arguments = (str(self._config), slot, generation, offset, str(log), port_in)
+        arguments = (str(self._config), str(self._library), slot, generation, offset, str(log), port_in)
         process = context.Process(target=worker_main, args=arguments, name=f"chaos-worker-{slot}-{generation}")
         try:
             # The first start waits for the fork server to import the worker's modules: off the event loop.

@@ -4,6 +4,7 @@ A run's directory holds:
 
 - ``settings.json`` and ``workload.json``: what the seed decided (``workload.Settings``, ``workload.Workload``);
 - ``meta.json``: what was tested (Python, strands-agents, the library's commit and uncommitted files);
+- ``library/strands_py``: a copy of the library as the run began; the workers import this copy;
 - ``clients.jsonl``: one ``attempt`` record per request a client sent (``client``, ``turn``, ``conversation``,
   ``key``, ``prompt``, ``path``, ``slot``, ``pid``, ``start``/``end`` on the monotonic clock, ``outcome``: ``ok``,
   ``status:NNN``, ``refused``, ``hung_up`` or ``error:<ExceptionName>``, ``text``: the answer when ``ok``);
@@ -41,6 +42,7 @@ CLIENTS = "clients.jsonl"
 FAULTS = "faults.jsonl"
 FINAL = "final.json"
 META = "meta.json"
+LIBRARY = "library"
 PHASES = "phases.jsonl"
 EVENTS = "events"
 SESSIONS = "sessions"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,8 @@ import strands
 from strands.models import BedrockModel
 from strands.session.file_session_manager import FileSessionManager
 
+import strands_py
+
 from .backends import running_store_server
 from .checker import Report, Work, check, work_of
 from .clients import Clients
@@ -36,6 +39,7 @@ from .history import (
     EVENTS,
     FAULTS,
     FINAL,
+    LIBRARY,
     META,
     PHASES,
     SESSIONS,
@@ -67,14 +71,28 @@ def provenance() -> dict[str, object]:
             done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout if done.returncode == 0 else ""
 
     return {
         "python": sys.version.split()[0],
         "strands-agents": importlib.metadata.version("strands-agents"),
-        "commit": git("rev-parse", "--short", "HEAD"),
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
         "uncommitted": git("status", "--porcelain", "--", "strands_py").splitlines(),
     }
+
+
+def snapshot_library(directory: Path) -> Path:
+    """Copy the library under test into the run's directory; returns the directory the workers import it from.
+
+    Several people edit the working tree while a run lasts (the long one, half an hour): a worker forked later would
+    import whatever is on disk then. The copy keeps a run on one library, and keeps the code it judged beside the
+    history.
+    """
+    target = directory / LIBRARY
+    shutil.copytree(
+        Path(strands_py.__file__).parent, target / "strands_py", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return target
 
 
 def open_conversations(conversations: tuple[str, ...], directory: Path) -> None:
@@ -195,7 +213,8 @@ async def execute(settings: Settings, directory: Path) -> list[str]:
     directory.mkdir(parents=True, exist_ok=False)
     write_json(directory / SETTINGS, settings.as_dict())
     write_json(directory / WORKLOAD, workload.as_dict())
-    write_json(directory / META, provenance())
+    library = snapshot_library(directory)
+    write_json(directory / META, {**provenance(), "library": str(library)})
     logs = directory / "logs"
     logs.mkdir()
     faults, attempts, phases = (JsonLines(directory / name) for name in (FAULTS, CLIENTS, PHASES))
@@ -208,7 +227,7 @@ async def execute(settings: Settings, directory: Path) -> list[str]:
             proxy = await FaultProxy(server.endpoint).start()
             observer = await Observer.listen()
             config = _worker_config(settings, directory, proxy, observer)
-            cluster = Cluster(settings, config, logs, faults, observer)
+            cluster = Cluster(settings, config, library, logs, faults, observer)
             try:
                 # The workers start while the store's server does: they reach it only when requests arrive.
                 await all_or_none(server.ready(), cluster.start())

@@ -37,6 +37,7 @@ from starlette.routing import Mount, Route
 from strands.session.file_session_manager import FileSessionManager
 from strands.types.exceptions import ConcurrencyException
 
+import strands_py
 from strands_py import (
     Agent,
     IdempotencyAbortedError,
@@ -211,7 +212,8 @@ def serve(config: WorkerConfig, slot: int, generation: int, offset: float, ready
     server = Server(
         uvicorn.Config(worker.asgi(), log_level="warning", timeout_graceful_shutdown=3), list(worker.apps.values())
     )
-    worker.recorder.emit({"ev": "ready", "port": port, "offset": offset, "generation": generation})
+    ready_record = {"port": port, "offset": offset, "generation": generation, "library": strands_py.__file__}
+    worker.recorder.emit({"ev": "ready", **ready_record})
     ready(port)
     try:
         server.run(sockets=[sock])

@@ -5,9 +5,10 @@ ten. The cluster therefore starts its workers from a fork server that imported t
 ``forkserver`` context, ``set_forkserver_preload``): a worker, or the replacement of a killed one, is up in about
 half a second. Each is still an OS process of its own (its own pid, signals, memory).
 
-The library itself (``strands_py``) and this package's worker modules are imported in the worker, after the fork:
-whatever the library draws once at import (its record versions are a random per-process prefix and a counter) must
-be the process's own, as it is in processes started from scratch. (Forked after the library was imported, every
+The library itself (``strands_py``) and this package's worker modules are imported in the worker, after the fork,
+from the copy of the library the run took when it began (the working tree may change during a run): whatever the
+library draws once at import (its record versions are a random per-process prefix and a counter) must be the
+process's own, as it is in processes started from scratch. (Forked after the library was imported, every
 worker would start with the same version prefix and counter: two processes then write equal versions, and a waiter
 that watches versions can take a live lock over; see the chaos run's report.)
 
@@ -64,11 +65,30 @@ def _output_to(log: str) -> None:
     os.close(fd)
 
 
-def worker_main(config: str, slot: int, generation: int, offset: float, log: str, ready: Connection) -> None:
-    """Skew the clock, then serve until SIGTERM (see ``server.serve``); the port is sent on ``ready``."""
+def _import_library(library: str) -> str:
+    """Import the library from the run's snapshot (see ``run.snapshot_library``); returns where it was found.
+
+    Raises:
+        RuntimeError: The library was imported from elsewhere already (this process would test other code).
+    """
+    sys.path.insert(0, library)
+    import strands_py
+
+    found = os.path.realpath(strands_py.__file__)
+    if not found.startswith(os.path.realpath(library) + os.sep):
+        raise RuntimeError(f"strands_py was imported from {found}, not from the run's snapshot {library}")
+    return found
+
+
+def worker_main(
+    config: str, library: str, slot: int, generation: int, offset: float, log: str, ready: Connection
+) -> None:
+    """Skew the clock, import the library from ``library``, then serve until SIGTERM (see ``server.serve``); the port
+    is sent on ``ready``."""
     _die_with_parent()
     _output_to(log)
     skew_clock(offset)
+    _import_library(library)
     from .server import WorkerConfig, serve
 
     serve(WorkerConfig.load(config), slot, generation, offset, ready.send)
