@@ -88,8 +88,32 @@ class DurableCall:
             raise IdempotencyKeyMismatchError(self.key)
 
     async def release(self) -> None:
-        """Release this call's claim so that a retry runs at once; never raises."""
+        """Release this call's claim (and its journal) so that a retry runs afresh at once; never raises."""
         await release_quietly(self.config.store, self.key, self.owner)
+
+    async def yield_claim(self) -> None:
+        """Yield this call's claim, keeping its journal: a retry takes it over at once and resumes from it.
+
+        For a run that ended without a result but not by a deliberate cancel (it failed, lost its lease, was aborted):
+        whatever steps it completed stay journaled, so the retry does not pay for them, or run their tools, again.
+        Never raises (a claim that cannot be yielded is taken over after a lease of silence anyway).
+        """
+        config = self.config
+        try:
+            yielded = await _store(
+                config.store.renew(
+                    self.key,
+                    self.owner,
+                    version=new_version(),
+                    lease_seconds=0.0,
+                    expires_at=time.time() + config.lease_seconds + config.expires_after_seconds,
+                )
+            )
+        except Exception:
+            logger.exception("key=<%s> | could not yield the claim; it is taken over after a lease", self.key)
+            return
+        if not yielded:
+            logger.debug("key=<%s> | claim was no longer ours to yield", self.key)
 
 
 async def claim_or_wait(

@@ -36,7 +36,7 @@ from .. import telemetry
 from ..idempotency._calls import _store
 from ..idempotency.base import IdempotencyStore
 from ..idempotency.codec import decode_value, encode_value
-from ..types.exceptions import IdempotencyLeaseLostError, IdempotencyStoreError
+from ..types.exceptions import IdempotencyLeaseLostError, IdempotencyRecordCorruptedError, IdempotencyStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,14 @@ class Journal:
         Raises:
             IdempotencyStoreError: The store failed.
         """
-        raw = await _store(store.journal(key))
+        try:
+            raw = await _store(store.journal(key))
+        except IdempotencyRecordCorruptedError:
+            # Unreadable (an entry missing, say): nothing is replayed, and the journal is cut before the first append.
+            logger.warning("key=<%s> | the journal cannot be read: the resumed run goes live from its start", key)
+            journal = cls(store, key, owner, max_step_bytes=max_step_bytes)
+            journal._cut_at = 0
+            return journal
         entries: list[tuple[int, dict[str, Any]]] = []
         parts: list[bytes] = []
         start = 0

@@ -67,6 +67,10 @@ async def durable_stream(
     is stored; a turn whose result is not stored is rolled back first. ``claimed_at`` says the claim was already taken
     (at that monotonic time); ``seen`` is a record another owner holds, met by a claim already attempted.
 
+    A run that ends without a result (it failed, lost its lease, was closed early) yields its claim with its journal:
+    the next retry takes it over at once and resumes. A run stopped deliberately (``agent.cancel()``, a cancel
+    signal) releases it instead: the next retry runs afresh.
+
     A store fault while storing the result: without a session the caller still gets its result (nothing else
     depends on it; a retry would run again). With a session the answer is acknowledged only if it is kept: the turn
     is rolled back and the caller gets ``IdempotencyStoreError`` (its retry runs on the conversation as it was), or,
@@ -155,14 +159,15 @@ async def durable_stream(
                     await events.aclose()
             finally:
                 # Failed, aborted, closed early, lease lost, or cleanup raised: nothing stored. Undo the turn and
-                # release the session first (a retry of this token must not find the session still held), then hand
-                # the claim back (fenced: a claim already taken over is not touched) so the next retry runs at once.
+                # release the session first (a retry of this token must not find the session still held), then yield
+                # the claim (fenced: a claim already taken over is not touched) so the next retry takes it over at
+                # once, and resumes from its journal: what this run completed is not paid for, or run, again.
                 if not settled:
                     try:
                         if session is not None:
                             await shielded(session.abort())
                     finally:
-                        await shielded(call.release())
+                        await shielded(call.yield_claim())
 
 
 async def _claim_traced(

@@ -10,6 +10,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from deadline_kit import deadline
 from strands import tool
 
 from strands_py import Agent, ConcurrencyException, ReentrantInvocationError
@@ -126,7 +127,7 @@ async def test_a_settled_primary_is_no_reentry() -> None:
     # A consumer that, after the result event, asks again with the token gets the result: nothing waits.
     script = ScriptedBedrock()
     agent = Agent(model=script.model(), tools=script.tools(), callback_handler=None)
-    async with asyncio.timeout(WAIT):
+    async with deadline(WAIT):
         async for event in agent.stream_async("weather?", idempotency_token="t"):
             if "result" in event:
                 again = await agent.invoke_async("weather?", idempotency_token="t")

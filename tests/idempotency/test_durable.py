@@ -122,7 +122,9 @@ async def test_failure_is_not_stored_and_waiting_duplicates_get_the_error(store:
     gate.set()
     outcomes = await asyncio.wait_for(asyncio.gather(primary, dup, return_exceptions=True), WAIT)
     assert all(isinstance(o, RuntimeError) for o in outcomes)
-    assert counting.calls["release"] == 1 and counting.calls["complete"] == 0
+    assert counting.calls["complete"] == 0
+    left = await store.get(make_key(agent._idempotency_scope, "req-1"))
+    assert left is not None and left.yielded  # handed back with its journal: the next call takes it over at once
     script.fail_with = None
     result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert not isinstance(result, ReplayedAgentResult) and script.model_calls == 3
@@ -308,17 +310,18 @@ async def test_store_failure_on_complete_never_fails_the_caller(caplog: pytest.L
     with caplog.at_level(logging.ERROR):
         result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
     assert result.stop_reason == "end_turn"
-    assert store.calls["release"] == 1  # the claim was handed back so a retry can run
+    left = await store.inner.get(make_key(agent._idempotency_scope, "req-1"))
+    assert left is not None and left.yielded  # the claim was handed back (with its journal) so a retry can run
     assert any("could not store the result" in r.getMessage() for r in caplog.records)
 
 
-async def test_release_failure_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failure_to_hand_the_claim_back_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     store = CountingStore(InMemoryIdempotencyStore(), complete_result=None)
-    store.release = mock.AsyncMock(side_effect=ConnectionError("store unreachable"))  # type: ignore[method-assign]
+    store.renew = mock.AsyncMock(side_effect=ConnectionError("store unreachable"))  # type: ignore[method-assign]
     agent = _agent(ScriptedBedrock(fail_with=RuntimeError("model down")), store=store)
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="model down"):
         await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="req-1"), WAIT)
-    assert any("could not release" in r.getMessage() for r in caplog.records)
+    assert any("could not yield the claim" in r.getMessage() for r in caplog.records)
 
 
 async def test_corrupt_record_is_a_clear_error_naming_the_key(store: IdempotencyStore) -> None:
