@@ -24,7 +24,12 @@ STORES = ("redis", "dynamodb")
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hatch run chaos", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hatch run chaos",
+        description="Seeded faults over worker processes, conversations and keys, then a checker over the history.",
+        epilog="\n".join(line.strip() for line in __doc__.splitlines() if line.startswith("    hatch run")),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seed", type=int, default=None, help="decides workload and faults (default: random)")
     parser.add_argument(
         "--minutes", type=float, default=2.0, help="per store: turns arrive and faults land this long (default 2)"
