@@ -28,13 +28,15 @@ from strands_py.idempotency import (
     IdempotencyStoreError,
     RecordState,
 )
+from strands_py.idempotency import _dynamodb_journal as journal_module
+from strands_py.idempotency import _dynamodb_table as table_module
 from strands_py.idempotency import dynamodb as dynamodb_module
 from strands_py.idempotency.record import new_version
 from strands_py.testing.store_contract import SerialisedCalls, StoreContract
 
 WAIT = 10.0
 CONTRACT = StoreContract()
-_to_item = dynamodb_module._to_item
+_to_item = table_module._to_item
 
 
 @pytest.fixture
@@ -378,16 +380,18 @@ _LOOSE_VERSION_CONDITION = "attribute_exists(#version) OR #version = :version"  
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 def test_negative_control_a_take_over_not_conditional_on_the_version_replaces_a_newer_record(aws: None) -> None:
+    # Patched where the store's take_over reads it (dynamodb.py imports it from _dynamodb_table.py).
     with mock.patch.object(dynamodb_module, "_SAME_VERSION", _LOOSE_VERSION_CONDITION):
         CONTRACT.test_take_over_replaces_exactly_the_judged_version(_store_on("dynamodb"))
 
 
 # The previous claim condition's spirit: a claim frees another owner's IN_PROGRESS record by the caller's clock.
-_CLOCK_JUDGED_CONDITION = dynamodb_module._CLAIMABLE + " OR (#status <> :completed AND #expires_at <= :now)"
+_CLOCK_JUDGED_CONDITION = table_module._CLAIMABLE + " OR (#status <> :completed AND #expires_at <= :now)"
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 def test_negative_control_a_claim_condition_freeing_lapsed_claims_by_the_callers_clock(aws: None) -> None:
+    # Patched where the store's claim reads it (dynamodb.py imports it from _dynamodb_table.py).
     with mock.patch.object(dynamodb_module, "_CLAIMABLE", _CLOCK_JUDGED_CONDITION):
         CONTRACT.test_no_clock_frees_another_owners_claim(_store_on("dynamodb"))
 
@@ -608,7 +612,7 @@ async def test_the_sweeper_never_deletes_a_record_while_a_record_referring_to_it
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 async def test_negative_control_a_ttl_attribute_without_grace(aws: None) -> None:
-    with mock.patch.object(dynamodb_module, "_TTL_GRACE_SECONDS", 0):
+    with mock.patch.object(table_module, "_TTL_GRACE_SECONDS", 0):
         await _a_referred_record_outlives_the_record_referring_to_it()
 
 
@@ -639,6 +643,7 @@ def _whole_seconds_to_item(record: IdempotencyRecord) -> dict[str, Any]:
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 async def test_negative_control_deciding_by_whole_seconds_replays_past_the_expiry(aws: None) -> None:
+    # Patched where the store's claim and complete read it (dynamodb.py imports it from _dynamodb_table.py).
     with mock.patch.object(dynamodb_module, "_to_item", _whole_seconds_to_item):
         await _expired_at_the_exact_instant()
 
@@ -812,14 +817,14 @@ async def test_a_take_over_by_a_completed_record_drops_the_journal(aws: None) ->
 
 # An append fenced by a read and not by its own write: a takeover between the two lets a dead owner's entry in.
 _APPEND_CONDITIONS = {
-    "_JOURNAL_STARTS": dynamodb_module._JOURNAL_STARTS,
-    "_JOURNAL_CONTINUES": dynamodb_module._JOURNAL_CONTINUES,
+    "_JOURNAL_STARTS": journal_module._JOURNAL_STARTS,
+    "_JOURNAL_CONTINUES": journal_module._JOURNAL_CONTINUES,
 }
 _ANY_OWNER = "(#owner = :owner OR #owner <> :owner) AND #status = :in_progress"
 
 
 def _unfenced(condition: str) -> str:
-    return condition.replace(dynamodb_module._OWNED_IN_PROGRESS, _ANY_OWNER)
+    return condition.replace(table_module._OWNED_IN_PROGRESS, _ANY_OWNER)
 
 
 async def _an_append_raced_by_a_takeover() -> None:
@@ -828,7 +833,7 @@ async def _an_append_raced_by_a_takeover() -> None:
     judged = _claim("s#k", "crashed", now)
     await store.claim(judged, now)
     await store.append("s#k", "crashed", b"model-0")
-    store._heads.forget("s#k")  # as in a process that has not seen the journal: it reads the record first
+    store._journal.forget("s#k")  # as in a process that has not seen the journal: it reads the record first
 
     def read_then_taken_over(real: Any, kwargs: dict[str, Any]) -> Any:
         item = real(**kwargs)
@@ -851,8 +856,8 @@ async def test_an_append_is_fenced_by_its_own_write_not_by_a_read_before_it(aws:
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 async def test_negative_control_an_append_not_conditional_on_the_owner(aws: None) -> None:
     with (
-        mock.patch.object(dynamodb_module, "_JOURNAL_STARTS", _unfenced(_APPEND_CONDITIONS["_JOURNAL_STARTS"])),
-        mock.patch.object(dynamodb_module, "_JOURNAL_CONTINUES", _unfenced(_APPEND_CONDITIONS["_JOURNAL_CONTINUES"])),
+        mock.patch.object(journal_module, "_JOURNAL_STARTS", _unfenced(_APPEND_CONDITIONS["_JOURNAL_STARTS"])),
+        mock.patch.object(journal_module, "_JOURNAL_CONTINUES", _unfenced(_APPEND_CONDITIONS["_JOURNAL_CONTINUES"])),
     ):
         await _an_append_raced_by_a_takeover()
 
@@ -860,8 +865,8 @@ async def test_negative_control_an_append_not_conditional_on_the_owner(aws: None
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 def test_negative_control_an_append_not_conditional_on_the_owner_fails_the_contract(aws: None) -> None:
     with (
-        mock.patch.object(dynamodb_module, "_JOURNAL_STARTS", _unfenced(_APPEND_CONDITIONS["_JOURNAL_STARTS"])),
-        mock.patch.object(dynamodb_module, "_JOURNAL_CONTINUES", _unfenced(_APPEND_CONDITIONS["_JOURNAL_CONTINUES"])),
+        mock.patch.object(journal_module, "_JOURNAL_STARTS", _unfenced(_APPEND_CONDITIONS["_JOURNAL_STARTS"])),
+        mock.patch.object(journal_module, "_JOURNAL_CONTINUES", _unfenced(_APPEND_CONDITIONS["_JOURNAL_CONTINUES"])),
     ):
         CONTRACT.test_journal_appends_are_fenced_on_the_owner_and_read_back_in_order(_store_on("dynamodb"))
 
@@ -874,7 +879,7 @@ class _InPlaceRecordWrites(DynamoDBIdempotencyStore):
         self, record: IdempotencyRecord, condition: str, names: dict[str, str], values: dict[str, Any]
     ) -> Any:
         fields = {name: value for name, value in _to_item(record).items() if name != "id"}
-        return self._invoke(
+        return self._table.invoke(
             self._client.update_item,
             TableName=self.table_name,
             Key={"id": {"S": record.key}},
@@ -885,9 +890,9 @@ class _InPlaceRecordWrites(DynamoDBIdempotencyStore):
         )
 
     def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        values = {":now": dynamodb_module._n(now), ":completed": {"S": "COMPLETED"}}
+        values = {":now": table_module._n(now), ":completed": {"S": "COMPLETED"}}
         try:
-            self._in_place(record, dynamodb_module._CLAIMABLE, dynamodb_module._CLAIMABLE_NAMES, values)
+            self._in_place(record, table_module._CLAIMABLE, table_module._CLAIMABLE_NAMES, values)
             return None
         except ClientError:
             return self._get(record.key)
@@ -895,7 +900,7 @@ class _InPlaceRecordWrites(DynamoDBIdempotencyStore):
     def _complete(self, record: IdempotencyRecord) -> bool:
         values = {":owner": {"S": record.owner}, ":in_progress": {"S": "IN_PROGRESS"}}
         try:
-            self._in_place(record, dynamodb_module._OWNED_IN_PROGRESS, dynamodb_module._OWNED_NAMES, values)
+            self._in_place(record, table_module._OWNED_IN_PROGRESS, table_module._OWNED_NAMES, values)
             return True
         except ClientError:
             return False
@@ -921,7 +926,7 @@ def _sweep_all(store: DynamoDBIdempotencyStore, aws_now: float) -> None:
 
 def _traced_restamps(store: DynamoDBIdempotencyStore, gate: threading.Event | None = None) -> list[Future[Any]]:
     """The background re-stamp jobs the store starts, as futures (recorded when submitted; held at ``gate`` first)."""
-    real_restamp, real_submit = store._restamp, store._executor.submit
+    real_restamp, real_submit = store._journal._restamp, store._executor.submit
     jobs: list[Future[Any]] = []
 
     def held(*args: Any) -> None:
@@ -967,7 +972,7 @@ async def test_renewals_move_the_entries_ttl_on_before_the_sweeper_takes_them(aw
 
 @pytest.mark.xfail(strict=True, raises=IdempotencyRecordCorruptedError)
 async def test_negative_control_entries_that_keep_the_ttl_of_their_append(aws: None) -> None:
-    with mock.patch.object(DynamoDBIdempotencyStore, "_keep_journal_alive", lambda *_: None):
+    with mock.patch.object(journal_module._Journal, "keep_alive", lambda *_: None):
         await _a_journal_running_for_two_days()
 
 
@@ -1003,7 +1008,7 @@ async def test_one_job_per_journal_moves_its_ttl_on(aws: None) -> None:
         assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
     gate.set()
     assert len(jobs) == 1 and jobs[0].result(WAIT) is None
-    assert store._restamping == set()
+    assert store._journal._restamping == set()
     store.close()
 
 
@@ -1020,7 +1025,7 @@ async def test_a_journal_that_ended_meanwhile_keeps_its_ttl(aws: None) -> None:
     gate.set()
     assert len(jobs) == 1 and jobs[0].result(WAIT) is None
     assert {key: item["expiration"] for key, item in _scan(store).items()} == before
-    assert store._restamping == set()
+    assert store._journal._restamping == set()
     store.close()
 
 
@@ -1067,7 +1072,7 @@ async def test_a_renewal_of_a_record_with_a_malformed_journal_head_still_renews(
     )
     with DynamoDBIdempotencyStore(TABLE, client=client) as other:  # a process that knows nothing of the journal
         assert await other.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 2 * DAY)
-        assert other._restamping == set()
+        assert other._journal._restamping == set()
         with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
             await other.journal("s#k")
     store.close()
@@ -1126,8 +1131,8 @@ def test_no_job_is_started_on_a_store_being_closed(aws: None) -> None:
         "journal_expiration_floor": {"N": "100"},
         "expiration": {"N": "100"},
     }
-    store._keep_journal_alive("s#k", due)
-    assert store._restamping == set()
+    store._journal.keep_alive("s#k", due)
+    assert store._journal._restamping == set()
 
 
 # Writes that meet a journal append's transaction on the same item: DynamoDB rejects them; they are retried.
@@ -1154,8 +1159,8 @@ def _failing(times: int, error: Any) -> Any:
 @pytest.fixture
 def no_backoff() -> Iterator[None]:
     with (
-        mock.patch.object(dynamodb_module, "_CONFLICT_BACKOFF_SECONDS", 0),
-        mock.patch.object(dynamodb_module, "_BATCH_GET_BACKOFF_SECONDS", 0),
+        mock.patch.object(table_module, "_CONFLICT_BACKOFF_SECONDS", 0),
+        mock.patch.object(journal_module, "_BATCH_GET_BACKOFF_SECONDS", 0),
     ):
         yield
 
@@ -1184,7 +1189,7 @@ async def test_a_conflict_that_does_not_end_is_a_store_error(aws: None, no_backo
     with pytest.raises(IdempotencyStoreError, match="TransactionConflictException") as raised:
         await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 600)
     assert isinstance(raised.value.__cause__, ClientError)
-    assert client.calls == ["update_item"] * dynamodb_module._CONFLICT_ATTEMPTS
+    assert client.calls == ["update_item"] * table_module._CONFLICT_ATTEMPTS
     store.close()
 
 
@@ -1250,7 +1255,7 @@ async def test_keys_left_unprocessed_round_after_round_are_a_store_error(aws: No
     client.calls.clear()
     with pytest.raises(IdempotencyStoreError, match="unprocessed"):
         await store.journal("s#k")
-    assert client.calls == ["get_item"] + ["batch_get_item"] * dynamodb_module._BATCH_GET_IDLE_ROUNDS
+    assert client.calls == ["get_item"] + ["batch_get_item"] * journal_module._BATCH_GET_IDLE_ROUNDS
     store.close()
 
 
@@ -1289,7 +1294,7 @@ async def test_a_malformed_journal_head_is_a_corrupt_record(aws: None) -> None:
         UpdateExpression="SET journal_id = :lineage, journal_length = :length",
         ExpressionAttributeValues={":lineage": {"S": "l"}, ":length": {"S": "two"}},
     )
-    store._heads.forget("s#k")
+    store._journal.forget("s#k")
     with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
         await store.journal("s#k")
     with pytest.raises(IdempotencyRecordCorruptedError, match="s#k"):
@@ -1319,7 +1324,7 @@ async def test_an_append_that_keeps_meeting_a_moved_journal_gives_up(aws: None) 
     client.calls.clear()
     with pytest.raises(IdempotencyStoreError, match="kept racing"):
         await store.append("s#k", "a", b"1")
-    assert client.calls == ["transact_write_items"] * dynamodb_module._JOURNAL_ATTEMPTS
+    assert client.calls == ["transact_write_items"] * journal_module._JOURNAL_ATTEMPTS
     store.close()
 
 
@@ -1332,7 +1337,7 @@ async def test_concurrent_appends_of_one_owner_take_turns(aws: None) -> None:
 # appends on 4 threads failed in 100 runs of 100).
 @pytest.mark.xfail(strict=True, raises=(AssertionError, IdempotencyStoreError))
 async def test_negative_control_concurrent_appends_not_taking_turns(aws: None) -> None:
-    with mock.patch.object(DynamoDBIdempotencyStore, "_append", DynamoDBIdempotencyStore._append_alone):
+    with mock.patch.object(journal_module._Journal, "append", journal_module._Journal._append_alone):
         await _appends_at_once()
 
 
@@ -1390,7 +1395,7 @@ async def test_truncate_refuses_a_negative_length(aws: None) -> None:
 
 
 async def test_the_heads_remembered_are_bounded(aws: None) -> None:
-    with mock.patch.object(dynamodb_module, "_REMEMBERED_HEADS", 2):
+    with mock.patch.object(journal_module, "_REMEMBERED_HEADS", 2):
         store, client = _hooked_store()
     now = time.time()
     for key in ("s#1", "s#2", "s#3"):

@@ -1,0 +1,244 @@
+"""The table under ``DynamoDBIdempotencyStore``: a record as an item, the writes' conditions, DynamoDB's errors.
+
+Pure functions and constants, and ``_Table``: one call to the table with the store's retries and errors. The store
+(``dynamodb.py``) and its journal (``_dynamodb_journal.py``) build their requests from these and call through it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
+from .record import IdempotencyRecord, RecordState
+
+T = TypeVar("T")
+
+# The TTL attribute ``expiration`` lies this far beyond ``expires_at``: see ``DynamoDBIdempotencyStore``'s docstring.
+_TTL_GRACE_SECONDS = 86_400
+_IN_PROGRESS = {"S": RecordState.IN_PROGRESS.value}
+_COMPLETED = {"S": RecordState.COMPLETED.value}
+# claim: the key is free when it holds nothing or a COMPLETED record expired at the caller's ``now``. No clause frees
+# an IN_PROGRESS record, whatever its age: only take_over replaces another owner's claim. Our own claim (a retried
+# PutItem whose first attempt landed) fails the condition and comes back as the old item, which the store's claim
+# recognises by its owner: no clause for it here, so the condition stays short on the hot path (every replay).
+_CLAIMABLE = "attribute_not_exists(#id) OR (#status = :completed AND #expires_at <= :now)"
+_CLAIMABLE_NAMES = {"#id": "id", "#status": "status", "#expires_at": "expires_at"}
+# take_over: exactly the version the caller judged; an absent item has no version, so it fails too.
+_SAME_VERSION = "#version = :version"
+# complete, release, renew (and the journal's writes): the owner's IN_PROGRESS record.
+_OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
+_OWNED_NAMES = {"#owner": "owner", "#status": "status"}
+
+# A record as an item: ``id`` (the key), ``status``, ``owner``, ``version``, ``lease_seconds``, ``expires_at``, the
+# optional fields below when set, the TTL attribute ``expiration``, and, once its owner journals, the journal's
+# attributes below (see ``_dynamodb_journal.py``).
+_OPTIONAL_FIELDS = ("fingerprint", "payload", "checkpoint")
+_JOURNAL_NAMES = {
+    "#journal_id": "journal_id",
+    "#journal_length": "journal_length",
+    "#journal_expiration": "journal_expiration",
+    "#journal_floor": "journal_expiration_floor",
+}
+
+
+def _n(value: float) -> dict[str, str]:
+    # repr() is the shortest text that reads back as the same float: the exact value, never rounded.
+    return {"N": repr(float(value))}
+
+
+def _ttl_seconds(expires_at: float) -> int:
+    # Whole seconds since the epoch, as DynamoDB TTL wants: rounded up, plus the grace (see the store's docstring).
+    return math.ceil(expires_at) + _TTL_GRACE_SECONDS
+
+
+def _ttl(expires_at: float) -> dict[str, str]:
+    return {"N": str(_ttl_seconds(expires_at))}
+
+
+def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": {"S": record.key},
+        "status": {"S": record.state.value},
+        "owner": {"S": record.owner},
+        "version": {"S": record.version},
+        "lease_seconds": _n(record.lease_seconds),
+        "expires_at": _n(record.expires_at),
+        "expiration": _ttl(record.expires_at),
+    }
+    if record.fingerprint is not None:
+        item["fingerprint"] = {"S": record.fingerprint}
+    if record.payload is not None:
+        item["payload"] = {"B": record.payload}
+    if record.checkpoint is not None:
+        item["checkpoint"] = {"S": record.checkpoint}
+    return item
+
+
+def _from_item(item: dict[str, Any]) -> IdempotencyRecord:
+    key = item.get("id", {}).get("S", "<no id>")
+    try:
+        return IdempotencyRecord(
+            key=key,
+            state=RecordState(item["status"]["S"]),
+            owner=item["owner"]["S"],
+            version=item["version"]["S"],
+            lease_seconds=float(item["lease_seconds"]["N"]),
+            expires_at=float(item["expires_at"]["N"]),
+            fingerprint=item["fingerprint"]["S"] if "fingerprint" in item else None,
+            payload=bytes(item["payload"]["B"]) if "payload" in item else None,
+            checkpoint=item["checkpoint"]["S"] if "checkpoint" in item else None,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise IdempotencyRecordCorruptedError(key, f"malformed item: {type(e).__name__}: {e}") from e
+
+
+def _take_over_update(record: IdempotencyRecord) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """A takeover's ``UpdateExpression``, names and values: the item becomes ``record`` plus the journal's attributes.
+
+    Every field of the record is set (or removed when absent), so the new owner resumes from the journal; a journal
+    lives with an ``IN_PROGRESS`` record only, so a record in another state drops it.
+    """
+    fields = _to_item(record)
+    del fields["id"]
+    names = {f"#{name}": name for name in fields}
+    values = {f":new_{name}": value for name, value in fields.items()}
+    update = "SET " + ", ".join(f"#{name} = :new_{name}" for name in fields)
+    removed = [name for name in _OPTIONAL_FIELDS if name not in fields]
+    if record.state is not RecordState.IN_PROGRESS:
+        removed += _JOURNAL_NAMES.values()
+    if removed:
+        names.update({f"#{name}": name for name in removed})
+        update += " REMOVE " + ", ".join(f"#{name}" for name in removed)
+    return update, names, values
+
+
+def _renewal(
+    owner: str, version: str, lease_seconds: float, expires_at: float, checkpoint: str | None
+) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """A renewal's ``UpdateExpression``, names and values (with those of ``_OWNED_IN_PROGRESS``, its condition)."""
+    update = "SET #version = :version, #lease_seconds = :lease_seconds, #expires_at = :expires_at, #ttl = :ttl"
+    names = {
+        **_OWNED_NAMES,
+        "#version": "version",
+        "#lease_seconds": "lease_seconds",
+        "#expires_at": "expires_at",
+        "#ttl": "expiration",
+    }
+    values: dict[str, Any] = {
+        ":owner": {"S": owner},
+        ":in_progress": _IN_PROGRESS,
+        ":version": {"S": version},
+        ":lease_seconds": _n(lease_seconds),
+        ":expires_at": _n(expires_at),
+        ":ttl": _ttl(expires_at),
+    }
+    if checkpoint is not None:
+        update += ", #checkpoint = :checkpoint"
+        names["#checkpoint"] = "checkpoint"
+        values[":checkpoint"] = {"S": checkpoint}
+    return update, names, values
+
+
+# Calls and errors.
+
+# A write that meets a journal append's transaction on the same item is rejected (TransactionConflict), not queued,
+# and botocore does not retry it: nothing was written, so it is tried again after a short jittered backoff.
+_CONFLICT_ATTEMPTS = 5
+_CONFLICT_BACKOFF_SECONDS = 0.01
+
+
+class _Table:
+    """One table and its client, called on the calling thread with the store's rules for errors. Thread-safe.
+
+    A failed condition raises its ``ClientError`` (the caller reads the old item from it); a write that met a journal
+    append's transaction is tried again; every other failure raises ``IdempotencyStoreError`` with the cause chained.
+    """
+
+    def __init__(self, client: Any, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def invoke(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """One boto3 call on this thread; every failure but a failed condition is an outage."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(**kwargs)
+            except ClientError as e:
+                if _is_condition_failure(e):
+                    raise
+                if _is_transaction_conflict(e) and attempt < _CONFLICT_ATTEMPTS:
+                    # The item is in a journal append's transaction, which ends within milliseconds; nothing of
+                    # this call was written.
+                    time.sleep(random.uniform(0, _CONFLICT_BACKOFF_SECONDS * 2**attempt))
+                    continue
+                raise self._outage(e) from e
+            except BotoCoreError as e:  # no answer at all: connection refused, timeouts, bad credentials, ...
+                raise self._outage(e) from e
+
+    def _outage(self, error: Exception) -> IdempotencyStoreError:
+        return IdempotencyStoreError(f"DynamoDB table {self.name} could not be used: {type(error).__name__}: {error}")
+
+    def written(self, fn: Callable[..., Any], /, **kwargs: Any) -> dict[str, Any] | None:
+        """A conditional write: its response, or None if its condition failed."""
+        try:
+            response: dict[str, Any] = self.invoke(fn, **kwargs)
+            return response
+        except ClientError:  # only a failed condition reaches here (see invoke)
+            return None
+
+    def fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
+        """A conditional write: True if written, False if its condition failed."""
+        return self.written(fn, **kwargs) is not None
+
+    def record_item(self, key: str) -> dict[str, Any] | None:
+        """The record's item under ``key`` (a consistent ``GetItem``), or None."""
+        response = self.invoke(self.client.get_item, TableName=self.name, Key={"id": {"S": key}}, ConsistentRead=True)
+        item: dict[str, Any] | None = response.get("Item")
+        return item
+
+
+def _outcome(fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T | None, Exception | None]:
+    """Run ``fn`` on a worker thread and hand back its error as a value instead of raising it across the await.
+
+    An exception crossing the await reaches the awaiting coroutines through ``throw()``, and on Python 3.11 a frame
+    resumed by ``throw()`` emits no trace ``call`` event, so coverage loses every line after the await. Re-raising
+    on the event loop's side keeps those lines measured; the error object (and its traceback) is the same.
+    """
+    try:
+        return fn(*args), None
+    except Exception as e:
+        return None, e
+
+
+def _is_condition_failure(error: ClientError) -> bool:
+    code = error.response.get("Error", {}).get("Code")
+    if code == "TransactionCanceledException":
+        return _cancelled_for(error, "ConditionalCheckFailed")
+    return bool(code == "ConditionalCheckFailedException")
+
+
+def _is_transaction_conflict(error: ClientError) -> bool:
+    code = error.response.get("Error", {}).get("Code")
+    if code == "TransactionCanceledException":
+        return _cancelled_for(error, "TransactionConflict")
+    return bool(code == "TransactionConflictException")
+
+
+def _cancelled_for(error: ClientError, reason: str) -> bool:
+    """Whether a cancelled transaction names ``reason`` for one of its actions."""
+    return any(r.get("Code") == reason for r in error.response.get("CancellationReasons") or ())
+
+
+def _old_item(error: ClientError) -> dict[str, Any] | None:
+    """The item a failed condition returned (``ALL_OLD``): a transaction's is its first action's, the record's."""
+    reasons = error.response.get("CancellationReasons")
+    item: dict[str, Any] | None = (reasons[0] if reasons else error.response).get("Item")
+    return item
