@@ -22,6 +22,7 @@ from .types.exceptions import (
     IdempotencyStoreError,
     IdempotencyTokenError,
     IdempotencyWaitTimeoutError,
+    InvocationCancelledError,
     ReentrantInvocationError,
     SessionBusyError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "IdempotencyTokenError",
     "IdempotencyWaitTimeoutError",
     "InMemoryIdempotencyStore",
+    "InvocationCancelledError",
     "ReentrantInvocationError",
     "ReplayedAgentResult",
     "SessionBusyError",

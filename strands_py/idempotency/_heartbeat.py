@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from ..types.exceptions import IdempotencyLeaseLostError
+from ..types.exceptions import IdempotencyLeaseLostError, InvocationCancelledError
 from ._calls import _store
 from .base import IdempotencyStore
 from .record import IdempotencyRecord, new_version
@@ -119,7 +119,7 @@ class _Lease:
         self.check()
         sent = time.monotonic()
         if not await _store(self._renew(self.lease_seconds, checkpoint)):
-            self._lose("the renewal was fenced off: another caller took the claim over")
+            await self._fenced_off()
             self.check()
         self._renewed(sent)
 
@@ -138,13 +138,33 @@ class _Lease:
         self.renewals += 1
         self.valid_until = max(self.valid_until, sent + self.lease_seconds)
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, *, cancelled: bool = False) -> None:
         if self.lost is not None:
             return
-        logger.warning("key=<%s> | lease lost: %s", self.key, reason)
-        self.lost = IdempotencyLeaseLostError(self.key, reason)
+        if cancelled:
+            logger.info("key=<%s> | invocation cancelled: stopping", self.key)
+            self.lost = InvocationCancelledError(self.key, reason)
+        else:
+            logger.warning("key=<%s> | lease lost: %s", self.key, reason)
+            self.lost = IdempotencyLeaseLostError(self.key, reason)
         if self._on_lost is not None:
             self._on_lost(self.lost)
+
+    async def _fenced_off(self) -> None:
+        """A renewal was refused: the claim was taken over, or is ours but marked cancelled. Lose it either way."""
+        try:
+            record = await _store(self.store.get(self.key))
+        except Exception:  # noqa: BLE001 - refused is refused: only the reason is unknown
+            record = None
+        if record is not None and record.owner == self.owner and record.cancelled:
+            self._lose("the invocation was cancelled", cancelled=True)
+        else:
+            self._lose("the renewal was fenced off: another caller took the claim over")
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the lease was lost to a cancel (the owner leaves a ``CANCELLED`` tombstone, not a yielded claim)."""
+        return isinstance(self.lost, InvocationCancelledError)
 
     async def _renew_forever(self) -> None:
         interval = self.lease_seconds / 3
@@ -175,7 +195,7 @@ class _Lease:
                 delay = min(interval, max(_RETRY_MIN_SECONDS, self.lease_seconds * _RETRY_FRACTION))
                 continue
             if not renewed:
-                self._lose("the renewal was fenced off: another caller took the claim over")
+                await self._fenced_off()
                 return
             self._renewed(sent)
             delay = interval

@@ -43,6 +43,7 @@ class IdempotencyStore(abc.ABC):
             answers replays with it before starting a thread and an event loop).
         supports_journal: Whether ``append``, ``journal`` and ``truncate`` are implemented (needed by
             ``IdempotencyConfig(journal=True)``).
+        supports_cancel: Whether ``cancel`` is implemented (cancelling a run from anywhere).
         max_journal_entry_bytes: Largest journal entry the store accepts, or None for no limit (larger steps are
             split into several entries by the layer above).
     """
@@ -50,16 +51,17 @@ class IdempotencyStore(abc.ABC):
     max_result_bytes: int | None = None
     supports_blocking_claims: bool = False
     supports_journal: bool = False
+    supports_cancel: bool = False
     max_journal_entry_bytes: int | None = None
 
     @abc.abstractmethod
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """Store ``record`` (``IN_PROGRESS``) if the key is free; one atomic conditional write.
 
-        The key is free when it holds nothing, or a ``COMPLETED`` record that expired at ``now``
-        (``record.expired(now)``), or an ``IN_PROGRESS`` record of the same owner (a claim retried after its first
-        attempt landed and its response was lost is still the caller's own). Any other ``IN_PROGRESS`` record blocks
-        the claim whatever its age: only ``take_over`` replaces another owner's claim.
+        The key is free when it holds nothing, a ``COMPLETED`` record that expired at ``now``
+        (``record.expired(now)``), a ``CANCELLED`` tombstone, or an ``IN_PROGRESS`` record of the same owner (a claim
+        retried after its first attempt landed and its response was lost is still the caller's own). Any other
+        ``IN_PROGRESS`` record blocks the claim whatever its age: only ``take_over`` replaces another owner's claim.
 
         Args:
             record: The claim; ``record.owner`` is unique to the invocation, ``record.version`` to this write.
@@ -92,9 +94,12 @@ class IdempotencyStore(abc.ABC):
 
     @abc.abstractmethod
     async def complete(self, record: IdempotencyRecord) -> bool:
-        """Replace the owner's ``IN_PROGRESS`` record with ``record`` (``COMPLETED``), fenced on the owner.
+        """Replace the owner's ``IN_PROGRESS`` record with ``record`` (a result, or a tombstone), fenced on the owner.
 
-        Written only if ``record.owner`` still owns the ``IN_PROGRESS`` record.
+        ``record`` is ``COMPLETED`` (the result) or ``CANCELLED`` (how a cancelled run ends).
+
+        Written only if ``record.owner`` still owns the ``IN_PROGRESS`` record, and, when that record is marked
+        ``cancelled``, only a ``CANCELLED`` tombstone (a result can never land after a cancel was asked for).
 
         Returns:
             False if the write was fenced off: the claim was taken over (or removed, or completed) meanwhile.
@@ -126,8 +131,22 @@ class IdempotencyStore(abc.ABC):
         fingerprint are untouched.
 
         Returns:
-            False if the renewal was fenced off: the claim was taken over, completed, or is gone.
+            False if the renewal was fenced off: the claim was taken over, completed, is gone, or is marked
+            ``cancelled`` (its owner learns of the cancel this way, at its next heartbeat).
         """
+
+    async def cancel(self, key: str) -> IdempotencyRecord | None:
+        """Mark the ``IN_PROGRESS`` record under ``key`` ``cancelled``, whoever owns it; one atomic write (optional).
+
+        A record in another state, or none, is left as it is. Marking twice is marking once.
+
+        Returns:
+            The record under ``key`` after the call (the marked claim, a finished record, or None).
+
+        Raises:
+            NotImplementedError: The store does not support cancels (``supports_cancel`` is False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support cancels")
 
     def claim_blocking(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """``claim``, blocking the calling thread: for a caller without an event loop (optional).
@@ -146,7 +165,8 @@ class IdempotencyStore(abc.ABC):
         One atomic step: the fence and the append (an entry is never written for an owner that lost the claim).
 
         Returns:
-            False if the append was fenced off (the claim was taken over, completed, released, or is gone).
+            False if the append was fenced off (the claim was taken over, completed, released, is gone, or is marked
+            ``cancelled``).
 
         Raises:
             NotImplementedError: The store does not support journals (``supports_journal`` is False).

@@ -83,6 +83,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
 
     supports_blocking_claims = True
     supports_journal = True
+    supports_cancel = True
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         """See ``IdempotencyStore.claim``.
@@ -96,7 +97,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         """See ``IdempotencyStore.claim_blocking``: ``claim``, which never blocks for long here (one lock)."""
         with self._mutex:
             existing = self._lookup(record.key, now)
-            if existing is not None and not existing.expired(now) and not _own_claim(existing, record.owner):
+            if existing is not None and not _free(existing, now) and not _own_claim(existing, record.owner):
                 if existing.state is RecordState.COMPLETED:
                     self._completed.move_to_end(record.key)
                 return existing
@@ -127,7 +128,8 @@ class InMemoryIdempotencyStore(IdempotencyStore):
     async def complete(self, record: IdempotencyRecord) -> bool:
         """See ``IdempotencyStore.complete``."""
         with self._mutex:
-            if self._owned_in_progress(record.key, record.owner) is None:
+            existing = self._owned_in_progress(record.key, record.owner)
+            if existing is None or (existing.cancelled and record.state is not RecordState.CANCELLED):
                 return False
             self._journals.pop(record.key, None)
             self._put(record)
@@ -144,7 +146,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
     async def append(self, key: str, owner: str, entry: bytes) -> bool:
         """See ``IdempotencyStore.append``."""
         with self._mutex:
-            if self._owned_in_progress(key, owner) is None:
+            if self._running(key, owner) is None:
                 return False
             self._journals.setdefault(key, []).append(bytes(entry))
             return True
@@ -159,7 +161,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
     async def truncate(self, key: str, owner: str, length: int) -> bool:
         """See ``IdempotencyStore.truncate``."""
         with self._mutex:
-            if self._owned_in_progress(key, owner) is None:
+            if self._running(key, owner) is None:
                 return False
             entries = self._journals.get(key)
             if entries is not None:
@@ -178,7 +180,7 @@ class InMemoryIdempotencyStore(IdempotencyStore):
     ) -> bool:
         """See ``IdempotencyStore.renew``."""
         with self._mutex:
-            existing = self._owned_in_progress(key, owner)
+            existing = self._running(key, owner)
             if existing is None:
                 return False
             renewed = dataclasses.replace(
@@ -206,6 +208,22 @@ class InMemoryIdempotencyStore(IdempotencyStore):
             self._remove(key)
             return None
         return record
+
+    async def cancel(self, key: str) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.cancel``."""
+        with self._mutex:
+            existing = self._lookup(key, time.time())
+            if existing is None or existing.state is not RecordState.IN_PROGRESS or existing.cancelled:
+                return existing
+            marked = dataclasses.replace(existing, cancelled=True)
+            claim = self._claims[key]
+            claim.record = marked  # the owner's last write stays the last write: a mark is no heartbeat
+            return marked
+
+    def _running(self, key: str, owner: str) -> IdempotencyRecord | None:
+        """The fence of renew and the journal: the owner's ``IN_PROGRESS`` record, unless it is marked cancelled."""
+        existing = self._owned_in_progress(key, owner)
+        return None if existing is None or existing.cancelled else existing
 
     def _owned_in_progress(self, key: str, owner: str) -> IdempotencyRecord | None:
         """The fence of complete, release and renew: the owner's ``IN_PROGRESS`` record, or None."""
@@ -269,6 +287,11 @@ class _Claim:
         """Whether nobody could object to evicting it: yielded, silent for a whole lease, or past its expiry."""
         now = time.monotonic()
         return self.record.yielded or now - self.written_at >= self.record.lease_seconds or now >= self.collect_at
+
+
+def _free(existing: IdempotencyRecord, now: float) -> bool:
+    """Whether a claim may replace ``existing``: an expired result, or a tombstone of a cancelled run."""
+    return existing.state is RecordState.CANCELLED or existing.expired(now)
 
 
 def _own_claim(existing: IdempotencyRecord, owner: str) -> bool:

@@ -11,10 +11,11 @@ from strands.agent.agent_result import AgentResult
 
 
 class RecordState(str, enum.Enum):
-    """Where an invocation is: claimed and running somewhere, or completed with a replayable result."""
+    """Where an invocation is: claimed and running somewhere, completed with a replayable result, or cancelled."""
 
     IN_PROGRESS = "IN_PROGRESS"
     COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"  # a tombstone: the run was cancelled; it frees the key for a fresh claim at once
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class IdempotencyRecord:
     Attributes:
         key: ``scope#digest``, the digest of the scope and the token (SHA-256, or HMAC-SHA256 with the config's
             ``hmac_key``); the raw token is never stored.
-        state: ``IN_PROGRESS`` or ``COMPLETED``.
+        state: ``IN_PROGRESS``, ``COMPLETED``, or ``CANCELLED`` (a tombstone saying how the run ended, until it
+            expires; a claim replaces it at once).
         owner: Random id of the invocation that claimed the record; completes, releases and renewals are fenced on it.
         version: Unique to this write of the record (``new_version()``); the owner changes it at every heartbeat.
         lease_seconds: How long the owner of an ``IN_PROGRESS`` record may go without a heartbeat before a waiter may
@@ -46,6 +48,9 @@ class IdempotencyRecord:
         payload: The encoded result of a ``COMPLETED`` record.
         checkpoint: Opaque text the owner attaches to its ``IN_PROGRESS`` record (a session lock records there where
             the conversation stood when the turn began, so that a taker-over can roll back).
+        cancelled: On an ``IN_PROGRESS`` record: someone asked for the run to be cancelled (``cancel``). Its owner
+            can no longer renew it, store a result or journal anything; it stops at its next heartbeat and leaves a
+            ``CANCELLED`` tombstone.
     """
 
     key: str
@@ -57,13 +62,14 @@ class IdempotencyRecord:
     fingerprint: str | None = None
     payload: bytes | None = None
     checkpoint: str | None = None
+    cancelled: bool = False
 
     def expired(self, now: float) -> bool:
-        """Whether a ``COMPLETED`` record's replay window is over at ``now`` (``time.time()``); never IN_PROGRESS.
+        """Whether a finished record's window is over at ``now`` (``time.time()``); never an ``IN_PROGRESS`` one.
 
         An ``IN_PROGRESS`` record is never judged by a clock: only by watching its version (see the class docstring).
         """
-        return self.state is RecordState.COMPLETED and self.expires_at <= now
+        return self.state is not RecordState.IN_PROGRESS and self.expires_at <= now
 
     @property
     def yielded(self) -> bool:

@@ -29,6 +29,7 @@ class CountingStore(IdempotencyStore):
         self.max_result_bytes = inner.max_result_bytes
         self.supports_blocking_claims = inner.supports_blocking_claims
         self.supports_journal = inner.supports_journal
+        self.supports_cancel = inner.supports_cancel
         self.max_journal_entry_bytes = inner.max_journal_entry_bytes
         self.calls: Counter[str] = Counter()
         self._on_claim = on_claim
@@ -101,3 +102,8 @@ class CountingStore(IdempotencyStore):
         """Count and forward."""
         self.calls["truncate"] += 1
         return await self.inner.truncate(key, owner, length)
+
+    async def cancel(self, key: str) -> IdempotencyRecord | None:
+        """Count and forward."""
+        self.calls["cancel"] += 1
+        return await self.inner.cancel(key)

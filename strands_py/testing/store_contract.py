@@ -608,3 +608,78 @@ class StoreContract:
             assert await store.journal("contract#big") == [entry]
 
         self.run(scenario())
+
+    # cancels (optional: ``supports_cancel``)
+
+    def _cancel_store(self, store: IdempotencyStore) -> IdempotencyStore:
+        if not store.supports_cancel:
+            pytest.skip(f"{type(store).__name__} does not support cancels")
+        return store
+
+    def test_a_cancel_marks_a_running_claim_and_fences_its_owner(self, store: IdempotencyStore) -> None:
+        """A marked claim keeps its version (a mark is no heartbeat) and fences its owner.
+
+        The owner can no longer renew, journal or store a result, but it can leave a ``CANCELLED`` tombstone, which
+        frees the key for a fresh claim at once.
+        """
+        store = self._cancel_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            first = _claim("contract#k", "a", now=now)
+            await store.claim(first, now)
+            marked = await store.cancel("contract#k")
+            assert marked == dataclasses.replace(first, cancelled=True)
+            assert await store.cancel("contract#k") == marked  # marking twice is marking once
+            assert await store.get("contract#k") == marked
+            renewed = await store.renew("contract#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 60)
+            assert renewed is False
+            if store.supports_journal:
+                assert await store.append("contract#k", "a", b"step") is False
+                assert await store.truncate("contract#k", "a", 0) is False
+            assert await store.complete(_completed("contract#k", "a", now=now)) is False
+            # another owner's claim is still blocked: only its owner's tombstone (or a takeover) frees the key
+            existing = await store.claim(_claim("contract#k", "b", now=now), now)
+            assert existing == marked
+            tombstone = IdempotencyRecord("contract#k", RecordState.CANCELLED, "a", new_version(), 0.0, now + 60, "fp")
+            assert await store.complete(tombstone) is True
+            assert await store.get("contract#k") == tombstone
+            assert await store.claim(_claim("contract#k", "b", now=now), now) is None
+            if store.supports_journal:
+                assert await store.journal("contract#k") == []
+
+        self.run(scenario())
+
+    def test_a_cancel_leaves_finished_and_absent_keys_alone(self, store: IdempotencyStore) -> None:
+        """A completed record stays completed (its answer stands); an absent key stays absent."""
+        store = self._cancel_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            assert await store.cancel("contract#missing") is None
+            assert await store.get("contract#missing") is None
+            await store.claim(_claim("contract#k", "a", now=now), now)
+            done = _completed("contract#k", "a", now=now)
+            assert await store.complete(done) is True
+            assert await store.cancel("contract#k") == done
+            assert await store.get("contract#k") == done
+
+        self.run(scenario())
+
+    def test_a_marked_claim_is_released_or_taken_over_as_any_other(self, store: IdempotencyStore) -> None:
+        """Its owner may release it; a waiter that judged it abandoned takes it over by its version."""
+        store = self._cancel_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            first = _claim("contract#k", "a", now=now)
+            await store.claim(first, now)
+            await store.cancel("contract#k")
+            assert await store.take_over(_claim("contract#k", "b", now=now), first.version) is True
+            got = await store.get("contract#k")
+            assert got is not None and got.owner == "b" and not got.cancelled
+            await store.cancel("contract#k")
+            assert await store.release("contract#k", "b") is True
+            assert await store.get("contract#k") is None
+
+        self.run(scenario())

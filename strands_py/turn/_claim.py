@@ -8,6 +8,7 @@ version (``take_over``). A claim whose caller gave up while its write was in fli
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -91,6 +92,30 @@ class DurableCall:
         """Release this call's claim (and its journal) so that a retry runs afresh at once; never raises."""
         await release_quietly(self.config.store, self.key, self.owner)
 
+    async def end_cancelled(self) -> None:
+        """End this call's cancelled claim with a ``CANCELLED`` tombstone: a retry runs afresh. Never raises.
+
+        The tombstone says how the run ended (to whoever asks about the key) until it expires, and frees the key for a
+        fresh claim at once, dropping the journal. Where it cannot be written, the claim is released instead.
+        """
+        config = self.config
+        now = time.time()
+        tombstone = IdempotencyRecord(
+            key=self.key,
+            state=RecordState.CANCELLED,
+            owner=self.owner,
+            version=new_version(),
+            lease_seconds=0.0,
+            expires_at=now + config.expires_after_seconds,
+            fingerprint=self.fingerprint,
+        )
+        try:
+            if await _store(config.store.complete(tombstone)):
+                return
+        except Exception:  # noqa: BLE001 - the release below frees the key as well
+            logger.debug("key=<%s> | could not leave a cancelled tombstone, releasing", self.key)
+        await self.release()
+
     async def yield_claim(self) -> None:
         """Yield this call's claim, keeping its journal: a retry takes it over at once and resumes from it.
 
@@ -159,12 +184,21 @@ async def claim_or_wait(
             if existing.state is RecordState.IN_PROGRESS:
                 telemetry.add_event(span, telemetry.EVENT_WAITING_FOR_OWNER, {"key": key})
         call.check_request(existing)
-        if existing.state is RecordState.COMPLETED:
-            if not existing.expired(time.time()):
-                return existing, read_at, False
-            existing = None  # its window is over: the claim decides (the store compares expiry atomically)
+        if existing.state is RecordState.COMPLETED and not existing.expired(time.time()):
+            return existing, read_at, False
+        if existing.state is not RecordState.IN_PROGRESS:
+            existing = None  # an expired result, or a cancelled run's tombstone: the claim decides (atomically)
             continue
         wait = watch.remaining(existing, read_at)
+        if wait <= 0 and existing.cancelled:
+            # Its run was cancelled and its owner is gone without leaving the tombstone: leave it ourselves (by a
+            # compare-and-set on what we judged), then claim afresh over it (a cancelled run is not resumed).
+            tombstone = dataclasses.replace(
+                existing, state=RecordState.CANCELLED, version=new_version(), lease_seconds=0.0, cancelled=False
+            )
+            await _store(store.take_over(tombstone, existing.version))
+            existing = None
+            continue
         if wait <= 0:
             sent = time.monotonic()
             won = await claim_or_hand_back(

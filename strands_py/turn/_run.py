@@ -157,6 +157,12 @@ async def durable_stream(
             try:
                 if events is not None:
                     await events.aclose()
+            except Exception as e:
+                # Cleanup that failed after the run lost its claim (a session write refused while strands closes, say)
+                # failed because of that loss: the loss is what the caller must learn, not the refused write.
+                if lease.lost is not None:
+                    raise lease.lost from e
+                raise
             finally:
                 # Failed, aborted, closed early, lease lost, or cleanup raised: nothing stored. Undo the turn and
                 # release the session first (a retry of this token must not find the session still held), then yield
@@ -167,7 +173,8 @@ async def durable_stream(
                         if session is not None:
                             await shielded(session.abort())
                     finally:
-                        await shielded(call.yield_claim())
+                        # A cancelled run ends with a tombstone (a retry runs afresh); any other yields its journal.
+                        await shielded(call.end_cancelled() if lease.cancelled else call.yield_claim())
 
 
 async def _claim_traced(
@@ -219,12 +226,12 @@ async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn |
     if result.stop_reason == "cancelled":
         # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's answer. Undo the
         # turn and release the claim so that a retry runs; this caller still gets what upstream returned.
-        logger.debug("key=<%s> | run was cancelled, releasing the claim instead of storing it", call.key)
+        logger.debug("key=<%s> | run was cancelled, leaving a tombstone instead of a result", call.key)
         try:
             if session is not None:
                 await session.abort()
         finally:
-            await call.release()
+            await call.end_cancelled()
         return
     try:
         if session is not None:

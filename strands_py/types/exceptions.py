@@ -77,6 +77,18 @@ class IdempotencyLeaseLostError(IdempotencyError):
         self.key = key
 
 
+class InvocationCancelledError(IdempotencyLeaseLostError):
+    """The invocation was cancelled from outside (``cancel_invocation``, HTTP ``DELETE /invocations/{key}``).
+
+    Its owner learnt it at its next heartbeat, stopped at its next cancellation point, stored nothing and left a
+    ``CANCELLED`` tombstone: a retry of the key runs afresh. A subclass of ``IdempotencyLeaseLostError``: the run
+    stopped because it lost its claim, on purpose.
+
+    Attributes:
+        key: The record's key.
+    """
+
+
 class IdempotencyKeyMismatchError(IdempotencyError):
     """The token was already used for a different request (its fingerprint differs); nothing ran or replayed.
 
@@ -143,6 +155,7 @@ __all__ = [
     "IdempotencyError",
     "IdempotencyKeyMismatchError",
     "IdempotencyLeaseLostError",
+    "InvocationCancelledError",
     "IdempotencyRecordCorruptedError",
     "IdempotencyResultTooLargeError",
     "IdempotencyStoreError",

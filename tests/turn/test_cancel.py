@@ -1,0 +1,143 @@
+"""Cancelling a run from anywhere: a mark on its claim, seen by its owner at its next heartbeat.
+
+"Hosts" share one in-memory store through wrappers of their own. The owner stops at its next cancellation point,
+stores nothing, rolls its session turn back, and leaves a ``CANCELLED`` tombstone: a retry runs afresh (the journal
+is not resumed: a cancelled run is not to be continued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from strands.session.file_session_manager import FileSessionManager
+
+from strands_py import Agent, InvocationCancelledError
+from strands_py._demo.storm import _until
+from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore, RecordState
+from strands_py.idempotency._heartbeat import _Lease
+from strands_py.idempotency.keys import make_key
+from strands_py.testing import CountingStore, ScriptedBedrock
+
+WAIT = 20.0
+LEASE = 0.6
+
+pytestmark = pytest.mark.racing  # the owner runs on a model thread while another host cancels it
+
+
+class _GatedAnswer(ScriptedBedrock):
+    """The turn's second model call (the answer, after the tool) waits at a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answering = threading.Event()
+        self.release = threading.Event()
+
+    def converse_stream(self, **request: Any) -> dict[str, Any]:
+        if any("toolResult" in block for block in request["messages"][-1]["content"]):
+            self.answering.set()
+            self.release.wait(WAIT)
+        return super().converse_stream(**request)
+
+
+class _Hosts:
+    def __init__(self, tmp_path: Path) -> None:
+        self.inner = InMemoryIdempotencyStore()
+        self.config = IdempotencyConfig(store=self.inner, scope="s", lease_seconds=LEASE)
+        self.dir = str(tmp_path / "sessions")
+
+    def agent(self, script: ScriptedBedrock, *, session: bool = False) -> Agent:
+        extra: dict[str, Any] = {}
+        if session:
+            extra["session_manager"] = FileSessionManager(session_id="conv-1", storage_dir=self.dir)
+        config = dataclasses.replace(self.config, store=CountingStore(self.inner))
+        return Agent(model=script.model(), tools=script.tools(), callback_handler=None, idempotency=config, **extra)
+
+    def prompts(self) -> list[str]:
+        manager = FileSessionManager(session_id="conv-1", storage_dir=self.dir)
+        messages = [m.to_message() for m in manager.list_messages("conv-1", "default")]
+        return [m["content"][0]["text"] for m in messages if m["role"] == "user" and "text" in m["content"][0]]
+
+
+async def _cancel_a_running_turn(hosts: _Hosts, *, session: bool) -> tuple[BaseException | None, ScriptedBedrock]:
+    """Host A runs the turn to its answer's model call; host B marks it cancelled; A's answer then arrives late.
+
+    Returns what A's caller got, and the script of a retry on a third host.
+    """
+    if session:
+        await asyncio.wait_for(hosts.agent(ScriptedBedrock(), session=True).invoke_async("t0?"), WAIT)
+    script = _GatedAnswer()
+    running = asyncio.create_task(hosts.agent(script, session=session).invoke_async("t1?", idempotency_token="t1"))
+    await _until(script.answering.is_set, WAIT, "the answer's model call")
+    marked = await hosts.inner.cancel(make_key("s", "t1"))
+    assert marked is not None and marked.cancelled
+    # A's heartbeat learns of it, and its run stops; the answer it was waiting for comes too late to count.
+    outcome: BaseException | None = None
+    try:
+        await asyncio.wait_for(running, WAIT)
+    except BaseException as e:  # noqa: BLE001 - what the caller got is the point
+        outcome = e
+    finally:
+        script.release.set()
+    retry = ScriptedBedrock()
+    await asyncio.wait_for(hosts.agent(retry, session=session).invoke_async("t1?", idempotency_token="t1"), WAIT)
+    return outcome, retry
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["token", "session-turn"])
+async def test_a_cancelled_run_stops_stores_nothing_and_its_retry_runs_afresh(tmp_path: Path, session: bool) -> None:
+    hosts = _Hosts(tmp_path)
+    outcome, retry = await _cancel_a_running_turn(hosts, session=session)
+    assert isinstance(outcome, InvocationCancelledError), outcome
+    # a fresh run: every step paid again (the cancelled run's journal is not resumed)
+    assert (retry.model_calls, retry.tool_calls) == (2, 1)
+    if session:
+        assert hosts.prompts() == ["t0?", "t1?"], "the cancelled turn was not rolled back"
+
+
+async def test_a_cancelled_run_leaves_a_tombstone_until_a_retry(tmp_path: Path) -> None:
+    hosts = _Hosts(tmp_path)
+    script = _GatedAnswer()
+    running = asyncio.create_task(hosts.agent(script).invoke_async("t1?", idempotency_token="t1"))
+    await _until(script.answering.is_set, WAIT, "the answer's model call")
+    await hosts.inner.cancel(make_key("s", "t1"))
+    with pytest.raises(InvocationCancelledError):
+        await asyncio.wait_for(running, WAIT)
+    script.release.set()
+    tombstone = await hosts.inner.get(make_key("s", "t1"))
+    assert tombstone is not None and tombstone.state is RecordState.CANCELLED
+    assert await hosts.inner.cancel(make_key("s", "t1")) == tombstone  # cancelling again changes nothing
+
+
+async def test_a_marked_claim_whose_owner_died_is_ended_by_the_retry_and_run_afresh(tmp_path: Path) -> None:
+    hosts = _Hosts(tmp_path)
+    script = _GatedAnswer()
+
+    async def silent(self: _Lease) -> None:
+        return None
+
+    with mock.patch.object(_Lease, "_renew_forever", silent):  # host A dies in its answer's model call
+        running = asyncio.create_task(hosts.agent(script).invoke_async("t1?", idempotency_token="t1"))
+        await _until(script.answering.is_set, WAIT, "the answer's model call")
+    try:
+        await hosts.inner.cancel(make_key("s", "t1"))
+        retry = ScriptedBedrock()
+        result = await asyncio.wait_for(hosts.agent(retry).invoke_async("t1?", idempotency_token="t1"), WAIT)
+        assert result.stop_reason == "end_turn" and (retry.model_calls, retry.tool_calls) == (2, 1)
+    finally:
+        script.release.set()
+        await asyncio.wait([running], timeout=WAIT)
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: a cancel read as a lost lease")
+async def test_negative_control_a_cancel_read_as_a_lost_lease_resumes_the_cancelled_run(tmp_path: Path) -> None:
+    async def taken_over(self: _Lease) -> None:
+        self._lose("the renewal was fenced off")
+
+    with mock.patch.object(_Lease, "_fenced_off", taken_over):
+        await test_a_cancelled_run_stops_stores_nothing_and_its_retry_runs_afresh(tmp_path, False)
