@@ -15,9 +15,11 @@ from strands.hooks import BeforeToolCallEvent
 from strands.types.agent import ConcurrentInvocationMode
 
 from .. import telemetry
+from ..idempotency._calls import _store
 from ..idempotency._context import STATE_KEY, _RunContext, run_context_of
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import make_key, request_fingerprint, session_lock_key
+from ..idempotency.record import RecordState
 from ..session._conversation import session_id_of
 from ..session._turn import SessionTurn
 from ..turn import DurableCall
@@ -25,6 +27,7 @@ from ..turn._journaled import JournaledModel, JournaledTool
 from ..types.exceptions import (
     IdempotencyAbortedError,
     IdempotencyLeaseLostError,
+    IdempotencyStoreError,
 )
 from . import _gate
 from ._concurrency import _ConcurrencyController, _InflightInvocation
@@ -230,6 +233,39 @@ class Agent(strands.Agent):
         async with aclosing(_gate.run(self, prompt, begun, stream_duplicate=stream_duplicate)) as events:
             async for event in events:
                 yield event
+
+    async def cancel_invocation(self, idempotency_token: Any, *, session_id: str | None = None) -> RecordState | None:
+        """Cancel the durable invocation of ``idempotency_token``, wherever it runs.
+
+        Marks its claim in the store: its owner (this agent, another one, another host) learns at its next heartbeat,
+        stops at its next cancellation point, stores nothing, rolls its session turn back and leaves a ``CANCELLED``
+        record, so that a retry of the token runs afresh; its caller gets ``InvocationCancelledError``. When this very
+        agent runs the invocation, it is stopped at once (``cancel()``). A finished invocation is left as it is.
+
+        Args:
+            idempotency_token: The token the invocation was made with.
+            session_id: The session it belongs to (default: the agent's session manager's, if any).
+
+        Returns:
+            The state of the token's record after the call: ``IN_PROGRESS`` (being cancelled), ``COMPLETED`` (it
+            finished first: its answer stands), ``CANCELLED``, or None (nothing under that token).
+
+        Raises:
+            ValueError: The agent has no ``idempotency`` configuration (nothing is durable to cancel).
+            IdempotencyTokenError: The token is unusable.
+            IdempotencyStoreError: The store failed, or does not support cancels.
+        """
+        config = self._idempotency
+        if config is None:
+            raise ValueError("cancel_invocation needs an agent with an idempotency configuration")
+        if not config.store.supports_cancel:
+            raise IdempotencyStoreError(f"{type(config.store).__name__} does not support cancels")
+        key = make_key(self._scope_for(session_id or session_id_of(self)), idempotency_token, config.hmac_key)
+        record = await _store(config.store.cancel(key))
+        inflight = self._idempotency_gate.inflight
+        if inflight is not None and inflight.key == key:
+            self.cancel()  # ours: stop now, not at the next heartbeat
+        return None if record is None else record.state
 
     def _session_of_call(self, kwargs: dict[str, Any]) -> str | None:
         """The session this call belongs to: ``session_id=`` of the call, else the session manager's."""

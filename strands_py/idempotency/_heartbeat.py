@@ -152,11 +152,7 @@ class _Lease:
 
     async def _fenced_off(self) -> None:
         """A renewal was refused: the claim was taken over, or is ours but marked cancelled. Lose it either way."""
-        try:
-            record = await _store(self.store.get(self.key))
-        except Exception:  # noqa: BLE001 - refused is refused: only the reason is unknown
-            record = None
-        if record is not None and record.owner == self.owner and record.cancelled:
+        if await was_cancelled(self.store, self.key, self.owner):
             self._lose("the invocation was cancelled", cancelled=True)
         else:
             self._lose("the renewal was fenced off: another caller took the claim over")
@@ -199,6 +195,25 @@ class _Lease:
                 return
             self._renewed(sent)
             delay = interval
+
+
+async def was_cancelled(store: IdempotencyStore, key: str, owner: str) -> bool:
+    """After a write of ``owner`` on ``key`` was refused: whether because its claim was marked cancelled.
+
+    Never raises: a read that fails says nothing, so the refusal counts as a claim lost to another owner.
+    """
+    try:
+        record = await _store(store.get(key))
+    except Exception:  # noqa: BLE001 - refused is refused: only the reason is unknown
+        return False
+    return record is not None and record.owner == owner and record.cancelled
+
+
+def lost_claim(key: str, cancelled: bool, reason: str) -> IdempotencyLeaseLostError:
+    """The error of a run whose write was refused: ``InvocationCancelledError`` when it was cancelled."""
+    if cancelled:
+        return InvocationCancelledError(key, "the invocation was cancelled")
+    return IdempotencyLeaseLostError(key, reason)
 
 
 class LeaseWatch:

@@ -34,9 +34,10 @@ from opentelemetry.trace import Span
 
 from .. import telemetry
 from ..idempotency._calls import _store
+from ..idempotency._heartbeat import lost_claim, was_cancelled
 from ..idempotency.base import IdempotencyStore
 from ..idempotency.codec import decode_value, encode_value
-from ..types.exceptions import IdempotencyLeaseLostError, IdempotencyRecordCorruptedError, IdempotencyStoreError
+from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -255,10 +256,14 @@ class Journal:
 
     # -- storage -------------------------------------------------------------------------------------------------
 
+    async def _refused(self, reason: str) -> None:
+        """A write was refused: the claim is lost, or cancelled. Raises the matching error."""
+        raise lost_claim(self.key, await was_cancelled(self.store, self.key, self.owner), reason)
+
     async def _cut(self, length: int) -> None:
         try:
             if not await _store(self.store.truncate(self.key, self.owner, length)):
-                raise IdempotencyLeaseLostError(self.key, "the journal was fenced off: another owner took the claim")
+                await self._refused("the journal was fenced off: another owner took the claim")
         except IdempotencyStoreError:
             # Nothing more is appended after a failed cut: an append after stale entries could be misread later.
             logger.warning("key=<%s> | could not cut the journal; this run journals nothing more", self.key)
@@ -295,7 +300,7 @@ class Journal:
             for index, part in enumerate(parts):
                 flag = _LAST if index == len(parts) - 1 else _MORE
                 if not await _store(self.store.append(self.key, self.owner, flag + part)):
-                    raise IdempotencyLeaseLostError(self.key, "a journal append was fenced off: the claim was lost")
+                    await self._refused("a journal append was fenced off: the claim was lost")
                 self._length += 1
         except IdempotencyStoreError:
             # Not journaled: on a resume the step runs again, as it would without a journal. A step split over

@@ -19,7 +19,7 @@ from .. import telemetry
 from .._events import result_of
 from ..idempotency._calls import _store, shielded
 from ..idempotency._context import _RunContext
-from ..idempotency._heartbeat import _Lease
+from ..idempotency._heartbeat import _Lease, was_cancelled
 from ..idempotency.codec import decode_result, encode_result
 from ..idempotency.record import IdempotencyRecord, RecordState, ReplayedAgentResult, new_version
 from ..session._turn import SessionTurn
@@ -28,6 +28,7 @@ from ..types.exceptions import (
     IdempotencyLeaseLostError,
     IdempotencyStoreError,
     IdempotencyWaitTimeoutError,
+    InvocationCancelledError,
 )
 from ._claim import DurableCall, claim_or_wait
 from ._journal import Journal
@@ -111,6 +112,7 @@ async def durable_stream(
     )
     context = _RunContext(key=key, hmac_key=config.hmac_key, leases=[lease])
     settled = False  # the claim was completed or released on the way: nothing is left to hand back
+    cancelled = False  # cancelled from outside, learnt from a refused write rather than from the heartbeat
     events: AsyncGenerator[Any, None] | None = None
     lease.start()
     try:
@@ -147,6 +149,12 @@ async def durable_stream(
                 _check(lease, session)
             except IdempotencyLeaseLostError as lost:
                 raise lost from e
+            # strands wraps what a model or a tool raises (EventLoopException): a claim lost on the way (a journal
+            # write refused) is what the caller must learn.
+            found = _lost_in(e)
+            if found is not None:
+                cancelled = cancelled or isinstance(found, InvocationCancelledError)
+                raise found from e
             raise
     finally:
         if context.journal is not None:
@@ -174,7 +182,8 @@ async def durable_stream(
                             await shielded(session.abort())
                     finally:
                         # A cancelled run ends with a tombstone (a retry runs afresh); any other yields its journal.
-                        await shielded(call.end_cancelled() if lease.cancelled else call.yield_claim())
+                        ended = call.end_cancelled() if lease.cancelled or cancelled else call.yield_claim()
+                        await shielded(ended)
 
 
 async def _claim_traced(
@@ -227,11 +236,16 @@ async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn |
         # Stopped by agent.cancel() or a cancel signal (a client that went away): not the token's answer. Undo the
         # turn and release the claim so that a retry runs; this caller still gets what upstream returned.
         logger.debug("key=<%s> | run was cancelled, leaving a tombstone instead of a result", call.key)
+        # Cancelled from outside (its claim marked: cancel_invocation, an HTTP DELETE) rather than by agent.cancel()
+        # alone: its caller learns it as every caller of a cancelled invocation does.
+        marked = await was_cancelled(call.config.store, call.key, call.owner)
         try:
             if session is not None:
                 await session.abort()
         finally:
             await call.end_cancelled()
+        if marked:
+            raise InvocationCancelledError(call.key, "the invocation was cancelled")
         return
     try:
         if session is not None:
@@ -260,6 +274,18 @@ async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn |
     raise IdempotencyStoreError(
         f"the answer could not be stored ({stored.value}); the turn does not count unless it was: retry the request"
     )
+
+
+def _lost_in(error: BaseException) -> IdempotencyLeaseLostError | None:
+    """The lost claim behind ``error``, if any (looked for in what it was raised from)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, IdempotencyLeaseLostError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _check(lease: _Lease, session: SessionTurn | None) -> None:

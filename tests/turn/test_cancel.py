@@ -141,3 +141,23 @@ async def test_negative_control_a_cancel_read_as_a_lost_lease_resumes_the_cancel
 
     with mock.patch.object(_Lease, "_fenced_off", taken_over):
         await test_a_cancelled_run_stops_stores_nothing_and_its_retry_runs_afresh(tmp_path, False)
+
+
+async def test_cancel_invocation_stops_the_agents_own_run_at_once_and_leaves_finished_ones(tmp_path: Path) -> None:
+    hosts = _Hosts(tmp_path)
+    hosts.config = dataclasses.replace(hosts.config, lease_seconds=30.0)  # no heartbeat comes: only cancel() stops it
+    script = _GatedAnswer()
+    agent = hosts.agent(script)
+    running = asyncio.create_task(agent.invoke_async("t1?", idempotency_token="t1"))
+    await _until(script.answering.is_set, WAIT, "the answer's model call")
+    assert await agent.cancel_invocation("t1") is RecordState.IN_PROGRESS
+    script.release.set()
+    with pytest.raises(InvocationCancelledError):  # stopped by cancel() at its next cancellation point
+        await asyncio.wait_for(running, WAIT)
+    assert await agent.cancel_invocation("t1") is RecordState.CANCELLED
+    other = hosts.agent(ScriptedBedrock())
+    await asyncio.wait_for(other.invoke_async("t2?", idempotency_token="t2"), WAIT)
+    assert await other.cancel_invocation("t2") is RecordState.COMPLETED  # its answer stands
+    assert await other.cancel_invocation("never") is None
+    with pytest.raises(ValueError, match="idempotency configuration"):
+        await Agent(model=ScriptedBedrock().model(), callback_handler=None).cancel_invocation("t1")
