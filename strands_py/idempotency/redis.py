@@ -26,6 +26,7 @@ except ImportError as e:  # pragma: no cover - exercised by the packaging test w
 from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
 from ._redis_layout import (
     _APPEND,
+    _CANCEL,
     _CLAIM,
     _COMPLETE,
     _JOURNAL,
@@ -70,13 +71,16 @@ class RedisIdempotencyStore(IdempotencyStore):
     and one atomic step: ``claim`` stores the claim or returns the record in the way; ``take_over`` is a
     compare-and-set on the version; ``complete``, ``release``, ``renew``, ``append`` and ``truncate`` are fenced on the
     owner and the ``IN_PROGRESS`` status, so a primary whose claim was taken over cannot overwrite, delete or extend
-    the new owner's record, nor write to its journal. Scripts are sent by SHA (``EVALSHA``, via redis-py's
-    ``register_script``) and loaded again when the server does not know them (after a restart or ``SCRIPT FLUSH``).
+    the new owner's record, nor write to its journal. ``cancel`` marks a running claim (a ``cancelled`` field; its
+    version stays), and from then on ``renew``, ``append`` and ``truncate`` refuse its owner and ``complete`` takes
+    only its ``CANCELLED`` tombstone, which a fresh ``claim`` replaces at once. Scripts are sent by SHA
+    (``EVALSHA``, via redis-py's ``register_script``) and loaded again when the server does not know them (after a
+    restart or ``SCRIPT FLUSH``).
 
-    Journal: kept by ``take_over``, ``renew`` and a claim retried by its owner; deleted by ``complete``, ``release``
-    and a fresh ``claim``; its TTL always the record's. Entries are at most ``max_journal_entry_bytes`` (512 KiB by
-    default: an entry passes through Lua, which holds the server about 1 ms per 512 KiB; larger steps are split by
-    the layer above).
+    Journal: kept by ``take_over``, ``renew``, ``cancel`` and a claim retried by its owner; deleted by ``complete``,
+    ``release`` and a fresh ``claim``; its TTL always the record's. Entries are at most ``max_journal_entry_bytes``
+    (512 KiB by default: an entry passes through Lua, which holds the server about 1 ms per 512 KiB; larger steps are
+    split by the layer above).
 
     Redis Cluster and Valkey cluster: a record's two keys share a hash tag (the escaped record key), so both live in
     one slot and every script runs on the node owning it; the keys of different invocations spread over all slots.
@@ -111,6 +115,7 @@ class RedisIdempotencyStore(IdempotencyStore):
 
     supports_blocking_claims = True
     supports_journal = True
+    supports_cancel = True
     max_result_bytes: int
     max_journal_entry_bytes: int
 
@@ -169,6 +174,7 @@ class RedisIdempotencyStore(IdempotencyStore):
         self._append = client.register_script(_APPEND)
         self._truncate = client.register_script(_TRUNCATE)
         self._journal = client.register_script(_JOURNAL)
+        self._cancel = client.register_script(_CANCEL)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency-redis")
         self._closed = False
 
@@ -275,10 +281,14 @@ class RedisIdempotencyStore(IdempotencyStore):
         return _from_fields(key, fields) if fields else None
 
     async def complete(self, record: IdempotencyRecord) -> bool:
-        """See ``IdempotencyStore.complete``: one script, fenced on owner and status."""
-        return bool(
-            await self._blocking(self._write, self._complete, record.key, [record.owner, record.version], record)
-        )
+        """See ``IdempotencyStore.complete``: one script, fenced on owner and status (and the mark: tombstones only)."""
+        head = [record.owner, record.version, record.state.value]
+        return bool(await self._blocking(self._write, self._complete, record.key, head, record))
+
+    async def cancel(self, key: str) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.cancel``: one script; the claim's version, TTL and journal stay as they are."""
+        fields = await self._blocking(self._execute, key, self._cancel, [])
+        return _from_fields(key, _pairs(fields)) if fields else None
 
     async def release(self, key: str, owner: str) -> bool:
         """See ``IdempotencyStore.release``: one script, fenced on owner and status."""
@@ -294,13 +304,13 @@ class RedisIdempotencyStore(IdempotencyStore):
         expires_at: float,
         checkpoint: str | None = None,
     ) -> bool:
-        """See ``IdempotencyStore.renew``: one script, fenced on owner and status; the journal keeps going."""
+        """See ``IdempotencyStore.renew``: one script, fenced on owner and status, refused on a marked claim."""
         return bool(
             await self._blocking(self._renew_record, key, owner, version, lease_seconds, expires_at, checkpoint)
         )
 
     async def append(self, key: str, owner: str, entry: bytes) -> bool:
-        """See ``IdempotencyStore.append``: one script, fenced on owner and status; safe to resend.
+        """See ``IdempotencyStore.append``: one script, fenced on owner, status and mark; safe to resend.
 
         Raises:
             ValueError: ``entry`` is larger than ``max_journal_entry_bytes`` (nothing is sent).
@@ -319,7 +329,7 @@ class RedisIdempotencyStore(IdempotencyStore):
         return cast(list[bytes], await self._blocking(self._execute, key, self._journal, []))
 
     async def truncate(self, key: str, owner: str, length: int) -> bool:
-        """See ``IdempotencyStore.truncate``: one script, fenced on owner and status.
+        """See ``IdempotencyStore.truncate``: one script, fenced on owner, status and mark.
 
         Raises:
             ValueError: ``length`` is negative (nothing is sent).

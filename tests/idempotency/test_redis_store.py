@@ -226,7 +226,7 @@ async def test_a_record_written_past_its_expiry_lives_one_millisecond(
         assert sent[-1][4] == 1  # KEYS[1], KEYS[2], then owner, now, TTL
         await store.claim(_claim("s#k2", "a", now), now)
         assert await store.complete(_completed("s#k2", "a", now - 7200)) is True
-        assert sent[-1][4] == 1  # KEYS[1], KEYS[2], owner, version, then TTL
+        assert sent[-1][5] == 1  # KEYS[1], KEYS[2], owner, version, status, then TTL
     assert client.pttl(_at("s#k2")) in (-2, 0, 1)  # gone, or going within a millisecond
 
 
