@@ -21,6 +21,8 @@ from ..types.exceptions import (
     IdempotencyStoreError,
     IdempotencyTokenError,
     IdempotencyWaitTimeoutError,
+    InvocationCancelledError,
+    SessionBusyError,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ UNSUPPORTED_MEDIA_TYPE = _TYPE_PREFIX + "unsupported-media-type"
 BODY_TOO_LARGE = _TYPE_PREFIX + "body-too-large"
 NOT_FOUND = _TYPE_PREFIX + "invocation-not-found"
 SCOPE_INVALID = _TYPE_PREFIX + "scope-invalid"
+CANCELLED = _TYPE_PREFIX + "invocation-cancelled"
+CANCEL_UNSUPPORTED = _TYPE_PREFIX + "cancel-unsupported"
+SESSION_BUSY = _TYPE_PREFIX + "session-busy"
+INVALID_PARAMETER = _TYPE_PREFIX + "invalid-parameter"
+MESSAGES_UNAVAILABLE = _TYPE_PREFIX + "messages-unavailable"
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,8 @@ def problem_for(error: BaseException, retry_after: int) -> Problem:
             "with the same key to get its result.",
             retry_after,
         )
+    if isinstance(error, InvocationCancelledError):  # before its base class, a lost lease
+        return cancelled_problem()
     if isinstance(error, IdempotencyLeaseLostError):
         return Problem(
             409,
@@ -163,6 +172,8 @@ def problem_for(error: BaseException, retry_after: int) -> Problem:
             "The invocation this request was following ended without a result; retry with the same key to run it.",
             retry_after,
         )
+    if isinstance(error, SessionBusyError):  # a ConcurrencyException: the session's, not the agent's
+        return session_busy_problem(retry_after)
     if isinstance(error, ConcurrencyException):
         return Problem(
             409,
@@ -224,3 +235,49 @@ def scope_invalid_problem() -> Problem:
         "Caller scope unavailable",
         "The server could not tell whose request this is (its scope function returned no tenant id); nothing ran.",
     )
+
+
+def cancelled_problem() -> Problem:
+    """The invocation was cancelled (``DELETE /invocations/{key}``): nothing stored; the key runs afresh if sent again.
+
+    409: the request conflicts with the state of the key's invocation (cancelled). Not retried by itself: whoever
+    cancelled it meant it to stop; a client that still wants an answer sends the request again.
+    """
+    return Problem(
+        409,
+        CANCELLED,
+        "Invocation cancelled",
+        "The invocation of this Idempotency-Key was cancelled and stored nothing; send the request again with the "
+        "same key to run it afresh.",
+    )
+
+
+def session_busy_problem(retry_after: int) -> Problem:
+    """Another turn of the conversation is running (the app's session mode is ``throw``); nothing ran."""
+    return Problem(
+        409,
+        SESSION_BUSY,
+        "Conversation busy",
+        "Another turn of this conversation is running; nothing ran. Retry with the same key once it has finished.",
+        retry_after,
+    )
+
+
+def cancel_unsupported_problem(store: object) -> Problem:
+    """The idempotency store cannot mark a run cancelled (a store without ``supports_cancel``)."""
+    return Problem(
+        501,
+        CANCEL_UNSUPPORTED,
+        "Cancel not supported",
+        f"This server's idempotency store ({type(store).__name__}) cannot cancel invocations; nothing was changed.",
+    )
+
+
+def not_found_problem() -> Problem:
+    """No invocation with this key in the caller's scope (never seen, expired, or another caller's)."""
+    return Problem(404, NOT_FOUND, "Invocation not found", "No invocation with this Idempotency-Key.")
+
+
+def invalid_parameter_problem(detail: str) -> Problem:
+    """A query parameter is malformed."""
+    return Problem(400, INVALID_PARAMETER, "Invalid query parameter", detail)

@@ -40,8 +40,9 @@ from ._problems import (
     shutting_down_problem,
 )
 from ._protocol import Invocation, ProblemError
+from ._registry import RunRegistry
 from ._responses import DeferredResponse, EventStreamResponse
-from ._runs import Run, RunRegistry
+from ._runs import Run
 from ._scopes import ScopeFunction, Scopes, is_async_callable
 
 logger = logging.getLogger(__name__)

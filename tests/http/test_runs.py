@@ -14,7 +14,8 @@ from strands.telemetry.metrics import EventLoopMetrics
 
 from strands_py.http._options import ServingOptions
 from strands_py.http._problems import Problem, run_timeout_problem
-from strands_py.http._runs import Run, RunRegistry
+from strands_py.http._registry import RunRegistry
+from strands_py.http._runs import Run
 from strands_py.http._wire import EventTranslator, dumps
 
 WAIT = 5.0
