@@ -409,6 +409,7 @@ def _every_primitive(store: RedisIdempotencyStore, key: str, now: float) -> list
         store.renew(key, "a", version=new_version(), lease_seconds=60, expires_at=now + 60),
         store.append(key, "a", b"entry"),
         store.truncate(key, "a", 0),
+        store.cancel(key),
     ]
 
 
@@ -475,6 +476,8 @@ _GOOD = {"status": "IN_PROGRESS", "owner": "a", "version": "v", "lease_seconds":
         {**_GOOD, "status": "SOMETHING"},
         {**_GOOD, "status": "COMPLETED", "owner": b"\xff"},
         {**_GOOD, "status": "COMPLETED", "lease_seconds": "none", "expires_at": "1"},  # expired, but unreadable
+        {**_GOOD, "cancelled": "0"},  # the scripts write the mark as '1' only
+        {**_GOOD, "status": "CANCELLED", "cancelled": ""},  # a tombstone frees its key, but only one that reads
     ],
 )
 async def test_a_malformed_record_is_reported_and_never_overwritten_by_a_claim(
@@ -486,6 +489,8 @@ async def test_a_malformed_record_is_reported_and_never_overwritten_by_a_claim(
         await store.get("s#bad")
     with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
         await store.claim(_claim("s#bad", "a", now), now)  # "a": not even by the owner the hash names
+    with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
+        await store.cancel("s#bad")  # nor marked
     assert client.hgetall(_at("s#bad")) == {
         k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()
     }
@@ -500,6 +505,12 @@ async def test_a_well_formed_hash_is_read_back(store: RedisIdempotencyStore, cli
     assert await store.claim(_claim("s#good", "b", now), now) == expected
     retried = dataclasses.replace(_claim("s#good", "a", now), version="w")
     assert await store.claim(retried, now) is None  # its own owner's claim, retried
+    assert await store.cancel("s#good") == dataclasses.replace(retried, cancelled=True)
+    client.hset(_at("s#tombstone"), mapping={**_GOOD, "status": "CANCELLED"})
+    assert await store.get("s#tombstone") == dataclasses.replace(
+        expected, key="s#tombstone", state=RecordState.CANCELLED
+    )
+    assert await store.claim(_claim("s#tombstone", "b", now), now) is None  # whatever its expiry
 
 
 def test_the_package_imports_without_redis_py() -> None:
@@ -812,6 +823,219 @@ async def test_a_journal_key_of_another_type_is_a_corrupt_record(store: RedisIde
         with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
             await call
     assert client.get(_journal_at("s#bad")) == b"not a list"
+
+
+# Cancels: a `cancelled` field marks a running claim; from then on its owner may only leave its tombstone.
+
+
+def _tombstone(key: str, owner: str, now: float, *, ttl: float = 600.0) -> IdempotencyRecord:
+    return IdempotencyRecord(key, RecordState.CANCELLED, owner, new_version(), 0.0, now + ttl, "fp")
+
+
+def _a_cancel_sets_one_field(store: RedisIdempotencyStore, client: Any) -> None:
+    """The mark is one field: the version, the TTL and the journal stay; the tombstone then replaces the whole hash."""
+
+    async def scenario() -> None:
+        now = time.time()
+        claim = _claim("s#k", "a", now, lease=60, ttl=3540.25)
+        await store.claim(claim, now)
+        assert await store.append("s#k", "a", b"step") is True
+        before = client.hgetall(_at("s#k"))
+        assert await store.cancel("s#k") == dataclasses.replace(claim, cancelled=True)
+        assert client.hgetall(_at("s#k")) == {**before, b"cancelled": b"1"}
+        _assert_ttl(client, "s#k", 3600.25, journal=True)
+        assert await store.journal("s#k") == [b"step"]
+        tombstone = _tombstone("s#k", "a", now, ttl=600)
+        assert await store.complete(tombstone) is True
+        assert client.hgetall(_at("s#k")) == {
+            b"status": b"CANCELLED",
+            b"owner": b"a",
+            b"version": tombstone.version.encode(),
+            b"lease_seconds": b"0.0",
+            b"expires_at": repr(now + 600).encode(),
+            b"fingerprint": b"fp",
+        }
+        _assert_ttl(client, "s#k", 600)
+        assert client.exists(_journal_at("s#k")) == 0
+        assert await store.get("s#k") == tombstone
+        assert await store.cancel("s#k") == tombstone  # a finished record is left alone
+        assert client.hget(_at("s#k"), "cancelled") is None
+
+    asyncio.run(scenario())
+
+
+def _a_tombstone_frees_the_key_for_a_fresh_claim(store: RedisIdempotencyStore, client: Any) -> None:
+    """A tombstone left by a waiter (a takeover: the journal kept) gives way to a claim at once, which drops it.
+
+    The waiter judged the marked claim's owner gone and replaced the claim by a compare-and-set, as the turn layer does;
+    a claim then replaces the tombstone long before it expires, even one by the dead owner's id (a tombstone is nobody's
+    claim), and starts an empty journal: a cancelled run is not resumed.
+    """
+
+    async def scenario() -> None:
+        now = time.time()
+        first = _claim("s#k", "a", now)
+        await store.claim(first, now)
+        assert await store.append("s#k", "a", b"stale") is True
+        await store.cancel("s#k")
+        tombstone = dataclasses.replace(first, state=RecordState.CANCELLED, version=new_version(), lease_seconds=0.0)
+        assert await store.take_over(tombstone, first.version) is True
+        assert await store.get("s#k") == tombstone
+        fresh = _claim("s#k", "a", now)
+        assert store.claim_blocking(fresh, now) is None
+        assert await store.get("s#k") == fresh
+        assert await store.journal("s#k") == []
+
+    asyncio.run(scenario())
+
+
+def _a_resent_own_claim_keeps_the_mark(store: RedisIdempotencyStore, client: Any) -> None:
+    """A cancel that lands between a claim and its resent copy (redis-py's retry after a lost reply) stays landed.
+
+    The cancel's caller was told the claim is marked; the resent claim, the same arguments again, must not erase that.
+    """
+
+    async def scenario() -> None:
+        now = time.time()
+        claim = _claim("s#k", "a", now)
+        assert await store.claim(claim, now) is None
+        assert await store.append("s#k", "a", b"step") is True
+        marked = await store.cancel("s#k")
+        assert await store.claim(claim, now) is None  # the resent copy: still the caller's own claim
+        assert await store.get("s#k") == marked
+        assert await store.renew("s#k", "a", version=new_version(), lease_seconds=60, expires_at=now + 600) is False
+        assert await store.journal("s#k") == [b"step"]
+
+    asyncio.run(scenario())
+
+
+def _resent_cancel_and_tombstone_report_what_landed(store: RedisIdempotencyStore, client: Any) -> None:
+    """A cancel resent after it landed finds its mark; a tombstone resent after it landed finds itself (its version)."""
+
+    async def scenario() -> None:
+        now = time.time()
+        claim = _claim("s#k", "a", now)
+        await store.claim(claim, now)
+        await store.cancel("s#warm")  # scripts loaded: the spy sees only EVALSHA
+        await store.complete(_tombstone("s#warm", "a", now))
+        with _replies_lost(client):
+            assert await store.cancel("s#k") == dataclasses.replace(claim, cancelled=True)
+            tombstone = _tombstone("s#k", "a", now)
+            assert await store.complete(tombstone) is True
+        assert await store.get("s#k") == tombstone
+
+    asyncio.run(scenario())
+
+
+def _an_unreadable_record_is_not_marked(store: RedisIdempotencyStore, client: Any) -> None:
+    """A hash the scripts cannot read is reported as corrupted, and left exactly as it was."""
+
+    async def scenario() -> None:
+        unreadable = {**_GOOD, "lease_seconds": "soon"}
+        client.hset(_at("s#bad"), mapping=unreadable)
+        with pytest.raises(IdempotencyRecordCorruptedError, match="s#bad"):
+            await store.cancel("s#bad")
+        assert client.hgetall(_at("s#bad")) == {k.encode(): v.encode() for k, v in unreadable.items()}
+
+    asyncio.run(scenario())
+
+
+async def test_a_takeover_writes_the_record_it_is_given_mark_included(
+    store: RedisIdempotencyStore, client: Any
+) -> None:
+    """A takeover by a record carrying the mark (and no fingerprint) writes both as given: the new owner is fenced."""
+    now = time.time()
+    first = _claim("s#k", "a", now)
+    await store.claim(first, now)
+    marked = dataclasses.replace(_claim("s#k", "b", now), fingerprint=None, cancelled=True)
+    assert await store.take_over(marked, first.version) is True
+    assert client.hmget(_at("s#k"), "cancelled", "fingerprint") == [b"1", None]
+    assert await store.get("s#k") == marked
+    assert await store.renew("s#k", "b", version=new_version(), lease_seconds=60, expires_at=now + 600) is False
+    assert await store.complete(_completed("s#k", "b", now)) is False
+    assert await store.complete(_tombstone("s#k", "b", now)) is True
+
+
+_CANCEL_CHECKS = {
+    "contract: marks and fences": _contract("test_a_cancel_marks_a_running_claim_and_fences_its_owner"),
+    "contract: leaves finished keys alone": _contract("test_a_cancel_leaves_finished_and_absent_keys_alone"),
+    "contract: released or taken over": _contract("test_a_marked_claim_is_released_or_taken_over_as_any_other"),
+    "one field": _a_cancel_sets_one_field,
+    "tombstone frees the key": _a_tombstone_frees_the_key_for_a_fresh_claim,
+    "resent own claim": _a_resent_own_claim_keeps_the_mark,
+    "resent cancel and tombstone": _resent_cancel_and_tombstone_report_what_landed,
+    "unreadable record": _an_unreadable_record_is_not_marked,
+}
+_MARK_FENCE = "if redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then"
+_TOMBSTONES_ONLY = "and ARGV[3] ~= 'CANCELLED' then"
+_MARK = "redis.call('HSET', KEYS[1], 'cancelled', '1')"
+# Broken variants of the scripts, and the check that must catch each: (script, text replaced, replacement, check).
+_CANCEL_BROKEN = {
+    "renew ignores the mark": ("_RENEW", _MARK_FENCE, "if false then", "contract: marks and fences"),
+    "append ignores the mark": ("_APPEND", _MARK_FENCE, "if false then", "contract: marks and fences"),
+    "truncate ignores the mark": ("_TRUNCATE", _MARK_FENCE, "if false then", "contract: marks and fences"),
+    "a result lands after the mark": ("_COMPLETE", _TOMBSTONES_ONLY, "and false then", "contract: marks and fences"),
+    "the tombstone refused too": ("_COMPLETE", _TOMBSTONES_ONLY, "then", "contract: marks and fences"),
+    "cancel changes the version": (
+        "_CANCEL",
+        _MARK,
+        "redis.call('HSET', KEYS[1], 'cancelled', '1', 'version', 'bumped')",
+        "contract: marks and fences",
+    ),
+    "cancel marks finished records": (
+        "_CANCEL",
+        "stored[1] == 'IN_PROGRESS' and ",
+        "",
+        "contract: leaves finished keys alone",
+    ),
+    "cancel marks what it cannot read": ("_CANCEL", "and readable and", "and", "unreadable record"),
+    "cancel drops the journal": ("_CANCEL", _MARK, _MARK + " redis.call('DEL', KEYS[2])", "one field"),
+    "a tombstone blocks claims until it expires": (
+        "_CLAIM",
+        "elseif status == 'CANCELLED' then\n            free = true",
+        "elseif status == 'CANCELLED' then\n            free = expires_at <= tonumber(ARGV[2])",
+        "contract: marks and fences",
+    ),
+    "a claim over a tombstone keeps its journal": (
+        "_CLAIM",
+        "elseif status == 'CANCELLED' then\n            free = true",
+        "elseif status == 'CANCELLED' then\n            free = true\n            own = true",
+        "tombstone frees the key",
+    ),
+    "a resent own claim drops the mark": ("_CLAIM", "if marked then", "if false then", "resent own claim"),
+    "take_over keeps the old mark": (
+        "_TAKE_OVER",
+        "redis.call('DEL', KEYS[1])\n",
+        "",
+        "contract: released or taken over",
+    ),
+    "release refuses a marked claim": (
+        "_RELEASE",
+        "~= 'IN_PROGRESS' then",
+        "~= 'IN_PROGRESS' or redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then",
+        "contract: released or taken over",
+    ),
+    "a tombstone blind to its own write": (
+        "_COMPLETE",
+        "if redis.call('HGET', KEYS[1], 'version') == ARGV[2] then",
+        "if false then",
+        "resent cancel and tombstone",
+    ),
+}
+
+
+@pytest.mark.parametrize("check", list(_CANCEL_CHECKS), ids=list(_CANCEL_CHECKS))
+def test_cancels(check: str, client: Any) -> None:
+    with RedisIdempotencyStore(client) as store:
+        _CANCEL_CHECKS[check](store, client)
+
+
+@pytest.mark.parametrize("variant", list(_CANCEL_BROKEN), ids=list(_CANCEL_BROKEN))
+def test_negative_control_a_broken_cancel_script_is_caught(variant: str, client: Any) -> None:
+    """Each broken variant fails the check named beside it (which the store passes: ``test_cancels``)."""
+    script, old, new, check = _CANCEL_BROKEN[variant]
+    with _Broken(client, script, old, new) as broken, pytest.raises(AssertionError):
+        _CANCEL_CHECKS[check](broken, client)
 
 
 # Keys: a record and its journal share one Redis Cluster hash slot, whatever the key; keys spread over all slots.
