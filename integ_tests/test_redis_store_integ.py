@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import multiprocessing
 import os
+import queue
 import signal
 import socket
 import threading
@@ -724,7 +726,7 @@ def test_an_append_whose_reply_is_lost_lands_once(lossy: RedisIdempotencyStore, 
     indirect=True,
 )
 def test_writes_whose_reply_is_lost_report_what_landed(lossy: RedisIdempotencyStore, dropper: _ReplyDropper) -> None:
-    """A takeover, a completion, a renewal, a truncation and a claim, each resent after its reply was lost."""
+    """A takeover, a completion, a renewal, a truncation, a claim, a cancel and a tombstone, each resent."""
     now = time.time()
 
     async def lose_reply(call: Awaitable[Any]) -> Any:
@@ -740,6 +742,7 @@ def test_writes_whose_reply_is_lost_report_what_landed(lossy: RedisIdempotencySt
         await lossy.complete(_completed("s#warm", "a", now, ttl=600))
         await lossy.renew("s#warm", "a", version="v", lease_seconds=60, expires_at=now + 600)
         await lossy.truncate("s#warm", "a", 0)
+        await lossy.cancel("s#warm")
         first = _record("s#k", "a", now)
         assert await lossy.claim(first, now) is None
         assert await lossy.append("s#k", "a", b"step-0") is True
@@ -756,5 +759,106 @@ def test_writes_whose_reply_is_lost_report_what_landed(lossy: RedisIdempotencySt
         done = _completed("s#k", "b", now, ttl=600)
         assert await lose_reply(lossy.complete(done)) is True
         assert await lossy.get("s#k") == done
+        # a cancel finds its own mark; the owner's tombstone finds itself
+        running = _record("s#c", "c", now)
+        assert await lossy.claim(running, now) is None
+        assert await lose_reply(lossy.cancel("s#c")) == dataclasses.replace(running, cancelled=True)
+        tombstone = IdempotencyRecord("s#c", RecordState.CANCELLED, "c", new_version(), 0.0, now + 600, "fp")
+        assert await lose_reply(lossy.complete(tombstone)) is True
+        assert await lossy.get("s#c") == tombstone
 
     asyncio.run(scenario())
+
+
+# Cancels: a run in another process, marked from here, learns of it at its next heartbeat and leaves a tombstone.
+
+_MARK_FENCE = "if redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then"
+
+
+def test_a_cancel_keeps_the_claims_version_and_lifetime_on_the_server(url: str) -> None:
+    """The mark is one field (HSET keeps a key's TTL on the real server too): version, TTL and journal stay."""
+    client = redis.Redis.from_url(url)
+    now = time.time()
+
+    async def scenario(store: RedisIdempotencyStore) -> None:
+        running = _record("s#k", "a", now, lease=30, ttl=370)
+        assert await store.claim(running, now) is None
+        assert await store.append("s#k", "a", b"step") is True
+        assert await store.cancel("s#k") == dataclasses.replace(running, cancelled=True)
+        _assert_ttl(client, "s#k", 400)
+        journal_ttl = client.pttl(_journal_at("s#k"))
+        assert 400_000 - SLACK_MS < journal_ttl <= 400_000, f"journal PTTL {journal_ttl} ms"
+        assert await store.journal("s#k") == [b"step"]
+
+    try:
+        with RedisIdempotencyStore.from_url(url) as store:
+            asyncio.run(scenario(store))
+    finally:
+        client.close()
+
+
+def _owner_of_a_run_cancelled_elsewhere(
+    url: str, token: str, claims: Any, gate: Any, entered: Any, lease_seconds: float, variant: str, out: Any
+) -> None:
+    """Runs in another process: claims ``token``, hangs in its model call (heartbeating), reports how its run ended."""
+    agent, _, store = worker.make_agent(url, claims, gate, entered, lease_seconds=lease_seconds)
+    if variant == "renew-ignores-the-mark":
+        inner = store.inner
+        assert isinstance(inner, RedisIdempotencyStore)
+        inner._renew = inner._client.register_script(redis_module._RENEW.replace(_MARK_FENCE, "if false then"))
+    try:
+        agent(worker.PROMPT, idempotency_token=token)
+        out.put("answered")
+    except Exception as e:  # noqa: BLE001 - how the run ended is the report
+        out.put(type(e).__name__)
+    finally:
+        worker.close(store)
+
+
+@pytest.mark.racing
+@pytest.mark.parametrize(
+    "variant",
+    ["store", pytest.param("renew-ignores-the-mark", marks=pytest.mark.xfail(strict=True, raises=AssertionError))],
+)
+def test_a_run_in_another_process_is_cancelled_from_here_and_its_retry_runs_afresh(url: str, variant: str) -> None:
+    """The owner (another OS process, in its model call) learns of the mark within a few heartbeats, leaves a
+    ``CANCELLED`` tombstone and ends with ``InvocationCancelledError``; a retry here claims over the tombstone at once
+    and pays every step again. Negative control (xfail): an owner whose renewals ignore the mark never learns of it.
+    """
+    lease = 1.5
+    token = f"order-cancel-{variant}"
+    claims = SPAWN.Value("i", 0)
+    gate, entered, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    owner = SPAWN.Process(
+        target=_owner_of_a_run_cancelled_elsewhere,
+        args=(url, token, claims, gate, entered, lease, variant, out),
+    )
+    owner.start()
+    key = make_key(worker.SCOPE, token)
+    agent, script, store = worker.make_agent(url, claims)
+    try:
+        _wait_for(entered.is_set, "the owner's model call")
+        marked = asyncio.run(store.cancel(key))
+        assert marked is not None and marked.state is RecordState.IN_PROGRESS and marked.cancelled
+        # The owner renews every lease/3: ten leases is many heartbeats, even on a loaded machine.
+        deadline = time.monotonic() + 10 * lease
+        tombstone = asyncio.run(store.get(key))
+        while tombstone is not None and tombstone.state is RecordState.IN_PROGRESS and time.monotonic() < deadline:
+            time.sleep(0.05)
+            tombstone = asyncio.run(store.get(key))
+        assert tombstone is not None and tombstone.state is RecordState.CANCELLED, tombstone
+        assert tombstone.owner == marked.owner
+    finally:
+        # The owner's sync call returns once its model thread, still at the gate, does (asyncio.run waits for it).
+        gate.set()
+    try:
+        ended = out.get(timeout=WAIT)
+    except queue.Empty:
+        ended = "no report"
+    finally:
+        _stop(owner)
+    assert ended == "InvocationCancelledError", ended
+    result = agent(worker.PROMPT, idempotency_token=token)
+    assert not isinstance(result, ReplayedAgentResult)
+    assert (script.model_calls, script.tool_calls) == (2, 1)  # afresh: a cancelled run is not resumed
+    worker.close(store)
