@@ -1,9 +1,10 @@
 """RedisIdempotencyStore on a real Redis Cluster (three redis-server primaries on 127.0.0.1, started by this module).
 
-The store contract, journal included, through redis-py's cluster client; the keys of many invocations spread over
-the slots and the nodes while each invocation's record and journal share one slot; a slot migrating under a running
-claim (ASK, then MOVED) carries the journal with the record. Negative controls: a journal key without the record's
-hash tag, and a plain (non-cluster) client, both fail loudly instead of splitting an invocation over two nodes.
+The store contract, journal and cancels included, through redis-py's cluster client; the keys of many invocations
+spread over the slots and the nodes while each invocation's record and journal share one slot; a slot migrating under
+a running claim (ASK, then MOVED) carries the journal with the record, and a cancel follows it there. Negative
+controls: a journal key without the record's hash tag, and a plain (non-cluster) client, both fail loudly instead of
+splitting an invocation over two nodes.
 """
 
 from __future__ import annotations
@@ -213,6 +214,57 @@ def test_a_slot_migrating_under_a_running_claim_carries_its_journal(
         got = await store.get(key)
         assert got is not None and got.payload == b"result"
         assert keys_in_slot(target) == 1  # the completed record; its journal is gone
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        if cluster.node_owning(slot) is source:
+            cluster.assign_slot(slot, source)  # ends a migration the test left half done: the slot stays home
+        else:
+            cluster.move_slot(slot, source)  # back where it was, for the next tests
+
+
+@pytest.mark.parametrize("finish", [False, True], ids=["ask-mid-migration", "moved-after-migration"])
+def test_a_cancel_reaches_a_claim_whose_slot_is_migrating(cluster: LocalRedisCluster, url: str, finish: bool) -> None:
+    """The cancel script, unknown to every node (SCRIPT FLUSH), follows ASK or MOVED to the claim and marks it there.
+
+    The owner, fenced off from renewing and journaling, leaves its tombstone on the slot's new node (the journal goes
+    with it), and a fresh claim replaces the tombstone at once.
+    """
+    now = time.time()
+    key = "tenant#cancelled-while-migrating"
+    store = RedisIdempotencyStore.from_url(url, cluster=True)
+    record_key, _ = store.redis_keys(key)
+    slot = key_slot(record_key.encode())
+    source = cluster.node_owning(slot)
+    target = next(node for node in cluster.nodes if node is not source)
+
+    async def scenario() -> None:
+        running = _claim(key, "owner", now)
+        assert await store.claim(running, now) is None
+        assert await store.append(key, "owner", b"model-0") is True
+        for node in cluster.nodes:
+            with node.client() as client:
+                client.script_flush()
+        cluster.move_slot(slot, target, finish=finish)
+        marked = await store.cancel(key)
+        assert marked is not None and marked.cancelled and marked.version == running.version
+        renewed = await store.renew(key, "owner", version=new_version(), lease_seconds=60, expires_at=now + 600)
+        assert renewed is False
+        assert await store.append(key, "owner", b"tool-0") is False
+        assert await store.journal(key) == [b"model-0"]
+        if not finish:
+            cluster.assign_slot(slot, target)
+        with target.client() as client:  # the mark landed on the node that now holds the keys
+            assert client.hget(record_key, "cancelled") == b"1"
+        assert await store.complete(_completed(key, "owner", now)) is False  # no result after a cancel
+        tombstone = IdempotencyRecord(key, RecordState.CANCELLED, "owner", new_version(), 0.0, now + 600.0, "fp")
+        assert await store.complete(tombstone) is True
+        assert await store.journal(key) == []
+        fresh = _claim(key, "retry", now)
+        assert await store.claim(fresh, now) is None
+        assert await store.get(key) == fresh
 
     try:
         asyncio.run(scenario())
