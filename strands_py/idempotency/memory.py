@@ -105,6 +105,9 @@ class InMemoryIdempotencyStore(IdempotencyStore):
                 self._make_room(now)
             if existing is None or not _own_claim(existing, record.owner):
                 self._journals.pop(record.key, None)  # a fresh claim starts a fresh journal
+            elif existing.cancelled:
+                # Our own claim, resent after its reply was lost, met a cancel that landed in between: keep the mark.
+                record = dataclasses.replace(record, cancelled=True)
             self._put(record)
             return None
 

@@ -683,3 +683,18 @@ class StoreContract:
             assert await store.get("contract#k") is None
 
         self.run(scenario())
+
+    def test_an_owners_resent_claim_keeps_a_cancel(self, store: IdempotencyStore) -> None:
+        """A claim resent by its owner after its reply was lost never erases a cancel that landed in between."""
+        store = self._cancel_store(store)
+
+        async def scenario() -> None:
+            now = time.time()
+            first = _claim("contract#k", "a", now=now)
+            await store.claim(first, now)
+            await store.cancel("contract#k")
+            assert await store.claim(first, now) is None  # its own claim
+            got = await store.get("contract#k")
+            assert got is not None and got.owner == "a" and got.cancelled
+
+        self.run(scenario())
