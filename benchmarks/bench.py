@@ -28,6 +28,7 @@ from typing import Any
 
 import durable
 import heartbeat
+import journal
 import storm
 import strands
 from strands.agent import _concurrency as upstream_concurrency
@@ -446,10 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     rows += durable.run_durable(durable_n, REPS, record, progress)
     rows += heartbeat.run_heartbeat(HEARTBEAT_LEASE_SECONDS, heartbeat_hold, REPS, record, progress)
     rows += storm.run_http_storm(storm_n, STORM_MODEL_LATENCY_SECONDS, REPS, record, progress)
+    progress("journal: a crash inside the 2nd of 3 tools, and the cost of journaling a turn")
+    journal_rows = journal.run_journal(quick=args.quick)
 
     machine = machine_description()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "journal.json").write_text(json.dumps(journal_rows, indent=2) + "\n")
     plot(rows, args.out / "fanout.png", machine)
     print(f"Measured on {machine}; {'quick' if args.quick else 'full'} run, median of {REPS} repetitions.")
     print(f"Load average at the start: {load_at_start}; at the end: {_load()}.\n")
@@ -457,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     for family in (durable, heartbeat, storm):
         print()
         print(family.markdown(rows))
+    print()
+    print(journal.markdown(journal_rows))
     print(f"\nwrote {args.out / 'latest.json'} and {args.out / 'fanout.png'} in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -98,6 +98,7 @@ def _crash(store: dict[str, str], mode: str) -> tuple[int, int]:
             "lease_seconds": 1.0,
             "journal": mode == "journal",
             "upstream": mode == "upstream",
+            "uncertain": "report",  # the library's default for a tool that died mid-call
         }
         dead_config, retry_config = Path(directory, "a.json"), Path(directory, "b.json")
         dead_config.write_text(json.dumps({**base, "stop_at": "tool:pay_b"}))
@@ -180,8 +181,11 @@ def run_fault_free(stores: dict[str, dict[str, str]], *, turns: int, reps: int) 
     }
     rows = []
     for name, factory in factories.items():
-        for row in _fault_free(factory, turns, reps):
-            rows.append({"scenario": "journal cost", "store": name, **row})
+        # moto's TransactWriteItems copies the whole table: its cost grows with the table (real DynamoDB's does not),
+        # so DynamoDB gets a tenth of the turns, and its times say little beyond the writes they count.
+        count = max(5, turns // 10) if name == "dynamodb" else turns
+        for row in _fault_free(factory, count, reps):
+            rows.append({"scenario": "journal cost", "store": name, "turns": count, **row})
     return rows
 
 

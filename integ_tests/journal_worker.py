@@ -136,13 +136,8 @@ def main(path: str) -> None:
     ledger = Ledger(config["ledger"])
     script = FourSteps(ledger, config.get("stop_at"))
     if config.get("upstream"):
-        # The peer: upstream's strands.Agent, no idempotency (a retry simply runs the turn again).
-        upstream = strands.Agent(
-            model=script.model(),
-            tools=script.tools(),
-            callback_handler=None,
-            session_manager=FileSessionManager(session_id="conv-1", storage_dir=config["sessions"]),
-        )
+        # The peer: upstream's strands.Agent, no idempotency and no session (a retry simply runs the turn again).
+        upstream = strands.Agent(model=script.model(), tools=script.tools(), callback_handler=None)
         upstream.hooks.add_callback(BeforeToolCallEvent, lambda e: script.stop(f"before-tool:{e.tool_use['name']}"))
         answer = upstream("Pay a, b and c.")
         print(json.dumps({"answer": "".join(b.get("text", "") for b in answer.message["content"])}), flush=True)
