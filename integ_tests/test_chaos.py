@@ -20,7 +20,7 @@ import pytest
 from _servers import redis_server_binary
 from chaos import checker
 from chaos.report import details, table
-from chaos.run import judged_run, run_store
+from chaos.run import judged_run, run_store, snapshot_library
 from chaos.stores import REDIS, STORES
 from chaos.workload import SCHEDULED, Settings
 
@@ -64,7 +64,7 @@ def test_negative_control_turns_of_one_conversation_under_two_locks_are_caught(t
         seed=SEED, store=REDIS, minutes=0.05, faults=False, clients=16, conversations=2, split_scopes=True
     )
 
-    outcome = judged_run(settings, tmp_path / "split-scopes")
+    outcome = judged_run(settings, tmp_path / "split-scopes", snapshot_library(tmp_path))
 
     print(f"\n{table([outcome])}\n{details(outcome)}")
     assert not outcome.troubles

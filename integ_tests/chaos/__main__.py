@@ -11,12 +11,14 @@ its path printed, so that the run can be studied, checked again (``--check DIR``
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # As ``stores.STORES``. This module imports nothing of the run at import time: a worker process imports the parent's
 # main module again when it starts, and must import the library itself, from the run's snapshot (see ``worker``).
@@ -69,31 +71,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args)
 
 
+def _settings(args: argparse.Namespace, seed: int, store: str) -> Any:
+    from .workload import Settings
+
+    return Settings(
+        seed=seed,
+        store=store,
+        minutes=args.minutes,
+        workers=args.workers,
+        clients=args.clients,
+        conversations=args.conversations,
+        lease_seconds=args.lease,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from .report import details, table
-    from .run import RunOutcome, provenance, run_store
-    from .workload import Settings
+    from .run import RunOutcome, run_store, snapshot_library
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000)
     root = args.out or Path(tempfile.mkdtemp(prefix=f"strands-py-chaos-{seed}-"))
+    root.mkdir(parents=True, exist_ok=True)
     stores = STORES if args.store == "both" else (args.store,)
-    tested = provenance()
-    library = f"{tested['commit']}{' + uncommitted changes' if tested['uncommitted'] else ''}"
-    print(f"chaos run: seed {seed}, {args.minutes:g} min per store, {args.workers} workers, library {library}")
+    library = snapshot_library(root)
+    tested = json.loads((library / "provenance.json").read_text())
+    version = f"{tested['commit']}{' + uncommitted changes' if tested['uncommitted'] else ''}"
+    print(f"chaos run: seed {seed}, {args.minutes:g} min per store, {args.workers} workers, library {version}")
     print(f"history: {root}")
     outcomes: list[RunOutcome] = []
     try:
         for store in stores:
-            settings = Settings(
-                seed=seed,
-                store=store,
-                minutes=args.minutes,
-                workers=args.workers,
-                clients=args.clients,
-                conversations=args.conversations,
-                lease_seconds=args.lease,
-            )
-            for outcome in run_store(settings, root, baseline=not args.no_baseline):
+            for outcome in run_store(
+                _settings(args, seed, store), root, baseline=not args.no_baseline, library=library
+            ):
                 outcomes.append(outcome)
                 print(details(outcome), flush=True)
     finally:

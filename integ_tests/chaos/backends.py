@@ -30,12 +30,13 @@ STOP_TIMEOUT = 10.0
 READY = "READY"
 
 
-def package_environment() -> dict[str, str]:
-    """The environment of a child process that runs ``python -m <this package>.<module>``: the directory this package
-    is imported from is put on its ``PYTHONPATH`` (the project root, or ``integ_tests/`` under pytest)."""
+def package_environment(library: Path) -> dict[str, str]:
+    """The environment of a child process that runs ``python -m <this package>.<module>``: the library's copy
+    (``library``), then the directory this package is imported from (the project root, or ``integ_tests/`` under
+    pytest), lead its ``PYTHONPATH``."""
     depth = len(__package__.split("."))
     root = Path(__file__).resolve().parents[depth]
-    paths = [str(root), str(INTEG_TESTS), os.environ.get("PYTHONPATH", "")]
+    paths = [str(library), str(root), str(INTEG_TESTS), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
@@ -75,7 +76,7 @@ def _redis() -> Iterator[StoreServer]:
 
 
 @contextlib.asynccontextmanager
-async def _moto(log: Path) -> AsyncIterator[StoreServer]:
+async def _moto(log: Path, library: Path) -> AsyncIterator[StoreServer]:
     from _servers import free_port
 
     port = free_port()
@@ -85,7 +86,7 @@ async def _moto(log: Path) -> AsyncIterator[StoreServer]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=output,
-            env=package_environment(),
+            env=package_environment(library),
         )
     try:
         yield StoreServer(f"127.0.0.1:{port}", process, log)
@@ -100,14 +101,14 @@ async def _moto(log: Path) -> AsyncIterator[StoreServer]:
 
 
 @contextlib.asynccontextmanager
-async def running_store_server(kind: str, log: Path) -> AsyncIterator[StoreServer]:
-    """A fresh server for store ``kind`` (a moto server may still be starting: see ``StoreServer.ready``); stopped on
-    exit."""
+async def running_store_server(kind: str, log: Path, library: Path) -> AsyncIterator[StoreServer]:
+    """A fresh server for store ``kind`` (a moto server may still be starting: see ``StoreServer.ready``; it creates
+    the table with the library copied to ``library``); stopped on exit."""
     if kind == REDIS:
         with _redis() as server:
             yield server
     elif kind == DYNAMODB:
-        async with _moto(log) as server:
+        async with _moto(log, library) as server:
             yield server
     else:
         raise ValueError(f"unknown store {kind!r}")

@@ -3,8 +3,9 @@
 A run's directory holds:
 
 - ``settings.json`` and ``workload.json``: what the seed decided (``workload.Settings``, ``workload.Workload``);
-- ``meta.json``: what was tested (Python, strands-agents, the library's commit and uncommitted files);
-- ``library/strands_py``: a copy of the library as the run began; the workers import this copy;
+- ``meta.json``: what was tested (Python, strands-agents, the library's commit and uncommitted files) and where the
+  copy of the library it ran on is (``library/`` beside the runs' directories: workers and the moto server import
+  that copy, taken once for the fault-free and the chaos runs);
 - ``clients.jsonl``: one ``attempt`` record per request a client sent (``client``, ``turn``, ``conversation``,
   ``key``, ``prompt``, ``path``, ``slot``, ``pid``, ``start``/``end`` on the monotonic clock, ``outcome``: ``ok``,
   ``status:NNN``, ``refused``, ``hung_up`` or ``error:<ExceptionName>``, ``text``: the answer when ``ok``);

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.metadata
+import json
 import shutil
 import subprocess
 import sys
@@ -81,17 +82,18 @@ def provenance() -> dict[str, object]:
     }
 
 
-def snapshot_library(directory: Path) -> Path:
-    """Copy the library under test into the run's directory; returns the directory the workers import it from.
+def snapshot_library(root: Path) -> Path:
+    """Copy the library under test into ``root/library``; returns that directory (the runs' workers, and the moto
+    server that creates the table, import the library from it).
 
-    Several people edit the working tree while a run lasts (the long one, half an hour): a worker forked later would
-    import whatever is on disk then. The copy keeps a run on one library, and keeps the code it judged beside the
-    history.
+    Several people edit the working tree while a run lasts (the long one, an hour): a worker forked later would import
+    whatever is on disk then. One copy for the fault-free run and the chaos run of every store keeps them on one
+    library, and keeps the code they judged beside their histories.
     """
-    target = directory / LIBRARY
-    shutil.copytree(
-        Path(strands_py.__file__).parent, target / "strands_py", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    target = root / LIBRARY
+    source = Path(strands_py.__file__).parent
+    shutil.copytree(source, target / "strands_py", ignore=shutil.ignore_patterns("__pycache__"))
+    write_json(target / "provenance.json", provenance())
     return target
 
 
@@ -206,15 +208,15 @@ def _worker_config(settings: Settings, directory: Path, proxy: FaultProxy, obser
     return path
 
 
-async def execute(settings: Settings, directory: Path) -> list[str]:
-    """One run of ``settings`` recorded in ``directory`` (see the module docstring); returns the harness's own
-    troubles (worker crashes, slots that did not come back), which are not the library's violations."""
+async def execute(settings: Settings, directory: Path, library: Path) -> list[str]:
+    """One run of ``settings`` recorded in ``directory`` (see the module docstring), on the library copied to
+    ``library`` (``snapshot_library``); returns the harness's own troubles (worker crashes, slots that did not come
+    back), which are not the library's violations."""
     workload = make_workload(settings)
     directory.mkdir(parents=True, exist_ok=False)
     write_json(directory / SETTINGS, settings.as_dict())
     write_json(directory / WORKLOAD, workload.as_dict())
-    library = snapshot_library(directory)
-    write_json(directory / META, {**provenance(), "library": str(library)})
+    write_json(directory / META, {**json.loads((library / "provenance.json").read_text()), "library": str(library)})
     logs = directory / "logs"
     logs.mkdir()
     faults, attempts, phases = (JsonLines(directory / name) for name in (FAULTS, CLIENTS, PHASES))
@@ -222,7 +224,7 @@ async def execute(settings: Settings, directory: Path) -> list[str]:
     await asyncio.to_thread(open_conversations, workload.conversations, directory / SESSIONS)
     troubles: list[str] = []
     try:
-        async with running_store_server(settings.store, logs / "store.log") as server:
+        async with running_store_server(settings.store, logs / "store.log", library) as server:
             phase(phases, "store server started")
             proxy = await FaultProxy(server.endpoint).start()
             observer = await Observer.listen()
@@ -264,21 +266,26 @@ class RunOutcome:
         return bool(self.report.violations or self.troubles)
 
 
-def judged_run(settings: Settings, directory: Path, baseline: Work | None = None) -> RunOutcome:
-    """Execute one run and check its history."""
+def judged_run(settings: Settings, directory: Path, library: Path, baseline: Work | None = None) -> RunOutcome:
+    """Execute one run on the library copied to ``library`` and check its history."""
     started = time.monotonic()
-    troubles = asyncio.run(execute(settings, directory))
+    troubles = asyncio.run(execute(settings, directory, library))
     report = check(load_history(directory), baseline)
     return RunOutcome(settings, directory, report, time.monotonic() - started, troubles)
 
 
-def run_store(settings: Settings, root: Path, *, baseline: bool = True) -> list[RunOutcome]:
-    """The fault-free run of ``settings``' workload (unless ``baseline`` is off), then its chaos run, both judged."""
+def run_store(
+    settings: Settings, root: Path, *, baseline: bool = True, library: Path | None = None
+) -> list[RunOutcome]:
+    """The fault-free run of ``settings``' workload (unless ``baseline`` is off), then its chaos run, both judged, on
+    one copy of the library (``library``, or a new one in ``root``)."""
+    library = library or snapshot_library(root)
     outcomes = []
     base_work = None
     if baseline:
-        fault_free = judged_run(dataclasses.replace(settings, faults=False), root / f"{settings.store}-fault-free")
+        fault_free_settings = dataclasses.replace(settings, faults=False)
+        fault_free = judged_run(fault_free_settings, root / f"{settings.store}-fault-free", library)
         outcomes.append(fault_free)
         base_work = work_of(load_history(fault_free.directory))
-    outcomes.append(judged_run(settings, root / f"{settings.store}-chaos", base_work))
+    outcomes.append(judged_run(settings, root / f"{settings.store}-chaos", library, base_work))
     return outcomes
