@@ -69,7 +69,7 @@ class Access:
         """Write the line (at INFO on ``strands_py.http``)."""
         if not logger.isEnabledFor(logging.INFO):
             return
-        digest = self.key.rpartition("#")[2][:_DIGEST_CHARS] if self.key is not None else "-"
+        digest = digest_of(self.key) or "-"
         logger.info(
             "method=<%s>, key=<%s>, status=<%s>, outcome=<%s>, seconds=<%.3f> | %s",
             self.method,
@@ -79,6 +79,11 @@ class Access:
             time.monotonic() - self.started,
             "invocation answered" if self.complete else "client went away before the end",
         )
+
+
+def digest_of(key: str | None) -> str | None:
+    """What may be shown of a durable key: the first 16 hex digits of its digest (None for None); never the key."""
+    return None if key is None else key.rpartition("#")[2][:_DIGEST_CHARS]
 
 
 def access_of(request: Request) -> Access | None:

@@ -16,10 +16,12 @@ from starlette.types import Receive, Scope, Send
 
 from ..idempotency.config import IdempotencyConfig
 from ._access import SCOPE_KEY, Access, access_of
+from ._control import RunControl
 from ._options import ServingOptions
 from ._page import render_page
 from ._problems import KEY_MISSING, Problem, http_problem
 from ._protocol import (
+    Invocation,
     ProblemError,
     is_valid_key,
     parse_idempotency_key,
@@ -30,6 +32,7 @@ from ._protocol import (
 )
 from ._scopes import ScopeFunction
 from ._service import AgentFactory, InvocationService
+from ._sessions import Conversations, SessionManagerFactory, check_agent_factory
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,21 @@ class AgentApp:
       ``EventSource``: live, resumed after ``Last-Event-ID`` (or ``?last_event_id=``, for a new ``EventSource``
       that goes on where an earlier one was), or replayed from the store. 404 for a key nobody runs any more (its
       owner stopped without a result): POST it again to resume it.
+    - ``GET /invocations/{key}``: the status of that key's invocation (in the caller's scope), JSON: ``status``
+      ``queued`` / ``running`` / ``cancelling`` / ``completed`` (with its ``result``) / ``failed`` (stopped without a
+      result: POST it again to resume it) / ``cancelled``, ``where`` it runs (``here`` or ``elsewhere``) and its
+      ``lease_seconds`` while it runs, ``started_at`` / ``finished_at`` where this server knows them. 404 unknown.
+    - ``DELETE /invocations/{key}``: cancel it wherever it runs (a mark in the store its owner sees at its next
+      heartbeat; a run of this server is stopped at once through its agent's ``cancel()``): the turn is rolled
+      back and nothing is stored, so the key runs afresh when sent again. 202 (``cancelling``, ``Location`` of the
+      status) while it stops, 200 with the final state when it had finished, 404 unknown, 501 for a store without
+      ``supports_cancel``. Idempotent. Followers of a cancelled run get the ``invocation-cancelled`` problem (409).
+    - With ``session_manager=``: ``POST /sessions/{id}/invocations`` (as ``POST /invocations``) runs a turn of
+      conversation ``{id}`` under its session lock; a busy conversation answers per the config's
+      ``session_invocation_mode``: ``throw`` 409 ``session-busy`` (``Retry-After``: one lease), ``enqueue`` 202 with
+      the status at ``Location: /invocations/{key}`` (``queued``, with its position on this server). ``GET
+      /sessions/{id}``: idle or busy, the running turn (a digest of its key), the turns queued here, the last turn
+      completed here. ``GET /sessions/{id}/messages?offset=&limit=``: its messages, paged (``next`` link).
     - ``GET /``: a small chat page (only with ``page=True``).
 
     Whose keys: keys of different scopes never meet (a key of one caller can neither join, replay nor read
@@ -97,6 +115,7 @@ class AgentApp:
         retry_after_seconds: int = 1,
         reconnect_millis: int = 1000,
         page: bool = False,
+        session_manager: SessionManagerFactory | None = None,
     ) -> None:
         """Create the app.
 
@@ -131,9 +150,16 @@ class AgentApp:
             retry_after_seconds: ``Retry-After`` of 409 and 503 answers.
             reconnect_millis: The ``retry:`` sent at the start of each event stream (``EventSource`` reconnect delay).
             page: Serve the chat page at ``GET /``.
+            session_manager: ``factory(session_id, request) -> SessionManager`` (sync or async; strands'
+                ``FileSessionManager``, ``S3SessionManager``, any ``RepositorySessionManager``): serve conversations
+                at ``/sessions/{id}``. The id it gets is the caller's conversation scoped to the caller:
+                ``conv-<32 hex digits>``, a keyed digest of the caller's scope and the id, so two callers' ``conv-1``
+                never share storage. The agent factory is then called as ``agent_factory(request,
+                session_manager=manager)`` (``None`` for ``POST /invocations``).
 
         Raises:
-            TypeError: ``idempotency`` is not an ``IdempotencyConfig``.
+            TypeError: ``idempotency`` is not an ``IdempotencyConfig``, or with ``session_manager``, the agent
+                factory takes no ``session_manager`` keyword.
             ValueError: An option is out of range, or both ``scope`` and ``single_tenant`` are given.
         """
         if max_body_bytes < 1:
@@ -154,10 +180,23 @@ class AgentApp:
             agent_factory, idempotency or IdempotencyConfig(), scope, options, single_tenant=single_tenant
         )
         self._max_body_bytes = max_body_bytes
+        self._control = RunControl(
+            self._service.config, self._service.registry, self._service.key_of, retry_after_seconds
+        )
         routes = [
             Route("/invocations", self._post_invocation, methods=["POST"]),
             Route("/invocations/{key:path}/events", self._get_events, methods=["GET"]),
+            Route("/invocations/{key:path}", self._invocation, methods=["GET", "DELETE"]),
         ]
+        self._conversations: Conversations | None = None
+        if session_manager is not None:
+            check_agent_factory(agent_factory)
+            self._conversations = Conversations(self._service, session_manager)
+            routes += [
+                Route("/sessions/{session_id}/invocations", self._post_turn, methods=["POST"]),
+                Route("/sessions/{session_id}/messages", self._get_messages, methods=["GET"]),
+                Route("/sessions/{session_id}", self._get_session, methods=["GET"]),
+            ]
         if page:
             routes.append(Route("/", self._get_page, methods=["GET"]))
         self._app = Starlette(
@@ -206,6 +245,16 @@ class AgentApp:
 
     async def _post_invocation(self, request: Request) -> Response:
         _route(request)
+        token, invocation = await self._read_invocation(request)
+        return await self._service.invoke(
+            request,
+            invocation,
+            token,
+            stream=wants_event_stream(request.headers.get("accept")),
+            last_event_id=parse_last_event_id(request.headers.get("last-event-id")),
+        )
+
+    async def _read_invocation(self, request: Request) -> tuple[str | None, Invocation]:
         token = parse_idempotency_key(request.headers.getlist("idempotency-key"))
         if token is None and self._service.options.require_key:
             raise ProblemError(
@@ -216,14 +265,46 @@ class AgentApp:
                     'Send an Idempotency-Key header (a unique value per request, e.g. "<uuid>"); retries reuse it.',
                 )
             )
-        invocation = parse_invocation(await read_json_body(request, self._max_body_bytes))
-        return await self._service.invoke(
+        return token, parse_invocation(await read_json_body(request, self._max_body_bytes))
+
+    async def _invocation(self, request: Request) -> Response:
+        _route(request)
+        key = request.path_params["key"]
+        if not is_valid_key(key):
+            raise HTTPException(404)
+        if request.method == "DELETE":
+            return await self._control.cancel(request, key)
+        return await self._control.status(request, key)
+
+    async def _post_turn(self, request: Request) -> Response:
+        _route(request)
+        conversations, session_id = self._session_route(request)
+        token, invocation = await self._read_invocation(request)
+        return await conversations.invoke(
             request,
+            session_id,
             invocation,
             token,
             stream=wants_event_stream(request.headers.get("accept")),
             last_event_id=parse_last_event_id(request.headers.get("last-event-id")),
         )
+
+    async def _get_session(self, request: Request) -> Response:
+        _route(request)
+        conversations, session_id = self._session_route(request)
+        token = parse_idempotency_key(request.headers.getlist("idempotency-key"))
+        return await conversations.state(request, session_id, token)
+
+    async def _get_messages(self, request: Request) -> Response:
+        _route(request)
+        conversations, session_id = self._session_route(request)
+        return await conversations.messages(request, session_id)
+
+    def _session_route(self, request: Request) -> tuple[Conversations, str]:
+        session_id = request.path_params["session_id"]
+        if self._conversations is None or not is_valid_key(session_id):
+            raise HTTPException(404)
+        return self._conversations, session_id
 
     async def _get_events(self, request: Request) -> Response:
         _route(request)

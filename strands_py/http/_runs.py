@@ -40,6 +40,9 @@ class Place(Protocol):
     def position(self) -> int:
         """Turns ahead of the run known to this server (0: its turn has come)."""
 
+    def leave(self) -> None:
+        """The run ended: leave the line, letting the next turn start."""
+
 
 class Run(EventBuffer):
     """One invocation: its task, its events so far (see ``EventBuffer``), and its outcome.

@@ -99,6 +99,26 @@ def caller_segment(authorization: Sequence[str], hmac_key: bytes | None) -> str:
     return CALLER_PREFIX + digest[:_CALLER_DIGEST_CHARS]
 
 
+_SESSION_LABEL = b"strands-py/http-session/v1\x00"
+SESSION_PREFIX = "conv-"
+
+
+def session_storage_id(scope: str, session_id: str, hmac_key: bytes | None) -> str:
+    """The id a conversation ``session_id`` of the caller ``scope`` is stored under (what the session manager gets).
+
+    ``conv-<32 hex digits>``: 128 bits of a keyed digest (HMAC-SHA256 with the config's ``hmac_key`` when it has one,
+    SHA-256 otherwise) of the scope and the id, so that two callers' ``conv-1`` never share storage, and an id that is
+    no file name or S3 key (``../x``) never reaches the storage as it is.
+    """
+    scope_bytes = scope.encode("utf-8", "surrogatepass")
+    material = _SESSION_LABEL + len(scope_bytes).to_bytes(8, "big") + scope_bytes + session_id.encode("utf-8")
+    if hmac_key is None:
+        digest = hashlib.sha256(material).hexdigest()
+    else:
+        digest = hmac.new(hmac_key, material, hashlib.sha256).hexdigest()
+    return SESSION_PREFIX + digest[:_CALLER_DIGEST_CHARS]
+
+
 class Scopes:
     """The scope of each request of one app: its scope function's tenant, its caller, or the app's one scope.
 

@@ -6,8 +6,6 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -17,22 +15,13 @@ from starlette.responses import Response
 
 from ..agent.agent import Agent
 from ..idempotency._context import run_context_of
-from ..idempotency._heartbeat import LeaseWatch
-from ..idempotency.codec import decode_result
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import make_key, request_fingerprint
-from ..idempotency.record import RecordState
-from ..types.exceptions import (
-    IdempotencyError,
-    IdempotencyKeyMismatchError,
-    IdempotencyStoreError,
-    IdempotencyWaitTimeoutError,
-)
+from ..types.exceptions import IdempotencyKeyMismatchError
 from ._access import Access, access_of
 from ._options import ServingOptions
 from ._problems import (
     INVALID_BODY,
-    NOT_FOUND,
     TOO_MANY_RUNS,
     Problem,
     problem_for,
@@ -42,16 +31,15 @@ from ._problems import (
 from ._protocol import Invocation, ProblemError
 from ._registry import RunRegistry
 from ._responses import DeferredResponse, EventStreamResponse
-from ._runs import Run
+from ._runs import Place, Run
 from ._scopes import ScopeFunction, Scopes, is_async_callable
+from ._stored import stored_run
 
 logger = logging.getLogger(__name__)
 
-AgentFactory = Callable[[Request], "Agent | Awaitable[Agent]"]
+AgentFactory = Callable[..., "Agent | Awaitable[Agent]"]
 
 REPLAYED_HEADER = "Idempotent-Replayed"
-_POLL_FIRST_SECONDS = 0.05
-_POLL_MAX_SECONDS = 1.0
 _CANCEL_WAIT_SECONDS = 10.0
 _MAX_CACHED_CONFIGS = 1024
 
@@ -94,6 +82,7 @@ class InvocationService:
         self._configs: dict[str, IdempotencyConfig] = {}
         self._on_run = on_run
         self.closing = False
+        self.with_session_manager = False
 
     # -- keys --------------------------------------------------------------------------------------------------
 
@@ -141,29 +130,53 @@ class InvocationService:
         key = self.durable_key(scope, token) if token is not None else None
         if access is not None:
             access.key = key
-        fingerprint = self._fingerprint(scope, invocation) if key is not None else None
-        run = self.registry.find(key) if key is not None else None
-        joined = run is not None and (run.succeeded or not run.finished)
-        if run is not None and joined:
-            if fingerprint is not None and run.fingerprint is not None and fingerprint != run.fingerprint:
-                logger.debug("key=<%s> | key reused with another request", key)
-                raise ProblemError(problem_for(IdempotencyKeyMismatchError(str(key)), 0))
-            logger.debug("key=<%s> | joining the run of this key", key)
-        else:
-            run = self._start(request, scope, key, fingerprint, invocation, token)
+        fingerprint = self.fingerprint(scope, invocation) if key is not None else None
+        run = self.join(key, fingerprint)
+        joined = run is not None
+        if run is None:
+            run = self.start(request, scope, key, fingerprint, invocation, token)
         return self.respond(run, stream=stream, joined=joined, last_event_id=last_event_id, access=access)
 
-    def _fingerprint(self, scope: str, invocation: Invocation) -> str | None:
+    def join(self, key: str | None, fingerprint: str | None) -> Run | None:
+        """The run of ``key`` a request of it follows: live, or finished with a result a moment ago; else None.
+
+        Raises:
+            ProblemError: 422, the run is another request's (its fingerprint differs).
+        """
+        run = self.registry.find(key) if key is not None else None
+        if run is None or (run.finished and not run.succeeded):
+            return None
+        if fingerprint is not None and run.fingerprint is not None and fingerprint != run.fingerprint:
+            logger.debug("key=<%s> | key reused with another request", key)
+            raise ProblemError(problem_for(IdempotencyKeyMismatchError(str(key)), 0))
+        logger.debug("key=<%s> | joining the run of this key", key)
+        return run
+
+    def fingerprint(self, scope: str, invocation: Invocation, options: dict[str, Any] | None = None) -> str | None:
+        """The request's fingerprint (None when payloads are not validated); ``options`` enter it too.
+
+        Raises:
+            ProblemError: 400, the prompt cannot be fingerprinted.
+        """
         if not self.config.validate_payload:
             return None
         try:
-            return request_fingerprint(scope, invocation.prompt, {}, _hmac_key(self.config))
+            return request_fingerprint(scope, invocation.prompt, options or {}, _hmac_key(self.config))
         except TypeError as e:
             raise ProblemError(
                 Problem(400, INVALID_BODY, "Invalid request body", "The prompt cannot be fingerprinted (too deep).")
             ) from e
 
-    def _start(
+    async def key_of(self, request: Request, token: str) -> str:
+        """The durable key of ``token`` in the request's scope.
+
+        Raises:
+            HTTPException: From the scope function.
+            ProblemError: 500, the scope function failed.
+        """
+        return self.durable_key(await self.scope_of(request), token)
+
+    def start(
         self,
         request: Request,
         scope: str,
@@ -171,8 +184,18 @@ class InvocationService:
         fingerprint: str | None,
         invocation: Invocation,
         token: str | None,
+        *,
+        prepare: Callable[[], Awaitable[Agent]] | None = None,
+        place: Place | None = None,
     ) -> Run:
-        """Register and start a new run (no await between the lookup and this: one run per key)."""
+        """Register and start a new run (no await between the lookup and this: one run per key).
+
+        ``prepare()`` builds the run's agent (default: the agent factory, for the request); ``place``: the run is a
+        turn of a conversation, and stands there in its line.
+
+        Raises:
+            ProblemError: 503, shutting down or too many runs.
+        """
         options = self.options
         if self.closing:
             raise ProblemError(shutting_down_problem(options.retry_after_seconds))
@@ -191,8 +214,9 @@ class InvocationService:
         invocation_state: dict[str, Any] = {}
 
         async def open_stream() -> AsyncIterator[Any]:
-            agent = await self._make_agent(request)
+            agent = await (prepare() if prepare is not None else self.make_agent(request))
             agent.idempotency = self._config_for(scope)  # the agent keys its tokens with the config's scope
+            run.agent = agent  # from here a cancel goes through agent.cancel(): no await before the stream starts
             return agent.stream_async(invocation.prompt, idempotency_token=token, invocation_state=invocation_state)
 
         def journal_of() -> Any:
@@ -200,6 +224,7 @@ class InvocationService:
             return None if context is None else context.journal
 
         run = Run(key, fingerprint, options.max_buffered_events)
+        run.place = place
         self.registry.add(run)
         if self._on_run is not None:
             self._on_run(run, True)
@@ -215,15 +240,27 @@ class InvocationService:
         return run
 
     def _settled(self, run: Run) -> None:
+        if run.place is not None:
+            run.place.leave()
         self.registry.settled(run)
         if self._on_run is not None:
             self._on_run(run, False)
 
-    async def _make_agent(self, request: Request) -> Agent:
+    async def make_agent(self, request: Request, **options: Any) -> Agent:
+        """An agent of the factory for ``request`` (sync factories run on a worker thread).
+
+        ``options`` are passed to the factory as keywords (``session_manager=``); with ``session_manager`` set
+        (``with_session_manager``), every call gets ``session_manager=`` (None for ``POST /invocations``).
+
+        Raises:
+            TypeError: The factory returned something else than a ``strands_py.Agent``.
+        """
+        if self.with_session_manager:
+            options.setdefault("session_manager", None)
         if self._factory_is_async:
-            agent: Any = await cast(Awaitable[Agent], self._factory(request))
+            agent: Any = await cast(Awaitable[Agent], self._factory(request, **options))
         else:
-            agent = await run_in_threadpool(self._factory, request)
+            agent = await run_in_threadpool(self._factory, request, **options)
             if inspect.isawaitable(agent):
                 agent = await agent
         if not isinstance(agent, Agent):
@@ -297,7 +334,7 @@ class InvocationService:
                 # A failed run here may have been run again elsewhere since: the store knows. If it knows nothing,
                 # the failure is what a reconnecting client should see.
                 try:
-                    run = await self._stored_run(key)
+                    run = await stored_run(self.config, self.registry, key, self.options.retry_after_seconds)
                 except ProblemError as e:
                     if run is None or e.problem.status != 404:
                         raise
@@ -305,49 +342,6 @@ class InvocationService:
             return self._answer(run, stream=True, joined=True, last_event_id=last_event_id, access=access)
 
         return DeferredResponse(prepare)
-
-    async def _stored_run(self, key: str) -> Run:
-        """The key's run from the store: its replay when completed; while another server runs it, wait.
-
-        Raises:
-            ProblemError: 404 unknown (or ended without a result), 409 still running past the wait deadline,
-                410 not replayable, 500 corrupted, 503 store unavailable.
-        """
-        config, retry_after = self.config, self.options.retry_after_seconds
-        started = time.monotonic()
-        delay = _POLL_FIRST_SECONDS
-        # An owner that stopped renewing its claim for a whole lease (on our clock) is gone: its run has no result.
-        watch = LeaseWatch()
-        while True:
-            try:
-                record = await config.store.get(key)
-                if record is not None and record.state is RecordState.COMPLETED and not record.expired(time.time()):
-                    return Run.replay(key, decode_result(record, None))
-                abandoned_in = 0.0
-                if record is not None and record.state is RecordState.IN_PROGRESS:
-                    abandoned_in = watch.remaining(record, time.monotonic())
-                if abandoned_in <= 0:
-                    raise ProblemError(
-                        Problem(404, NOT_FOUND, "Invocation not found", "No invocation with this Idempotency-Key.")
-                    )
-            except IdempotencyError as e:
-                raise ProblemError(problem_for(e, retry_after)) from e
-            except ProblemError:
-                raise
-            except Exception as e:  # a store that raises something else is a store outage too
-                raise ProblemError(problem_for(IdempotencyStoreError(str(key)), retry_after)) from e
-            live = self.registry.find(key)
-            if live is not None:  # a request to this app started it meanwhile
-                return live
-            waited = time.monotonic() - started
-            timeout = config.wait_timeout_seconds
-            if timeout is not None and waited >= timeout:
-                raise ProblemError(problem_for(IdempotencyWaitTimeoutError(key, waited), retry_after))
-            pause = random.uniform(delay / 2, delay)
-            if timeout is not None:
-                pause = min(pause, timeout - waited)
-            await asyncio.sleep(min(pause, abandoned_in + 0.01))
-            delay = min(delay * 2, _POLL_MAX_SECONDS)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
