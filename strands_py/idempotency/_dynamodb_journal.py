@@ -191,33 +191,29 @@ class _Journal:
         """``IdempotencyStore.truncate``: one ``UpdateItem`` of the record's journal length, fenced on the owner."""
         self._heads.forget(key)  # read again by the next append
         for _ in range(_JOURNAL_ATTEMPTS):
-            try:
-                self._table.invoke(
-                    self._client.update_item,
-                    TableName=self._table.name,
-                    Key={"id": {"S": key}},
-                    UpdateExpression="SET #journal_length = :length",
-                    # Only a longer journal is cut: a shorter one (or none) fails the condition as a fenced-off owner
-                    # does, and the old item tells which.
-                    ConditionExpression=_OWNED_IN_PROGRESS + " AND #journal_length > :length",
-                    ExpressionAttributeNames={**_OWNED_NAMES, "#journal_length": "journal_length"},
-                    ExpressionAttributeValues={
-                        ":owner": {"S": owner},
-                        ":in_progress": _IN_PROGRESS,
-                        ":length": {"N": str(length)},
-                    },
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
+            written, item = self._table.conditional(
+                self._client.update_item,
+                key,
+                TableName=self._table.name,
+                Key={"id": {"S": key}},
+                UpdateExpression="SET #journal_length = :length",
+                # Only a longer journal is cut: a shorter one (or none) fails the condition as a fenced-off owner
+                # does, and the old item tells which.
+                ConditionExpression=_OWNED_IN_PROGRESS + " AND #journal_length > :length",
+                ExpressionAttributeNames={**_OWNED_NAMES, "#journal_length": "journal_length"},
+                ExpressionAttributeValues={
+                    ":owner": {"S": owner},
+                    ":in_progress": _IN_PROGRESS,
+                    ":length": {"N": str(length)},
+                },
+            )
+            if written is not None:
                 return True
-            except ClientError as e:  # only a failed condition reaches here (see _Table.invoke)
-                item = _old_item(e)
-                if item is None:
-                    item = self._table.record_item(key)  # a server that returns no old item
-                if not _owned(item, owner):
-                    return False
-                if _head_of(key, item).length <= length:
-                    return True  # nothing to cut
-                # Only a read after the failed write gets here: an append landed in between. Cut again.
+            if not _owned(item, owner):
+                return False
+            if _head_of(key, item).length <= length:
+                return True  # nothing to cut
+            # Only a read after the failed write gets here: an append landed in between. Cut again.
         raise IdempotencyStoreError(
             f"journal truncate on DynamoDB table {self._table.name} kept racing ({_JOURNAL_ATTEMPTS} attempts)"
         )

@@ -6,16 +6,22 @@ Pure functions and constants, and ``_Table``: one call to the table with the sto
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStoreError
 from .record import IdempotencyRecord, RecordState
+
+# The store's logger: one name to configure for everything the store does.
+logger = logging.getLogger("strands_py.idempotency.dynamodb")
 
 T = TypeVar("T")
 
@@ -147,6 +153,28 @@ def _renewal(
 
 # Calls and errors.
 
+
+def _new_client(
+    session: boto3.Session | None,
+    region_name: str | None,
+    endpoint_url: str | None,
+    config: Config | None,
+    max_workers: int,
+) -> Any:
+    """The store's own ``dynamodb`` client, with ``config`` or ours (standard retries, short timeouts)."""
+    config = config or Config(
+        # Every request is built by the store, from validated records: botocore's own validation is redundant.
+        parameter_validation=False,
+        retries={"mode": "standard", "total_max_attempts": 5},
+        connect_timeout=5,
+        read_timeout=10,
+        max_pool_connections=max_workers,
+    )
+    return (session or boto3.Session()).client(
+        "dynamodb", region_name=region_name, endpoint_url=endpoint_url, config=config
+    )
+
+
 # A write that meets a journal append's transaction on the same item is rejected (TransactionConflict), not queued,
 # and botocore does not retry it: nothing was written, so it is tried again after a short jittered backoff.
 _CONFLICT_ATTEMPTS = 5
@@ -194,9 +222,50 @@ class _Table:
         except ClientError:  # only a failed condition reaches here (see invoke)
             return None
 
+    def conditional(
+        self, fn: Callable[..., Any], key: str, /, **kwargs: Any
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """A conditional write on the record of ``key``: ``(response, None)``, or ``(None, the item in the way)``.
+
+        The item in the way comes with the failed condition (``ALL_OLD``); a server that returns none costs a read,
+        which may find the item changed since (or gone: None), as does a failed condition on an absent item.
+        """
+        try:
+            return self.invoke(fn, ReturnValuesOnConditionCheckFailure="ALL_OLD", **kwargs), None
+        except ClientError as e:  # only a failed condition reaches here (see invoke)
+            old = _old_item(e)
+        return None, old if old is not None else self.record_item(key)
+
     def fenced(self, fn: Callable[..., Any], /, **kwargs: Any) -> bool:
         """A conditional write: True if written, False if its condition failed."""
         return self.written(fn, **kwargs) is not None
+
+    def create(self) -> None:
+        """``DynamoDBIdempotencyStore.create_table``: the table, unless it exists, then TTL unless it is enabled."""
+        try:
+            self.client.create_table(
+                TableName=self.name,
+                AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "ResourceInUseException":
+                raise
+            logger.debug("table=<%s> | table exists already", self.name)
+        self.client.get_waiter("table_exists").wait(TableName=self.name)
+        ttl = self.client.describe_time_to_live(TableName=self.name).get("TimeToLiveDescription", {})
+        if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
+            if ttl.get("AttributeName") != "expiration":
+                raise ValueError(
+                    f"table {self.name} has TTL on {ttl.get('AttributeName')!r}; the store needs it on 'expiration'"
+                )
+            logger.debug("table=<%s> | time to live is enabled already", self.name)
+            return
+        # DynamoDB refuses to enable TTL twice: only a table without it gets here.
+        self.client.update_time_to_live(
+            TableName=self.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expiration"}
+        )
 
     def record_item(self, key: str) -> dict[str, Any] | None:
         """The record's item under ``key`` (a consistent ``GetItem``), or None."""

@@ -11,7 +11,6 @@ from typing import Any, TypeVar, cast
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
 
 from ..types.exceptions import IdempotencyStoreError
 from ._dynamodb_journal import _MAX_JOURNAL_ENTRY_BYTES, _Journal
@@ -25,6 +24,7 @@ from ._dynamodb_table import (
     _SAME_VERSION,
     _from_item,
     _n,
+    _new_client,
     _outcome,
     _renewal,
     _Table,
@@ -132,16 +132,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         self.table_name = table_name
         self.max_result_bytes = _MAX_RESULT_BYTES
         if client is None:
-            config = boto_config or Config(
-                # Every request is built by the store, from validated records: botocore's own validation is redundant.
-                parameter_validation=False,
-                retries={"mode": "standard", "total_max_attempts": 5},
-                connect_timeout=5,
-                read_timeout=10,
-                max_pool_connections=max_workers,
-            )
-            session = boto3_session or boto3.Session()
-            client = session.client("dynamodb", region_name=region_name, endpoint_url=endpoint_url, config=config)
+            client = _new_client(boto3_session, region_name, endpoint_url, boto_config, max_workers)
         self._client = client
         self._table = _Table(client, table_name)  # every call goes through it: its retries, its errors
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency")
@@ -248,35 +239,34 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         item = _to_item(record)
+        values = {":now": _n(now), ":completed": _COMPLETED}
         for attempt in range(1, _CLAIM_ATTEMPTS + 1):
-            try:
-                self._table.invoke(
-                    self._client.put_item,
-                    TableName=self.table_name,
-                    Item=item,
-                    ConditionExpression=_CLAIMABLE,
-                    ExpressionAttributeNames=_CLAIMABLE_NAMES,
-                    ExpressionAttributeValues={":now": _n(now), ":completed": _COMPLETED},
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
+            written, old = self._table.conditional(
+                self._client.put_item,
+                record.key,
+                TableName=self.table_name,
+                Item=item,
+                ConditionExpression=_CLAIMABLE,
+                ExpressionAttributeNames=_CLAIMABLE_NAMES,
+                ExpressionAttributeValues=values,
+            )
+            if written is not None:
                 self._journal.fresh(record.key, record.expires_at)
                 return None
-            except ClientError as e:  # only a failed condition reaches here (see _Table.invoke)
-                old = e.response.get("Item")
-            if old is None:
-                # Some DynamoDB-compatible servers do not return the old item: read it.
-                existing = self._get(record.key)
-                if existing is None or existing.expired(now):
-                    # Removed, or replaced by a record expired at ``now``, between our write and our read.
-                    logger.debug("attempt=<%d> | record changed during the claim, claiming again", attempt)
-                    continue
-            else:
-                existing = _from_item(old)
+            existing = None if old is None else _from_item(old)
+            if existing is None or existing.expired(now):
+                # Only a read finds these (an old item returned failed the condition): the record was removed, or
+                # replaced by a record expired at ``now``, between our write and our read.
+                logger.debug("attempt=<%d> | record changed during the claim, claiming again", attempt)
+                continue
             # Our own claim, met by a retry of the very write that made it, is ours; any other record is in the way.
             own = existing.state is RecordState.IN_PROGRESS and existing.owner == record.owner
             return None if own else existing
-        raise IdempotencyStoreError(
-            f"claim on DynamoDB table {self.table_name} kept racing other writers ({_CLAIM_ATTEMPTS} attempts)"
+        raise self._racing("claim")
+
+    def _racing(self, primitive: str) -> IdempotencyStoreError:
+        return IdempotencyStoreError(
+            f"{primitive} on DynamoDB table {self.table_name} kept racing other writers ({_CLAIM_ATTEMPTS} attempts)"
         )
 
     def _take_over(self, record: IdempotencyRecord, version: str) -> bool:
@@ -362,27 +352,4 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             ValueError: The table has TTL enabled on another attribute.
             botocore.exceptions.ClientError: DynamoDB refused a call (permissions, limits).
         """
-        try:
-            self._client.create_table(
-                TableName=self.table_name,
-                AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-                KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                BillingMode="PAY_PER_REQUEST",
-            )
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") != "ResourceInUseException":
-                raise
-            logger.debug("table=<%s> | table exists already", self.table_name)
-        self._client.get_waiter("table_exists").wait(TableName=self.table_name)
-        ttl = self._client.describe_time_to_live(TableName=self.table_name).get("TimeToLiveDescription", {})
-        if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
-            if ttl.get("AttributeName") != "expiration":
-                raise ValueError(
-                    f"table {self.table_name} has TTL on {ttl.get('AttributeName')!r}; the store needs it on "
-                    "'expiration'"
-                )
-            logger.debug("table=<%s> | time to live is enabled already", self.table_name)
-            return
-        self._client.update_time_to_live(
-            TableName=self.table_name, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expiration"}
-        )
+        self._table.create()
