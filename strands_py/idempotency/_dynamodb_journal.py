@@ -21,8 +21,8 @@ from ..types.exceptions import IdempotencyRecordCorruptedError, IdempotencyStore
 from ._dynamodb_table import (
     _IN_PROGRESS,
     _JOURNAL_NAMES,
-    _OWNED_IN_PROGRESS,
-    _OWNED_NAMES,
+    _RUNNING,
+    _RUNNING_NAMES,
     _old_item,
     _Table,
     _ttl_seconds,
@@ -52,11 +52,11 @@ _BATCH_GET_BACKOFF_SECONDS = 0.05
 _REMEMBERED_HEADS = 1024
 # Appends to one key from this process (an owner's tools finishing together) take turns: none fails on another's.
 _APPEND_STRIPES = 64
-# append: the first entry of a lineage, and the next entry of a known one (the entry is stamped with the stored TTL).
-_JOURNAL_STARTS = _OWNED_IN_PROGRESS + " AND attribute_not_exists(#journal_id)"
+# append: the first entry of a lineage, and the next entry of a known one (the entry is stamped with the stored TTL);
+# both fenced on the owner's running claim, not marked cancelled.
+_JOURNAL_STARTS = _RUNNING + " AND attribute_not_exists(#journal_id)"
 _JOURNAL_CONTINUES = (
-    _OWNED_IN_PROGRESS
-    + " AND #journal_id = :lineage AND #journal_length = :length AND #journal_expiration = :entry_expiration"
+    _RUNNING + " AND #journal_id = :lineage AND #journal_length = :length AND #journal_expiration = :entry_expiration"
 )
 _START_JOURNAL = (
     "SET #journal_id = :lineage, #journal_length = :next, #journal_expiration = :entry_expiration,"
@@ -114,7 +114,7 @@ class _Journal:
         for attempt in range(1, _JOURNAL_ATTEMPTS + 1):
             if head is None:
                 item = self._table.record_item(key)
-                if not _owned(item, owner):
+                if not _running(item, owner):
                     return False
                 head = _head_of(key, item)
             lineage = head.lineage or new_version()  # a new lineage's id is unique: never an earlier lineage's
@@ -132,7 +132,7 @@ class _Journal:
                 item = _old_item(e)
                 if item is None:
                     item = self._table.record_item(key)  # a server that returns no old item
-                if not _owned(item, owner):
+                if not _running(item, owner):
                     self._heads.forget(key)
                     return False
                 head = _head_of(key, item)
@@ -199,8 +199,8 @@ class _Journal:
                 UpdateExpression="SET #journal_length = :length",
                 # Only a longer journal is cut: a shorter one (or none) fails the condition as a fenced-off owner
                 # does, and the old item tells which.
-                ConditionExpression=_OWNED_IN_PROGRESS + " AND #journal_length > :length",
-                ExpressionAttributeNames={**_OWNED_NAMES, "#journal_length": "journal_length"},
+                ConditionExpression=_RUNNING + " AND #journal_length > :length",
+                ExpressionAttributeNames={**_RUNNING_NAMES, "#journal_length": "journal_length"},
                 ExpressionAttributeValues={
                     ":owner": {"S": owner},
                     ":in_progress": _IN_PROGRESS,
@@ -209,7 +209,7 @@ class _Journal:
             )
             if written is not None:
                 return True
-            if not _owned(item, owner):
+            if not _running(item, owner):
                 return False
             if _head_of(key, item).length <= length:
                 return True  # nothing to cut
@@ -302,7 +302,7 @@ def _entry_id(key: str, lineage: str, position: int) -> str:
 
 def _append_update(table: str, key: str, owner: str, head: _Head, lineage: str) -> dict[str, Any]:
     """The record's half of an append: fenced on the owner and on the head assumed, it moves the length on."""
-    names = {**_OWNED_NAMES, **_JOURNAL_NAMES}
+    names = {**_RUNNING_NAMES, **_JOURNAL_NAMES}
     values = {
         ":owner": {"S": owner},
         ":in_progress": _IN_PROGRESS,
@@ -333,12 +333,13 @@ def _entry_item(key: str, lineage: str, head: _Head, entry: bytes) -> dict[str, 
     }
 
 
-def _owned(item: dict[str, Any] | None, owner: str) -> TypeGuard[dict[str, Any]]:
-    """The fence of the journal's writes: ``owner``'s ``IN_PROGRESS`` record."""
+def _running(item: dict[str, Any] | None, owner: str) -> TypeGuard[dict[str, Any]]:
+    """The fence of the journal's writes (``_RUNNING``): ``owner``'s ``IN_PROGRESS`` record, not marked cancelled."""
     return (
         item is not None
         and item.get("owner", {}).get("S") == owner
         and item.get("status", {}).get("S") == RecordState.IN_PROGRESS.value
+        and "cancelled" not in item
     )
 
 

@@ -29,22 +29,34 @@ T = TypeVar("T")
 _TTL_GRACE_SECONDS = 86_400
 _IN_PROGRESS = {"S": RecordState.IN_PROGRESS.value}
 _COMPLETED = {"S": RecordState.COMPLETED.value}
-# claim: the key is free when it holds nothing or a COMPLETED record expired at the caller's ``now``. No clause frees
-# an IN_PROGRESS record, whatever its age: only take_over replaces another owner's claim. Our own claim (a retried
-# PutItem whose first attempt landed) fails the condition and comes back as the old item, which the store's claim
-# recognises by its owner: no clause for it here, so the condition stays short on the hot path (every replay).
-_CLAIMABLE = "attribute_not_exists(#id) OR (#status = :completed AND #expires_at <= :now)"
+_CANCELLED = {"S": RecordState.CANCELLED.value}
+# claim: the key is free when it holds nothing, a CANCELLED tombstone, or a COMPLETED record expired at the caller's
+# ``now``. No clause frees an IN_PROGRESS record, whatever its age: only take_over replaces another owner's claim. Our
+# own claim (a retried PutItem whose first attempt landed) fails the condition and comes back as the old item, which
+# the store's claim recognises by its owner: no clause for it here, so the condition stays short on the hot path
+# (every replay).
+_CLAIMABLE = "attribute_not_exists(#id) OR #status = :cancelled OR (#status = :completed AND #expires_at <= :now)"
 _CLAIMABLE_NAMES = {"#id": "id", "#status": "status", "#expires_at": "expires_at"}
 # take_over: exactly the version the caller judged; an absent item has no version, so it fails too.
 _SAME_VERSION = "#version = :version"
-# complete, release, renew (and the journal's writes): the owner's IN_PROGRESS record.
+# complete (of a tombstone), release: the owner's IN_PROGRESS record, marked cancelled or not.
 _OWNED_IN_PROGRESS = "#owner = :owner AND #status = :in_progress"
 _OWNED_NAMES = {"#owner": "owner", "#status": "status"}
+# renew, complete (of a result) and the journal's writes: the owner's IN_PROGRESS record, unless it is marked
+# cancelled. The mark is an attribute written only when true, so its absence is the whole test.
+_RUNNING = _OWNED_IN_PROGRESS + " AND attribute_not_exists(#cancelled)"
+_RUNNING_NAMES = {**_OWNED_NAMES, "#cancelled": "cancelled"}
+# cancel: any IN_PROGRESS record is marked, whoever owns it; nothing else is touched (a mark is no heartbeat, so the
+# version stays), and marking twice writes the same mark. Any other record, or none, fails the condition.
+_MARK = "SET #cancelled = :true"
+_MARKABLE = "#status = :in_progress"
+_MARK_NAMES = {"#cancelled": "cancelled", "#status": "status"}
+_MARK_VALUES = {":true": {"BOOL": True}, ":in_progress": _IN_PROGRESS}
 
 # A record as an item: ``id`` (the key), ``status``, ``owner``, ``version``, ``lease_seconds``, ``expires_at``, the
-# optional fields below when set, the TTL attribute ``expiration``, and, once its owner journals, the journal's
-# attributes below (see ``_dynamodb_journal.py``).
-_OPTIONAL_FIELDS = ("fingerprint", "payload", "checkpoint")
+# optional fields below when set (``cancelled`` is a BOOL, there only when true), the TTL attribute ``expiration``,
+# and, once its owner journals, the journal's attributes below (see ``_dynamodb_journal.py``).
+_OPTIONAL_FIELDS = ("fingerprint", "payload", "checkpoint", "cancelled")
 _JOURNAL_NAMES = {
     "#journal_id": "journal_id",
     "#journal_length": "journal_length",
@@ -83,6 +95,8 @@ def _to_item(record: IdempotencyRecord) -> dict[str, Any]:
         item["payload"] = {"B": record.payload}
     if record.checkpoint is not None:
         item["checkpoint"] = {"S": record.checkpoint}
+    if record.cancelled:
+        item["cancelled"] = {"BOOL": True}
     return item
 
 
@@ -99,9 +113,15 @@ def _from_item(item: dict[str, Any]) -> IdempotencyRecord:
             fingerprint=item["fingerprint"]["S"] if "fingerprint" in item else None,
             payload=bytes(item["payload"]["B"]) if "payload" in item else None,
             checkpoint=item["checkpoint"]["S"] if "checkpoint" in item else None,
+            cancelled="cancelled" in item,  # as the fences read it: the attribute is there only when true
         )
     except (KeyError, TypeError, ValueError) as e:
         raise IdempotencyRecordCorruptedError(key, f"malformed item: {type(e).__name__}: {e}") from e
+
+
+def _claimable(record: IdempotencyRecord, now: float) -> bool:
+    """Whether a claim's condition (``_CLAIMABLE``) frees ``record``: a tombstone, or a result expired at ``now``."""
+    return record.state is RecordState.CANCELLED or record.expired(now)
 
 
 def _take_over_update(record: IdempotencyRecord) -> tuple[str, dict[str, str], dict[str, Any]]:
@@ -127,10 +147,10 @@ def _take_over_update(record: IdempotencyRecord) -> tuple[str, dict[str, str], d
 def _renewal(
     owner: str, version: str, lease_seconds: float, expires_at: float, checkpoint: str | None
 ) -> tuple[str, dict[str, str], dict[str, Any]]:
-    """A renewal's ``UpdateExpression``, names and values (with those of ``_OWNED_IN_PROGRESS``, its condition)."""
+    """A renewal's ``UpdateExpression``, names and values (with those of ``_RUNNING``, its condition)."""
     update = "SET #version = :version, #lease_seconds = :lease_seconds, #expires_at = :expires_at, #ttl = :ttl"
     names = {
-        **_OWNED_NAMES,
+        **_RUNNING_NAMES,
         "#version": "version",
         "#lease_seconds": "lease_seconds",
         "#expires_at": "expires_at",

@@ -15,13 +15,21 @@ from botocore.config import Config
 from ..types.exceptions import IdempotencyStoreError
 from ._dynamodb_journal import _MAX_JOURNAL_ENTRY_BYTES, _Journal
 from ._dynamodb_table import (
+    _CANCELLED,
     _CLAIMABLE,
     _CLAIMABLE_NAMES,
     _COMPLETED,
     _IN_PROGRESS,
+    _MARK,
+    _MARK_NAMES,
+    _MARK_VALUES,
+    _MARKABLE,
     _OWNED_IN_PROGRESS,
     _OWNED_NAMES,
+    _RUNNING,
+    _RUNNING_NAMES,
     _SAME_VERSION,
+    _claimable,
     _from_item,
     _n,
     _new_client,
@@ -40,8 +48,8 @@ T = TypeVar("T")
 
 # DynamoDB's item limit is 400 KB including attribute names and the other attributes; keep a margin.
 _MAX_RESULT_BYTES = 350_000
-# A claim whose condition failed on a server that returns no old item reads the item; it is tried again only when
-# the item changed between the two calls (released, say), which takes another writer's progress each time.
+# A claim (or a cancel) whose condition failed on a server that returns no old item reads the item; it is tried again
+# only when the item changed between the two calls (released, say), which takes another writer's progress each time.
 _CLAIM_ATTEMPTS = 5
 
 
@@ -50,13 +58,14 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     The table needs a string partition key ``id`` and, to have old records deleted, DynamoDB TTL on the
     ``expiration`` attribute. An item holds the record's fields (``status``, ``owner``, ``version``,
-    ``lease_seconds``, ``expires_at``, and ``fingerprint``, ``payload``, ``checkpoint`` when set) plus ``expiration``
-    (and, once its owner journals, ``journal_id``, ``journal_length``, ``journal_expiration``,
-    ``journal_expiration_floor``); each journal entry is an item of its own (see Journal below).
+    ``lease_seconds``, ``expires_at``; ``fingerprint``, ``payload``, ``checkpoint`` when set; ``cancelled`` when
+    true) plus ``expiration`` (and, once its owner journals, ``journal_id``, ``journal_length``,
+    ``journal_expiration``, ``journal_expiration_floor``); each journal entry is an item of its own (see Journal).
 
     Expiry: every decision uses the exact ``expires_at`` (decimal seconds): a claim replaces a ``COMPLETED`` record
-    past it at the caller's ``now``; no clock ever frees an ``IN_PROGRESS`` record (only ``take_over`` replaces
-    another owner's claim). ``get`` returns an item as stored, even past its ``expires_at``: callers judge it.
+    past it at the caller's ``now``, and a ``CANCELLED`` tombstone at once; no clock ever frees an ``IN_PROGRESS``
+    record (only ``take_over`` replaces another owner's claim). ``get`` returns an item as stored, even past its
+    ``expires_at``: callers judge it.
 
     ``expiration`` serves DynamoDB's TTL sweeper only (which also collects abandoned claims: a running owner moves
     ``expires_at`` forward at every heartbeat). The sweeper runs on AWS's clock, not the writers', lags by up to days
@@ -70,12 +79,16 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
     extra read); a takeover is an ``UpdateItem`` conditional on the version the caller judged (it rewrites every
     field of the record and keeps the journal); completes (``PutItem``), releases (``DeleteItem``) and renewals (one
     ``UpdateItem``) are conditional on the owner and the ``IN_PROGRESS`` status, so an owner whose claim was taken
-    over cannot overwrite, delete or renew the new owner's record. Throttling and transient errors are retried by
-    botocore (``standard`` retry mode) unless you pass your own client or config; a write rejected because a journal
-    append's transaction holds the same item (``TransactionConflict``) is retried here. What still fails (and any
-    error but a failed condition) raises ``IdempotencyStoreError`` with the botocore error chained. A
-    DynamoDB-compatible server that does not return the old item with a failed condition costs a claim (and a
-    fenced-off or raced journal write) one extra read.
+    over cannot overwrite, delete or renew the new owner's record. ``cancel`` is one ``UpdateItem``, conditional on
+    the ``IN_PROGRESS`` status, that sets ``cancelled`` and nothing else (a mark is no heartbeat: the version stays);
+    renewals, journal writes and the ``PutItem`` of a result are also conditional on ``cancelled`` being absent, so
+    a marked claim's owner can only release it or leave its ``CANCELLED`` tombstone. Throttling and transient errors
+    are retried by botocore (``standard`` retry mode) unless you pass your own client or config; a write rejected
+    because a journal append's transaction holds the same item (``TransactionConflict``) is retried here. What still
+    fails (and any error but a failed condition) raises ``IdempotencyStoreError`` with the botocore error chained. A
+    DynamoDB-compatible server that does not return the old item with a failed condition costs a claim, a cancel of a
+    finished record, and a fenced-off or raced journal write one extra read (a cancel of an absent key costs one
+    anywhere).
 
     Journal: each entry is an item of its own, ``<key>#journal#<lineage>#<position>`` (``entry``, binary, and the TTL
     attribute), so an entry may be as large as an item (``max_journal_entry_bytes``) and the table needs no other key.
@@ -174,6 +187,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     supports_blocking_claims = True
     supports_journal = True
+    supports_cancel = True
     max_journal_entry_bytes = _MAX_JOURNAL_ENTRY_BYTES
 
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
@@ -195,8 +209,12 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         return await self._blocking(self._get, key)
 
     async def complete(self, record: IdempotencyRecord) -> bool:
-        """See ``IdempotencyStore.complete``: a ``PutItem`` conditional on owner and status."""
+        """See ``IdempotencyStore.complete``: a ``PutItem`` conditional on owner and status (a result: and no mark)."""
         return await self._blocking(self._complete, record)
+
+    async def cancel(self, key: str) -> IdempotencyRecord | None:
+        """See ``IdempotencyStore.cancel``: one ``UpdateItem`` conditional on the status; a read if there is no item."""
+        return await self._blocking(self._cancel, key)
 
     async def release(self, key: str, owner: str) -> bool:
         """See ``IdempotencyStore.release``: a ``DeleteItem`` conditional on owner and status."""
@@ -212,7 +230,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         expires_at: float,
         checkpoint: str | None = None,
     ) -> bool:
-        """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status."""
+        """See ``IdempotencyStore.renew``: one ``UpdateItem`` conditional on owner and status, and no mark."""
         return await self._blocking(self._renew, key, owner, version, lease_seconds, expires_at, checkpoint)
 
     async def append(self, key: str, owner: str, entry: bytes) -> bool:
@@ -239,7 +257,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         item = _to_item(record)
-        values = {":now": _n(now), ":completed": _COMPLETED}
+        values = {":now": _n(now), ":completed": _COMPLETED, ":cancelled": _CANCELLED}
         for attempt in range(1, _CLAIM_ATTEMPTS + 1):
             written, old = self._table.conditional(
                 self._client.put_item,
@@ -254,9 +272,9 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
                 self._journal.fresh(record.key, record.expires_at)
                 return None
             existing = None if old is None else _from_item(old)
-            if existing is None or existing.expired(now):
+            if existing is None or _claimable(existing, now):
                 # Only a read finds these (an old item returned failed the condition): the record was removed, or
-                # replaced by a record expired at ``now``, between our write and our read.
+                # replaced by one the claim frees, between our write and our read.
                 logger.debug("attempt=<%d> | record changed during the claim, claiming again", attempt)
                 continue
             # Our own claim, met by a retry of the very write that made it, is ours; any other record is in the way.
@@ -293,16 +311,41 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
         return None if item is None else _from_item(item)
 
     def _complete(self, record: IdempotencyRecord) -> bool:
-        # The whole item is replaced: the journal's lineage goes with it (its entries expire).
+        # The whole item is replaced: the journal's lineage goes with it (its entries expire), a tombstone's too.
         self._journal.forget(record.key)
+        # A result never lands on a claim marked cancelled, checked by the write itself: a cancel between the owner's
+        # last heartbeat and its complete wins. The owner's tombstone lands either way.
+        tombstone = record.state is RecordState.CANCELLED
         return self._table.fenced(
             self._client.put_item,
             TableName=self.table_name,
             Item=_to_item(record),
-            ConditionExpression=_OWNED_IN_PROGRESS,
-            ExpressionAttributeNames=_OWNED_NAMES,
+            ConditionExpression=_OWNED_IN_PROGRESS if tombstone else _RUNNING,
+            ExpressionAttributeNames=_OWNED_NAMES if tombstone else _RUNNING_NAMES,
             ExpressionAttributeValues={":owner": {"S": record.owner}, ":in_progress": _IN_PROGRESS},
         )
+
+    def _cancel(self, key: str) -> IdempotencyRecord | None:
+        for attempt in range(1, _CLAIM_ATTEMPTS + 1):
+            written, old = self._table.conditional(
+                self._client.update_item,
+                key,
+                TableName=self.table_name,
+                Key={"id": {"S": key}},
+                UpdateExpression=_MARK,
+                ConditionExpression=_MARKABLE,
+                ExpressionAttributeNames=_MARK_NAMES,
+                ExpressionAttributeValues=_MARK_VALUES,
+                ReturnValues="ALL_NEW",  # the marked record, free with the write
+            )
+            item = old if written is None else written["Attributes"]
+            existing = None if item is None else _from_item(item)
+            if existing is None or existing.state is not RecordState.IN_PROGRESS or existing.cancelled:
+                return existing  # marked, or left as it is: finished, or absent
+            # Only a read finds an unmarked claim (an old item returned failed the condition): it landed between our
+            # write and our read, and the cancel is for it (the call takes effect now).
+            logger.debug("attempt=<%d> | a claim landed during the cancel, marking again", attempt)
+        raise self._racing("cancel")
 
     def _release(self, key: str, owner: str) -> bool:
         self._journal.forget(key)
@@ -325,7 +368,7 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             TableName=self.table_name,
             Key={"id": {"S": key}},
             UpdateExpression=update,
-            ConditionExpression=_OWNED_IN_PROGRESS,
+            ConditionExpression=_RUNNING,  # refused once marked cancelled: its owner learns of the cancel here
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
             # Free with the write, the record tells whether its journal's TTL must move on. Not for a record known

@@ -1,8 +1,9 @@
-"""DynamoDBIdempotencyStore beyond the shared contract: construction, errors, odd servers, bad items, TTL."""
+"""DynamoDBIdempotencyStore beyond the shared contract: construction, errors, odd servers, bad items, TTL, cancels."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import socket
 import threading
@@ -110,6 +111,7 @@ async def _every_primitive(store: DynamoDBIdempotencyStore) -> list[Any]:
         store.append("s#k", "a", b"step"),  # without a known head: the record is read first
         store.journal("s#k"),
         store.truncate("s#k", "a", 0),
+        store.cancel("s#k"),
     ]
     errors = []
     for call in calls:
@@ -121,7 +123,7 @@ async def _every_primitive(store: DynamoDBIdempotencyStore) -> list[Any]:
 
 OPERATIONS = [
     *("put_item", "update_item", "get_item", "put_item", "delete_item", "update_item"),
-    *("get_item", "get_item", "update_item"),
+    *("get_item", "get_item", "update_item", "update_item"),
 ]
 
 
@@ -890,7 +892,7 @@ class _InPlaceRecordWrites(DynamoDBIdempotencyStore):
         )
 
     def _claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
-        values = {":now": table_module._n(now), ":completed": {"S": "COMPLETED"}}
+        values = {":now": table_module._n(now), ":completed": {"S": "COMPLETED"}, ":cancelled": {"S": "CANCELLED"}}
         try:
             self._in_place(record, table_module._CLAIMABLE, table_module._CLAIMABLE_NAMES, values)
             return None
@@ -1407,3 +1409,194 @@ async def test_the_heads_remembered_are_bounded(aws: None) -> None:
     assert await store.append("s#1", "a", b"x") is True  # the least recently used head was forgotten
     assert client.calls == ["get_item", "transact_write_items"]
     store.close()
+
+
+# Cancels: a mark on the running claim (its version kept), a fence on its owner, a tombstone that frees the key.
+
+
+def _tombstone(key: str, owner: str, now: float) -> IdempotencyRecord:
+    return IdempotencyRecord(key, RecordState.CANCELLED, owner, new_version(), 0.0, now + 60, "fp")
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_cancel_is_one_update_item_that_sets_the_mark_and_nothing_else(aws: None, server: str) -> None:
+    store, client = _hooked_store(server)
+    now = time.time()
+    first = IdempotencyRecord("s#k", RecordState.IN_PROGRESS, "a", new_version(), 60.0, now + 3600, "fp", None, "cp")
+    await store.claim(first, now)
+    await store.append("s#k", "a", b"step")
+    before = _owned_item(store, "s#k")
+    client.calls.clear()
+    assert await store.cancel("s#k") == dataclasses.replace(first, cancelled=True)
+    assert client.calls == ["update_item"]  # the marked record comes back with the write
+    # the version, the TTL, the journal's head: as they were (a mark is no heartbeat)
+    assert _owned_item(store, "s#k") == {**before, "cancelled": {"BOOL": True}}
+    # the owner's claim, resent after its first attempt landed, is still its own, and still marked
+    assert await store.claim(first, now) is None
+    assert await store.get("s#k") == dataclasses.replace(first, cancelled=True)
+    # a finished record comes back with the failed condition (a server without old items costs a read)
+    tombstone = _tombstone("s#k", "a", now)
+    assert await store.complete(tombstone) is True
+    client.calls.clear()
+    assert await store.cancel("s#k") == tombstone
+    assert client.calls == (["update_item"] if server == "dynamodb" else ["update_item", "get_item"])
+    # an absent key fails the condition without an item on any server: a read says so, and writes nothing
+    client.calls.clear()
+    assert await store.cancel("s#none") is None
+    assert client.calls == ["update_item", "get_item"]
+    assert _item(store, "s#none") is None
+    store.close()
+
+
+async def test_the_mark_is_an_attribute_there_only_when_true_and_a_take_over_writes_what_it_is_given(
+    aws: None,
+) -> None:
+    store, _ = _hooked_store()
+    now = time.time()
+    first = _claim("s#k", "a", now)
+    await store.claim(first, now)
+    assert "cancelled" not in _owned_item(store, "s#k")
+    await store.cancel("s#k")
+    unmarked = _claim("s#k", "b", now)
+    assert await store.take_over(unmarked, first.version) is True
+    assert "cancelled" not in _owned_item(store, "s#k")
+    assert await store.get("s#k") == unmarked
+    # every optional field set, the mark too: nothing to remove
+    marked = IdempotencyRecord(
+        "s#k", RecordState.IN_PROGRESS, "c", new_version(), 60.0, now + 60, "fp", b"", "cp", True
+    )
+    assert await store.take_over(marked, unmarked.version) is True
+    assert _owned_item(store, "s#k")["cancelled"] == {"BOOL": True}
+    assert await store.get("s#k") == marked
+    # its owner is fenced as any marked claim's: no heartbeat, no result; its tombstone lands
+    assert await store.renew("s#k", "c", version=new_version(), lease_seconds=60, expires_at=now + 60) is False
+    assert await store.complete(_completed("s#k", "c", now + 60)) is False
+    tombstone = _tombstone("s#k", "c", now)
+    assert await store.complete(tombstone) is True
+    assert "cancelled" not in _owned_item(store, "s#k")
+    assert await store.get("s#k") == tombstone
+    store.close()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_claim_over_a_tombstone_starts_a_fresh_lineage(aws: None, server: str) -> None:
+    store, client = _hooked_store(server)
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    await store.append("s#k", "a", b"a-0")
+    lineage = _lineage(store, "s#k")
+    await store.cancel("s#k")
+    assert await store.append("s#k", "a", b"a-1") is False
+    assert await store.complete(_tombstone("s#k", "a", now)) is True
+    assert not any(name.startswith("journal") for name in _owned_item(store, "s#k"))
+    with DynamoDBIdempotencyStore(TABLE, client=client) as other:  # another process, which remembers nothing
+        client.calls.clear()
+        assert await other.claim(_claim("s#k", "b", now), now) is None
+        assert client.calls == ["put_item"]  # the tombstone frees the key by the write's own condition
+        assert await other.journal("s#k") == []
+        assert await other.append("s#k", "b", b"b-0") is True
+    assert _lineage(store, "s#k") != lineage
+    assert await store.journal("s#k") == [b"b-0"]
+    assert await store.append("s#k", "a", b"late") is False
+    store.close()
+
+
+async def test_a_claim_meeting_a_tombstone_left_between_its_write_and_its_read_claims_again(aws: None) -> None:
+    store, client = _hooked_store("no old item")
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+
+    def put_racing_the_owners_tombstone(real: Any, kwargs: dict[str, Any]) -> Any:
+        client.hooks.pop("put_item")
+        try:
+            return real(**kwargs)
+        finally:
+            real(TableName=TABLE, Item=_to_item(_tombstone("s#k", "a", now)))  # the cancelled run ends meanwhile
+
+    client.hooks["put_item"] = put_racing_the_owners_tombstone
+    client.calls.clear()
+    claim = _claim("s#k", "b", now)
+    assert await store.claim(claim, now) is None
+    assert client.calls == ["put_item", "get_item", "put_item"]
+    assert await store.get("s#k") == claim
+    store.close()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_cancel_meeting_a_claim_landed_after_its_write_marks_that_claim(aws: None, server: str) -> None:
+    """The first write found no running claim; the read after it finds one: the cancel is for it, as it would be
+    had the call come a moment later, and the caller is never told of an unmarked running claim."""
+    store, client = _hooked_store(server)
+    now = time.time()
+    claim = _claim("s#k", "b", now)
+
+    def update_racing_a_claim(real: Any, kwargs: dict[str, Any]) -> Any:
+        client.hooks.pop("update_item")
+        try:
+            return real(**kwargs)
+        finally:
+            assert store.claim_blocking(claim, now) is None
+
+    client.hooks["update_item"] = update_racing_a_claim
+    client.calls.clear()
+    assert await store.cancel("s#k") == dataclasses.replace(claim, cancelled=True)
+    assert client.calls == ["update_item", "put_item", "get_item", "update_item"]
+    assert await store.get("s#k") == dataclasses.replace(claim, cancelled=True)
+    store.close()
+
+
+async def test_a_cancel_gives_up_when_the_record_keeps_changing_under_it(aws: None) -> None:
+    store, client = _hooked_store("no old item")
+    now = time.time()
+    await store.claim(_claim("s#k", "a", now), now)
+    client.hooks["update_item"] = _failing(100, lambda: _condition_failed("UpdateItem"))  # and unmarked when read
+    client.calls.clear()
+    with pytest.raises(IdempotencyStoreError, match="cancel on DynamoDB table .* kept racing other writers"):
+        await store.cancel("s#k")
+    assert client.calls == ["update_item", "get_item"] * dynamodb_module._CLAIM_ATTEMPTS
+    store.close()
+
+
+# Negative controls: each broken variant fails the contract's cancel test.
+
+# Every owner's IN_PROGRESS record, marked or not (the names the real condition uses, so DynamoDB accepts it).
+_IGNORING_THE_MARK = (
+    table_module._OWNED_IN_PROGRESS + " AND (attribute_not_exists(#cancelled) OR attribute_exists(#cancelled))"
+)
+
+
+class _RenewIgnoringTheMark(DynamoDBIdempotencyStore):
+    """A heartbeat that keeps a marked claim alive: its owner never learns of the cancel."""
+
+    def _renew(self, *args: Any) -> bool:
+        with mock.patch.object(dynamodb_module, "_RUNNING", _IGNORING_THE_MARK):
+            return super()._renew(*args)
+
+
+class _CompleteIgnoringTheMark(DynamoDBIdempotencyStore):
+    """A result that lands after the mark (the owner checked at its last heartbeat, not in its write)."""
+
+    def _complete(self, record: IdempotencyRecord) -> bool:
+        with mock.patch.object(dynamodb_module, "_RUNNING", _IGNORING_THE_MARK):
+            return super()._complete(record)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+@pytest.mark.parametrize("broken", [_RenewIgnoringTheMark, _CompleteIgnoringTheMark])
+def test_negative_control_a_write_that_ignores_the_mark(aws: None, broken: type[DynamoDBIdempotencyStore]) -> None:
+    store = broken(TABLE, client=moto_client())
+    store.create_table()
+    CONTRACT.test_a_cancel_marks_a_running_claim_and_fences_its_owner(store)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_a_cancel_that_changes_the_version(aws: None) -> None:
+    """A mark as a heartbeat: a waiter watching the version would see a live owner in a cancelled run."""
+    with (
+        mock.patch.object(dynamodb_module, "_MARK", "SET #cancelled = :true, #version = :bumped"),
+        mock.patch.object(dynamodb_module, "_MARK_NAMES", {**table_module._MARK_NAMES, "#version": "version"}),
+        mock.patch.object(
+            dynamodb_module, "_MARK_VALUES", {**table_module._MARK_VALUES, ":bumped": {"S": new_version()}}
+        ),
+    ):
+        CONTRACT.test_a_cancel_marks_a_running_claim_and_fences_its_owner(_store_on("dynamodb"))
