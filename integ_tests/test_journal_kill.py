@@ -202,12 +202,13 @@ def test_an_uncertain_tool_is_reported_or_reconciled_not_run_again(
 
 def test_a_changed_agent_is_never_answered_from_the_journal(store: dict[str, str], tmp_path: Path) -> None:
     # Between the crash and the retry the agent got one more tool: every model request differs from the journaled
-    # ones, so nothing is replayed (the retry runs the turn live, on the rolled-back conversation).
+    # ones, so no model step is replayed (the retry runs the turn live, on the rolled-back conversation); the tool
+    # calls it asks for again are the very same calls (same tool-call keys), answered from the journal, not re-run.
     turn = _Turn(tmp_path, store)
     _stop_and_kill(turn, "after-tool:pay_b")
     assert _finish(turn.start("b", extra_tool=True))["answer"] == "Paid a, b and c."
     model_calls, tools = turn.paid()
-    assert model_calls == 2 + 4 and dict(tools) == {"pay_a": 2, "pay_b": 2, "pay_c": 1}
+    assert model_calls == 2 + 4 and dict(tools) == {"pay_a": 1, "pay_b": 1, "pay_c": 1}
     assert [m["role"] for m in turn.messages()] == ["user", "assistant", "user", "assistant", "user"] + [
         "assistant",
         "user",

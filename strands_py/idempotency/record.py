@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -80,6 +81,16 @@ class IdempotencyRecord:
 # Versions: unique across processes (a random prefix per process) and writes (a counter), cheaper than a uuid each.
 _VERSION_PREFIX = uuid.uuid4().hex[:16]
 _version_counter = itertools.count()
+
+
+def _redraw_version_prefix() -> None:
+    # A process forked after this module was imported (gunicorn --preload, multiprocessing's fork) would otherwise
+    # write the very versions its parent writes: a waiter could never tell their heartbeats apart.
+    global _VERSION_PREFIX
+    _VERSION_PREFIX = uuid.uuid4().hex[:16]
+
+
+os.register_at_fork(after_in_child=_redraw_version_prefix)
 
 
 def new_version() -> str:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import time
 import uuid
@@ -36,6 +37,16 @@ _POLL_MAX_SECONDS = 1.0
 # Owner ids: unique across processes (a random prefix per process) and calls (a counter), cheaper than a uuid each.
 _OWNER_PREFIX = uuid.uuid4().hex[:20]
 _owner_counter = itertools.count()
+
+
+def _redraw_owner_prefix() -> None:
+    # A process forked after this module was imported (gunicorn --preload, multiprocessing's fork) would otherwise
+    # claim with its parent's owner ids: two processes would each take the other's claim for its own.
+    global _OWNER_PREFIX
+    _OWNER_PREFIX = uuid.uuid4().hex[:20]
+
+
+os.register_at_fork(after_in_child=_redraw_owner_prefix)
 
 
 def new_owner() -> str:

@@ -16,6 +16,15 @@ and the run goes live.
 A tool with a "started" mark and no result died mid-call: its effect is unknown. What happens then is the tool's
 ``UncertainTool`` policy (``retry``, ``report``, or a reconcile function).
 
+Tool steps are also found by their tool-call idempotency key (the invocation's key, the tool, its input and its
+occurrence: ``tool_idempotency_key``), not only by the ids a replayed model step reproduces: a run that goes live
+before a tool (its request changed: another turn of the conversation ran in between, say) and asks for the very same
+call again gets the result of the call that already happened, instead of running its effect a second time.
+
+Nothing journaled is ever deleted while the claim lives: a model step is served only for a request with its digest
+(the last one recorded for a step number wins), and a tool result only for its own call, so a dead owner's entries
+past the point where a resumed run went live can never be misread.
+
 Bounds: a step is split over several entries when it is larger than the store's entry limit, and not journaled at
 all past ``journal_max_step_bytes`` (it runs live again on a resume). A store fault while appending is logged and the
 step simply is not journaled; a fenced-off append means the claim was lost, and the run stops.
@@ -104,8 +113,8 @@ class Journal:
         self._cut_at: int | None = None
         self._span: Span | None = None
         self._models: dict[int, tuple[int, dict[str, Any]]] = {}  # model step -> (stored position, entry)
-        self._results: dict[str, Any] = {}
-        self._started: set[str] = set()
+        self._results: dict[str, Any] = {}  # by toolUseId, and by tool-call key
+        self._started: set[str] = set()  # the same
         self._calls = 0  # model steps this run asked for
         self._live = False
         # Names the run's event sequence across owners (an HTTP stream's event ids): the first owner's, kept in the
@@ -182,8 +191,12 @@ class Journal:
                 self.run_tag = entry["t"]
         elif kind == _STARTED and isinstance(entry.get("id"), str):
             self._started.add(entry["id"])
+            if isinstance(entry.get("key"), str):
+                self._started.add(_by_key(entry["key"]))
         elif kind == _TOOL and isinstance(entry.get("id"), str) and isinstance(entry.get("r"), dict):
             self._results[entry["id"]] = entry["r"]
+            if isinstance(entry.get("key"), str):
+                self._results[_by_key(entry["key"])] = entry["r"]
 
     @property
     def resuming(self) -> bool:
@@ -198,11 +211,7 @@ class Journal:
     # -- model steps ---------------------------------------------------------------------------------------------
 
     async def model_step(self, digest: str) -> tuple[int, list[Any] | None]:
-        """The next model step of this run: its number, and its journaled chunks if it may be replayed.
-
-        Going live at a step cuts the journal there (whatever a dead owner recorded from it on belongs to a run
-        this one is no longer following).
-        """
+        """The next model step of this run: its number, and its journaled chunks if it may be replayed."""
         step = self._calls
         self._calls += 1
         if self._live:
@@ -223,9 +232,6 @@ class Journal:
             if self._span is not None:
                 telemetry.add_event(self._span, telemetry.EVENT_JOURNAL_DIVERGED, {"step": step})
         self._live = True
-        later = [position for number, (position, _) in self._models.items() if number >= step]
-        if later:
-            await self._cut(min(later))
         return step, None
 
     async def record_model(self, step: int, digest: str, chunks: list[Any]) -> None:
@@ -237,22 +243,36 @@ class Journal:
 
     # -- tool steps ----------------------------------------------------------------------------------------------
 
-    def tool_result(self, tool_use_id: str) -> dict[str, Any] | None:
-        """The journaled result of a tool call asked for by a replayed model step, or None."""
-        return self._results.get(tool_use_id) if tool_use_id in self._replayed_tool_uses else None
+    def tool_result(self, tool_use_id: str, tool_key: str | None) -> dict[str, Any] | None:
+        """The journaled result of this tool call, or None.
 
-    def tool_started(self, tool_use_id: str) -> bool:
-        """Whether a tool call of a replayed model step was marked started (without a result: it died mid-call)."""
-        return tool_use_id in self._started and tool_use_id in self._replayed_tool_uses
+        Found by its id when a replayed model step asked for it, else by its tool-call key (the same call, asked for
+        again by a live step); the result then carries this call's id.
+        """
+        if tool_use_id in self._replayed_tool_uses and tool_use_id in self._results:
+            return dict(self._results[tool_use_id])
+        found = self._results.get(_by_key(tool_key)) if tool_key is not None else None
+        return None if found is None else {**found, "toolUseId": tool_use_id}
 
-    async def record_started(self, tool_use_id: str, name: str) -> None:
+    def tool_started(self, tool_use_id: str, tool_key: str | None) -> bool:
+        """Whether this tool call was marked started (without a result: it died mid-call), by its id or its key."""
+        if tool_use_id in self._replayed_tool_uses and tool_use_id in self._started:
+            return True
+        return tool_key is not None and _by_key(tool_key) in self._started
+
+    async def record_started(self, tool_use_id: str, name: str, tool_key: str | None) -> None:
         """Mark a tool call started, before it runs."""
-        await self._append({"k": _STARTED, "id": tool_use_id, "name": name}, f"start of tool {name}")
+        entry: dict[str, Any] = {"k": _STARTED, "id": tool_use_id, "name": name}
+        if tool_key is not None:
+            entry["key"] = tool_key
+        await self._append(entry, f"start of tool {name}")
 
-    async def record_tool(self, tool_use_id: str, result: dict[str, Any]) -> None:
+    async def record_tool(self, tool_use_id: str, result: dict[str, Any], tool_key: str | None) -> None:
         """Journal a tool call's result."""
-        self._results[tool_use_id] = result
-        await self._append({"k": _TOOL, "id": tool_use_id, "r": result}, "tool result")
+        entry: dict[str, Any] = {"k": _TOOL, "id": tool_use_id, "r": result}
+        if tool_key is not None:
+            entry["key"] = tool_key
+        await self._append(entry, "tool result")
 
     # -- storage -------------------------------------------------------------------------------------------------
 
@@ -308,6 +328,20 @@ class Journal:
             logger.warning(
                 "key=<%s> | %s could not be journaled (store error): it runs again on a resume", self.key, what
             )
+
+
+def _by_key(tool_key: str) -> str:
+    """Where a tool call is indexed by its tool-call key (kept apart from toolUseIds)."""
+    return "key:" + tool_key
+
+
+def complete_response(chunks: list[Any]) -> bool:
+    """Whether a model's streamed chunks make a whole response (it ended with ``messageStop``).
+
+    A stream a cancel cut short may end without an error (a provider that stops reading when the cancel signal is
+    set): it must never be journaled as the step's response.
+    """
+    return any(isinstance(chunk, dict) and "messageStop" in chunk for chunk in chunks)
 
 
 def _tool_use_ids(chunks: list[Any]) -> set[str]:

@@ -21,7 +21,7 @@ from strands.types.tools import AgentTool, ToolSpec
 
 from ..idempotency._context import run_context_of
 from ..types.journal import UncertainTool
-from ._journal import Journal, recorded, replay_chunks, request_digest
+from ._journal import Journal, complete_response, recorded, replay_chunks, request_digest
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ class JournaledModel:
         got: list[Any] = []
         async for chunk in recorded(self.wrapped.stream(messages, tool_specs, system_prompt, **kwargs), got):
             yield chunk
-        # Only a complete response is journaled: a stream cut short (cancelled, failed) never reaches here.
-        await self.journal.record_model(step, digest, got)
+        # Only a whole response is journaled: a stream that failed never reaches here, and one a cancel cut short
+        # without an error has no messageStop.
+        if complete_response(got):
+            await self.journal.record_model(step, digest, got)
 
 
 class JournaledTool(AgentTool):
@@ -104,33 +106,35 @@ class JournaledTool(AgentTool):
         """The tool call: its journaled result, its uncertain outcome resolved, or a live run journaled."""
         journal = self.journal
         tool_use_id = str(tool_use.get("toolUseId", ""))
-        done = journal.tool_result(tool_use_id)
+        context = run_context_of(invocation_state)
+        tool_key = context.key_for(tool_use) if context is not None else None
+        done = journal.tool_result(tool_use_id, tool_key)
         if done is not None:
             journal.replayed_tools += 1
             logger.debug("tool=<%s> | tool step answered from the journal", self.tool_name)
             yield ToolResultEvent(done)  # type: ignore[arg-type]
             return
-        if journal.tool_started(tool_use_id):
-            settled = await self._uncertain(tool_use, invocation_state)
+        if journal.tool_started(tool_use_id, tool_key):
+            settled = await self._uncertain(tool_use, tool_key)
             if settled is not None:
-                await journal.record_tool(tool_use_id, settled)
+                await journal.record_tool(tool_use_id, settled, tool_key)
                 yield ToolResultEvent(settled)  # type: ignore[arg-type]
                 return
         else:
-            await journal.record_started(tool_use_id, self.tool_name)
+            await journal.record_started(tool_use_id, self.tool_name, tool_key)
         last: Any = None
         async for event in self.wrapped.stream(tool_use, invocation_state, **kwargs):
             if isinstance(event, ToolResultEvent):
                 # strands stops reading at the result: journal it before handing it over.
-                await journal.record_tool(tool_use_id, dict(event.tool_result))
+                await journal.record_tool(tool_use_id, dict(event.tool_result), tool_key)
                 yield event
                 return
             last = event
             yield event
         if isinstance(last, dict) and "toolUseId" in last:
-            await journal.record_tool(tool_use_id, dict(last))
+            await journal.record_tool(tool_use_id, dict(last), tool_key)
 
-    async def _uncertain(self, tool_use: Any, invocation_state: dict[str, Any]) -> dict[str, Any] | None:
+    async def _uncertain(self, tool_use: Any, key: str | None) -> dict[str, Any] | None:
         """The result of a call that died mid-run, per its policy; None to run it again."""
         policy = self.policy
         tool_use_id = str(tool_use.get("toolUseId", ""))
@@ -143,8 +147,6 @@ class JournaledTool(AgentTool):
             return None
         if policy == "report":
             return {"toolUseId": tool_use_id, "status": "error", "content": [{"text": UNCERTAIN_REPORT}]}
-        context = run_context_of(invocation_state)
-        key = context.key_for(tool_use) if context is not None else None
         if inspect.iscoroutinefunction(policy):
             found = await policy(key, tool_use.get("input"))
         else:
