@@ -13,7 +13,6 @@ run over each other. The whole pipeline (records, final state, checker) must see
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,7 @@ from chaos.run import judged_run, run_store, snapshot_library
 from chaos.stores import REDIS, STORES
 from chaos.workload import SCHEDULED, Settings
 
-with warnings.catch_warnings():
-    # Registered in pyproject.toml's markers once the line is added there; until then pytest warns it is unknown.
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    CHAOS = pytest.mark.chaos
+CHAOS = pytest.mark.chaos
 
 SEED = 20251207
 MINUTES = 0.4

@@ -628,6 +628,8 @@ class StoreContract:
             now = time.time()
             first = _claim("contract#k", "a", now=now)
             await store.claim(first, now)
+            if store.supports_journal:
+                assert await store.append("contract#k", "a", b"step-0") is True
             marked = await store.cancel("contract#k")
             assert marked == dataclasses.replace(first, cancelled=True)
             assert await store.cancel("contract#k") == marked  # marking twice is marking once
