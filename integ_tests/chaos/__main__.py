@@ -41,6 +41,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="clients sending at once (default 8)")
     parser.add_argument("--conversations", type=int, default=6, help="conversations (default 6)")
     parser.add_argument("--lease", type=float, default=2.0, help="lease_seconds of the agents (default 2)")
+    parser.add_argument(
+        "--expires-after",
+        type=float,
+        default=3600.0,
+        help="expires_after_seconds of the agents (default 3600): a few seconds lets records expire during the run",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the fault-free run (no amplification)")
     parser.add_argument("--keep", action="store_true", help="keep the history even when nothing was found")
     parser.add_argument("--out", type=Path, default=None, help="where to write the history (default: a temp dir)")
@@ -82,6 +88,7 @@ def _settings(args: argparse.Namespace, seed: int, store: str) -> Any:
         clients=args.clients,
         conversations=args.conversations,
         lease_seconds=args.lease,
+        expires_after_seconds=args.expires_after,
     )
 
 
