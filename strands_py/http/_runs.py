@@ -134,6 +134,9 @@ class Run(EventBuffer):
         def settled(_: asyncio.Task[None]) -> None:
             if self._timer is not None:
                 self._timer.cancel()
+            if not self.finished:
+                # Cancelled before its first step (a DELETE right after the start): _drive never ran to say so.
+                self._finish_error(self._cancel_problem or aborted_problem(retry_after))
             with self._lock:
                 self.settled = True
                 self._task = self._timer = None  # a retained run keeps its events only
