@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from _servers import RedisServer, redis_server_binary
-from control_support import PROMPT, Processes, status_becomes, status_of
+from control_support import PROMPT, Processes, poll, status_becomes, status_of
 from http_support import WAIT, Script, client, headers, new_key, parse_sse, scripted, serve
 from starlette.requests import Request
 from strands.session.file_session_manager import FileSessionManager
@@ -260,6 +260,35 @@ async def test_a_busy_conversation_queues_turns_in_enqueue_mode(tmp_path: Path) 
     assert idle["status"] == "idle" and idle["last_turn"]["key_digest"] != busy["running"]["key_digest"]
     assert _prompts(messages) == ["one", "two"]  # the cancelled turn never ran
     assert script.model_calls == 4
+
+
+async def test_a_cancelled_turn_is_rolled_back_and_its_retry_runs_afresh(tmp_path: Path) -> None:
+    with scripted(paced=True) as script:
+        async with _served(_Conversations(script, tmp_path).app()) as http:
+            script.release(len(script.script.chunks))  # the first turn's answer
+            one = await http.post("/sessions/c/invocations", json={"prompt": "one"}, headers=headers(new_key()))
+            key = new_key()
+            two = asyncio.ensure_future(
+                http.post("/sessions/c/invocations", json={"prompt": "two"}, headers=headers(key, sse=True))
+            )
+            script.release(2)
+            await poll(lambda: _value(script.model_calls), lambda calls: calls >= 4, "answering the second turn")
+            cancelling = await http.delete(f"/invocations/{key}")
+            script.release(10_000)
+            events = parse_sse((await asyncio.wait_for(two, WAIT)).text)
+            rolled_back = await _messages(http, "c")
+            calls = script.model_calls
+            retry = await http.post("/sessions/c/invocations", json={"prompt": "two"}, headers=headers(key))
+            messages = await _messages(http, "c")
+    assert one.status_code == 200 and cancelling.status_code == 202, cancelling.text
+    assert events[-1].event == "error" and events[-1].data["type"] == CANCELLED
+    assert _prompts(rolled_back) == ["one"] and len(rolled_back) == 4, "the cancelled turn was not rolled back"
+    assert retry.status_code == 200 and "idempotent-replayed" not in retry.headers
+    assert script.model_calls == calls + 2 and _prompts(messages) == ["one", "two"] and len(messages) == 8
+
+
+async def _value(value: Any) -> Any:
+    return value
 
 
 # -- scoping -------------------------------------------------------------------------------------------------------

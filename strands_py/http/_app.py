@@ -80,8 +80,9 @@ class AgentApp:
 
     Every invocation is a *detached run* owned by the app: a client that disconnects stops following it, the run
     carries on (at most ``run_timeout_seconds``) and its result is stored; a retry re-attaches. At shutdown, runs
-    get ``shutdown_grace_seconds`` to finish, then are cancelled, which releases their claims so that another
-    server can run them.
+    get ``shutdown_grace_seconds`` to finish, then are stopped, which yields their claims so that another server
+    takes them over at once (resuming from their journal). A ``DELETE`` is another thing: it cancels the
+    invocation itself, which then runs afresh only if sent again.
 
     Lifespan: standalone (``uvicorn.run(app)``) the app runs its own lifespan. Mounted in FastAPI or Starlette
     (``parent.mount("/agent", app)``) it gets none, because mounted apps receive no lifespan events: wire it into the
@@ -139,7 +140,8 @@ class AgentApp:
             require_key: Refuse requests without ``Idempotency-Key`` (400). With False, such requests run
                 without deduplication and cannot be resumed.
             max_body_bytes: Largest request body (413 beyond it, checked while reading).
-            run_timeout_seconds: A run is cancelled after this long (504; its claim is released, nothing stored).
+            run_timeout_seconds: A run is stopped after this long (504; its claim is yielded, nothing stored),
+                the time it waited behind other turns of its conversation included.
             shutdown_grace_seconds: How long shutdown waits for running invocations before cancelling them.
             max_concurrent_runs: Runs in flight at once; beyond it new invocations get 503 with ``Retry-After``.
             max_buffered_events: Events kept per run for followers and resumes; past it only ``message``,
@@ -238,7 +240,7 @@ class AgentApp:
     async def aclose(self) -> None:
         """Refuse new invocations (503), give running ones ``shutdown_grace_seconds``, then cancel the rest.
 
-        Cancelled runs release their claims (so another server can run their keys) and their followers get an
+        Stopped runs yield their claims (another server takes their keys over at once) and their followers get an
         ``error`` event (503). Idempotent. Cancellation: cancelling ``aclose`` stops waiting only.
         """
         await self._service.aclose()

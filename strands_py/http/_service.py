@@ -350,7 +350,7 @@ class InvocationService:
         self.closing = False
 
     async def aclose(self) -> None:
-        """Stop starting runs; give running ones ``shutdown_grace_seconds``, then cancel them (claims released).
+        """Stop starting runs; give running ones ``shutdown_grace_seconds``, then stop them (claims yielded).
 
         Idempotent. Cancellation: cancelling ``aclose`` stops waiting; runs already cancelled stay cancelled.
         """
