@@ -1,16 +1,17 @@
-"""One log line per invocation request, on the ``strands_py.http`` logger at INFO.
+"""One log line per request to an invocation or conversation route, on the ``strands_py.http`` logger at INFO.
 
 ```
 method=<POST>, key=<3f9c2a71b0c4d5e6>, status=<200>, outcome=<ran>, seconds=<1.234> | invocation answered
 ```
 
-- ``key``: the first 16 hex digits of the durable key's digest (``-`` without a key); never the raw key, the
-  caller's scope or the prompt.
+- ``key``: the first 16 hex digits of the durable key's digest (``-`` without a key, as for ``GET /sessions/{id}``);
+  never the raw key, the caller's scope, the conversation's id or the prompt.
 - ``status``: the HTTP status sent (``-`` when the client went away before anything was sent). An event stream is
   200 even when its last event is an ``error``.
 - ``outcome``: ``ran`` (this request started the run, and the agent ran), ``joined`` (it followed a run another
-  request started here), ``replayed`` (the answer came from the idempotency store), ``-`` (refused before any run:
-  a 4xx, a 503, a key not found).
+  request started here; or, with a 202, queued behind other turns of its conversation), ``replayed`` (the answer
+  came from the idempotency store), ``-`` (refused before any run: a 4xx, a 503, a key not found; and the status,
+  cancel and conversation reads).
 - ``seconds``: from the request to the end of its response (a stream's whole length).
 
 The message says ``client went away before the end`` when the response was not sent to its end.

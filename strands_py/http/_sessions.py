@@ -127,7 +127,7 @@ class Conversations:
         run = service.join(key, fingerprint)
         if run is not None:
             if run.phase == "queued" and token is not None:
-                return self._accepted(request, run, token)
+                return self._accepted(request, run, token, joined=True)
             return service.respond(run, stream=stream, joined=True, last_event_id=last_event_id, access=access)
         busy_here = self.lines.busy(lock_key)
         if busy_here or holder is not None:
@@ -150,14 +150,14 @@ class Conversations:
         place.run = run
         if run.phase == "queued" and token is not None:
             logger.debug("key=<%s>, position=<%d> | turn queued", key, run.position())
-            return self._accepted(request, run, token)
+            return self._accepted(request, run, token, joined=False)
         return service.respond(run, stream=stream, joined=False, last_event_id=last_event_id, access=access)
 
-    def _accepted(self, request: Request, run: Run, token: str) -> Response:
+    def _accepted(self, request: Request, run: Run, token: str, *, joined: bool) -> Response:
         """202: the turn waits for its conversation; its status (and position) is at ``Location``."""
         access = access_of(request)
         if access is not None:
-            access.answered(run, joined=False)
+            access.answered(run, joined=joined)
         body = run_status(run, token, self._service.config.lease_seconds)
         return _json(body, 202, {"Location": status_path(request.scope.get("root_path", ""), token)})
 
