@@ -301,6 +301,10 @@ class Agent(strands.Agent):
                 "structured_output_model": structured_model,
                 "structured_output_prompt": kwargs.get("structured_output_prompt") or self._structured_output_prompt,
             }
+            if session_id is not None:
+                # One token names one turn of one conversation: the same token in another conversation is another
+                # request (with a configured scope, the session is not in the key).
+                options["session"] = session_id
             fingerprint = request_fingerprint(scope, prompt, options, config.hmac_key)
         return DurableCall(
             config=config,

@@ -29,7 +29,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..idempotency._calls import _store, claim_or_hand_back
@@ -214,6 +214,7 @@ class SessionLock:
         wait_timeout_seconds: float | None,
         token_key: str | None = None,
         watch: LeaseWatch | None = None,
+        stop: Callable[[], BaseException | None] | None = None,
     ) -> dict[str, str] | None:
         """Take the lock, waiting per ``mode``.
 
@@ -227,6 +228,8 @@ class SessionLock:
             that verdict forward, so a holder that fails before rolling back leaves it to the next one.
 
         ``watch``: the caller's judgement of the lock's holder so far, if it watched the lock before calling.
+        ``stop``: checked while waiting: an error it returns (the caller's token claim lost, or cancelled) ends the
+        wait with that error, instead of waiting for a session the caller can no longer use.
 
         Raises:
             SessionBusyError: Another request holds the session (at once in THROW mode; after
@@ -245,6 +248,9 @@ class SessionLock:
                 remaining = (
                     None if wait_timeout_seconds is None else wait_timeout_seconds - (time.monotonic() - started)
                 )
+                stopped = stop() if stop is not None else None
+                if stopped is not None:
+                    raise stopped
                 if not ticket.turn.done():
                     if mode is SessionInvocationMode.THROW:
                         raise SessionBusyError("another request is running a turn of this session")
@@ -252,7 +258,8 @@ class SessionLock:
                         raise _waited_in_vain(wait_timeout_seconds)
                     # asyncio.wait: cancels nothing on a timeout, so it never swallows our caller's cancellation (as
                     # wait_for can on 3.10 and 3.11), and exists on every supported Python (asyncio.timeout: 3.11+).
-                    await asyncio.wait([ticket.turn], timeout=remaining)
+                    wait = remaining if stop is None else min(remaining or _POLL_MAX_SECONDS, _POLL_MAX_SECONDS)
+                    await asyncio.wait([ticket.turn], timeout=wait)
                     continue
                 attempt = await self._try(token_key, watch)
                 if attempt.taken:

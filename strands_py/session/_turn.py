@@ -83,12 +83,18 @@ class SessionTurn:
         self._token_key: str | None = None
         self._closing = False
 
-    async def begin(self, token_key: str | None, writable: Callable[[], bool] | None = None) -> None:
+    async def begin(
+        self,
+        token_key: str | None,
+        writable: Callable[[], bool] | None = None,
+        stop: Callable[[], BaseException | None] | None = None,
+    ) -> None:
         """Take the lock, roll back a crashed turn if there was one, re-read the conversation, write the checkpoint.
 
         From then until ``commit`` / ``abort``, the session manager writes only while this turn still holds its
         leases (the lock's, and whatever ``writable`` says, e.g. the token claim's): a primary that lost the session
-        to another host can never write into the conversation that host now owns.
+        to another host can never write into the conversation that host now owns. ``stop``: see
+        ``SessionLock.acquire`` (a turn whose token claim is lost or cancelled stops waiting for the session).
 
         Raises:
             SessionBusyError: The session is busy (per ``session_invocation_mode``).
@@ -97,7 +103,11 @@ class SessionTurn:
         """
         config = self.config
         previous = await self.lock.acquire(
-            SessionInvocationMode(config.session_invocation_mode), config.wait_timeout_seconds, token_key, self._watch
+            SessionInvocationMode(config.session_invocation_mode),
+            config.wait_timeout_seconds,
+            token_key,
+            self._watch,
+            stop,
         )
         self._held = True
         self.lease = _Lease(

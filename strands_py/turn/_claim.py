@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from .. import telemetry
 from ..idempotency._calls import _store, claim_or_hand_back, release_quietly
-from ..idempotency._heartbeat import LeaseWatch
+from ..idempotency._heartbeat import LeaseWatch, was_cancelled
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.record import IdempotencyRecord, RecordState, new_version
 from ..types.exceptions import IdempotencyKeyMismatchError, IdempotencyWaitTimeoutError
@@ -148,8 +148,14 @@ class DurableCall:
         except Exception:
             logger.exception("key=<%s> | could not yield the claim; it is taken over after a lease", self.key)
             return
-        if not yielded:
-            logger.debug("key=<%s> | claim was no longer ours to yield", self.key)
+        if yielded:
+            return
+        if await was_cancelled(config.store, self.key, self.owner):
+            # Refused because a cancel was asked for meanwhile (stopped by a shutdown or a timeout right after a
+            # DELETE, say): end it as the cancelled run it is.
+            await self.end_cancelled()
+            return
+        logger.debug("key=<%s> | claim was no longer ours to yield", self.key)
 
 
 async def claim_or_wait(

@@ -125,7 +125,7 @@ async def durable_stream(
                 else Journal(config.store, key, call.owner, max_step_bytes=max_step)
             )
         if session is not None:
-            await session.begin(key, lambda: not context.lease_lost())
+            await session.begin(key, lambda: not context.lease_lost(), lambda: lease.lost)
             if session.lease is not None:
                 context.leases.append(session.lease)
         events = run_primary(context)
@@ -258,6 +258,13 @@ async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn |
         if session is not None:
             await session.suspend()
         raise
+    except InvocationCancelledError:
+        try:
+            if session is not None:
+                await session.abort()
+        finally:
+            await call.end_cancelled()
+        raise
     except BaseException:
         if session is not None:
             await session.abort()
@@ -361,6 +368,9 @@ async def _complete(call: DurableCall, result: AgentResult, *, margin: int) -> _
     if current is not None and current.owner == owner and current.state is RecordState.COMPLETED:
         # Our own complete, retried by the client after its response was lost, met the record it had written.
         return _Stored.STORED
+    if current is not None and current.owner == owner and current.cancelled:
+        # Cancelled while it answered: the cancel won (a result never lands after it). End it as a cancelled run.
+        raise InvocationCancelledError(key, "the invocation was cancelled before its result was stored")
     raise IdempotencyLeaseLostError(key, "the claim was taken over, or lost by the store, before the result was stored")
 
 

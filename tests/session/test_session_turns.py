@@ -18,7 +18,13 @@ import pytest
 from session_kit import ONE_TURN, BlockingTool, no_heartbeats, shape
 from strands.session.file_session_manager import FileSessionManager
 
-from strands_py import Agent, ConcurrencyException, IdempotencyLeaseLostError, SessionBusyError
+from strands_py import (
+    Agent,
+    ConcurrencyException,
+    IdempotencyKeyMismatchError,
+    IdempotencyLeaseLostError,
+    SessionBusyError,
+)
 from strands_py._demo.storm import _until
 from strands_py.idempotency import (
     IdempotencyConfig,
@@ -288,3 +294,32 @@ async def test_a_retry_waits_out_the_lock_of_its_own_dead_run_even_in_throw_mode
     # the same request (its dead run held the lock): waits for that lock's lease instead of a spurious 409
     result = await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t1"), WAIT)
     assert result.stop_reason == "end_turn" and shape(env.persisted()) == ONE_TURN
+
+
+async def _one_token_two_conversations() -> None:
+    # A configured scope keeps the session out of the key, so only the fingerprint tells the two turns apart.
+    config = IdempotencyConfig(store=InMemoryIdempotencyStore(), scope="api", lease_seconds=LEASE)
+    agent = Agent(model=ScriptedBedrock().model(), callback_handler=None, idempotency=config)
+    await asyncio.wait_for(agent.invoke_async("weather?", idempotency_token="t1", session_id="conv-a"), WAIT)
+    other = Agent(model=ScriptedBedrock().model(), callback_handler=None, idempotency=config)
+    with pytest.raises(IdempotencyKeyMismatchError):
+        await asyncio.wait_for(other.invoke_async("weather?", idempotency_token="t1", session_id="conv-b"), WAIT)
+
+
+async def test_one_token_in_two_conversations_of_a_configured_scope_is_a_mismatch() -> None:
+    await _one_token_two_conversations()
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception)
+async def test_negative_control_a_fingerprint_without_the_session_replays_another_conversation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from strands_py.agent import agent as agent_module
+
+    real = agent_module.request_fingerprint
+
+    def without_session(scope: str, prompt: Any, options: dict[str, Any], key: Any) -> str:
+        return real(scope, prompt, {k: v for k, v in options.items() if k != "session"}, key)
+
+    monkeypatch.setattr(agent_module, "request_fingerprint", without_session)
+    await _one_token_two_conversations()

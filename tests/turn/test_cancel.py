@@ -17,7 +17,7 @@ from unittest import mock
 import pytest
 from strands.session.file_session_manager import FileSessionManager
 
-from strands_py import Agent, InvocationCancelledError
+from strands_py import Agent, IdempotencyLeaseLostError, InvocationCancelledError
 from strands_py._demo.storm import _until
 from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore, RecordState
 from strands_py.idempotency._heartbeat import _Lease
@@ -26,6 +26,8 @@ from strands_py.testing import CountingStore, ScriptedBedrock
 
 WAIT = 20.0
 LEASE = 0.6
+# A cancelled turn waiting for its session learns of it at its next heartbeat (LEASE / 3) and stops waiting.
+STOPS_WAITING_WITHIN = 8.0
 
 pytestmark = pytest.mark.racing  # the owner runs on a model thread while another host cancels it
 
@@ -161,3 +163,78 @@ async def test_cancel_invocation_stops_the_agents_own_run_at_once_and_leaves_fin
     assert await other.cancel_invocation("never") is None
     with pytest.raises(ValueError, match="idempotency configuration"):
         await Agent(model=ScriptedBedrock().model(), callback_handler=None).cancel_invocation("t1")
+
+
+class _CancelAtComplete(CountingStore):
+    """A cancel lands right as the run stores its answer (between its last heartbeat and its complete)."""
+
+    async def complete(self, record: Any) -> bool:
+        if record.state is RecordState.COMPLETED:
+            await self.inner.cancel(record.key)
+        return await super().complete(record)
+
+
+async def test_a_cancel_that_lands_as_the_answer_is_stored_wins(tmp_path: Path) -> None:
+    hosts = _Hosts(tmp_path)
+    agent = hosts.agent(ScriptedBedrock())
+    agent.idempotency = dataclasses.replace(hosts.config, store=_CancelAtComplete(hosts.inner))
+    with pytest.raises(InvocationCancelledError):
+        await asyncio.wait_for(agent.invoke_async("t1?", idempotency_token="t1"), WAIT)
+    left = await hosts.inner.get(make_key("s", "t1"))
+    assert left is not None and left.state is RecordState.CANCELLED  # a tombstone, not a marked claim left behind
+
+
+async def test_a_turn_waiting_for_its_session_stops_waiting_when_it_is_cancelled(tmp_path: Path) -> None:
+    hosts = _Hosts(tmp_path)
+    hosts.config = dataclasses.replace(hosts.config, session_invocation_mode="enqueue")
+    holder = _GatedAnswer()
+    running = asyncio.create_task(hosts.agent(holder, session=True).invoke_async("t1?", idempotency_token="t1"))
+    await _until(holder.answering.is_set, WAIT, "the first turn's answer")
+    try:
+        waiting = asyncio.create_task(hosts.agent(ScriptedBedrock(), session=True).invoke_async("t2?"))
+        third = hosts.agent(ScriptedBedrock(), session=True)
+        counting = third.idempotency.store if third.idempotency is not None else None
+        assert isinstance(counting, CountingStore)
+        queued = asyncio.create_task(third.invoke_async("t3?", idempotency_token="t3"))
+        await _until(lambda: counting.calls["claim"] >= 1, WAIT, "t3's claim")  # then it waits for the session
+        await hosts.inner.cancel(make_key("s", "t3"))
+        with pytest.raises(InvocationCancelledError):
+            # well before the first turn ends (it waits for the test): it stopped waiting for the session
+            await asyncio.wait_for(queued, STOPS_WAITING_WITHIN)
+        assert not running.done()
+    finally:
+        holder.release.set()
+    await asyncio.wait_for(asyncio.gather(running, waiting), WAIT)
+
+
+@pytest.mark.xfail(raises=IdempotencyLeaseLostError, strict=True, reason="negative control: a cancel lost at complete")
+async def test_negative_control_a_cancel_at_complete_read_as_a_lost_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from strands_py.turn import _run
+
+    real = _run._complete
+
+    async def no_cancel_check(call: Any, result: Any, *, margin: int) -> Any:
+        try:
+            return await real(call, result, margin=margin)
+        except InvocationCancelledError as e:
+            raise IdempotencyLeaseLostError(call.key, "taken over") from e
+
+    monkeypatch.setattr(_run, "_complete", no_cancel_check)
+    await test_a_cancel_that_lands_as_the_answer_is_stored_wins(tmp_path)
+
+
+@pytest.mark.xfail(raises=TimeoutError, strict=True, reason="negative control: a cancelled turn waits for its session")
+async def test_negative_control_a_cancelled_turn_waits_for_its_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from strands_py.session._turn import SessionTurn
+
+    real = SessionTurn.begin
+
+    async def without_stop(self: SessionTurn, token_key: Any, writable: Any = None, stop: Any = None) -> None:
+        await real(self, token_key, writable, None)
+
+    monkeypatch.setattr(SessionTurn, "begin", without_stop)
+    await test_a_turn_waiting_for_its_session_stops_waiting_when_it_is_cancelled(tmp_path)
