@@ -26,131 +26,23 @@ import dataclasses
 import json
 import logging
 import random
-import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..idempotency._calls import _store, claim_or_hand_back
 from ..idempotency._heartbeat import LeaseWatch
-from ..idempotency._identity import _PerObject
 from ..idempotency.base import IdempotencyStore
 from ..idempotency.record import IdempotencyRecord, RecordState, new_version
 from ..types.exceptions import IdempotencyStoreError, SessionBusyError
 from ..types.session import SessionInvocationMode
+from ._checkpoint import COMMITTED, pending_of, read_checkpoint, token_of
+from ._line import Ticket, busy, join, leave
 
 logger = logging.getLogger(__name__)
 
 _POLL_FIRST_SECONDS = 0.02
 _POLL_MAX_SECONDS = 1.0
-# The checkpoint of a turn without a token that ended and counts: neither "messages" nor "pending".
-_COMMITTED = json.dumps({"v": 1, "token": None, "committed": True}, separators=(",", ":"))
-
-
-class _Ticket:
-    __slots__ = ("loop", "turn")
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.turn: asyncio.Future[None] = self.loop.create_future()
-
-
-def _serve(ticket: _Ticket) -> None:
-    """Tell ``ticket`` it is at the head of the line; runs on the ticket's loop."""
-    if not ticket.turn.done():
-        ticket.turn.set_result(None)
-
-
-class _Line:
-    """Callers of one process waiting for one session, in arrival order.
-
-    Thread-safety: every method runs under the module's ``_lines_mutex``, which also guards the map of lines, so a
-    line is dropped from the map exactly when it empties and a caller never joins a line that was dropped.
-    """
-
-    __slots__ = ("tickets",)
-
-    def __init__(self) -> None:
-        self.tickets: deque[_Ticket] = deque()
-
-
-# Per store object, by identity (a user's store may be unhashable).
-_lines: _PerObject[dict[str, _Line]] = _PerObject()
-_lines_mutex = threading.Lock()
-
-
-def _join(store: IdempotencyStore, key: str) -> _Ticket:
-    ticket = _Ticket()
-    with _lines_mutex:
-        line = _lines.setdefault(store, dict).setdefault(key, _Line())
-        line.tickets.append(ticket)
-        first = line.tickets[0] is ticket
-    if first:
-        ticket.turn.set_result(None)
-    return ticket
-
-
-def _leave(store: IdempotencyStore, key: str, ticket: _Ticket) -> None:
-    while True:
-        with _lines_mutex:
-            lines = _lines.get(store)
-            line = lines.get(key) if lines is not None else None
-            if lines is None or line is None or ticket not in line.tickets:
-                return
-            was_head = line.tickets[0] is ticket
-            line.tickets.remove(ticket)
-            head = line.tickets[0] if was_head and line.tickets else None
-            if not line.tickets:
-                del lines[key]
-        if head is None:
-            return
-        try:
-            head.loop.call_soon_threadsafe(_serve, head)
-            return
-        except RuntimeError:
-            # That caller's loop is gone, and the caller with it: serve the one after it.
-            ticket = head
-
-
-def _busy(store: IdempotencyStore, key: str) -> bool:
-    with _lines_mutex:
-        lines = _lines.get(store)
-        return lines is not None and key in lines
-
-
-def _document(checkpoint: str | None) -> dict[str, Any]:
-    """A lock record's checkpoint as a JSON object (empty when absent or malformed)."""
-    try:
-        document = json.loads(checkpoint or "{}")
-    except ValueError:
-        return {}
-    return document if isinstance(document, dict) else {}
-
-
-def _token_of_checkpoint(checkpoint: str) -> str | None:
-    """The token key a lock checkpoint names, if any."""
-    token = _document(checkpoint).get("token")
-    return token if isinstance(token, str) else None
-
-
-def _token_of(record: IdempotencyRecord) -> str | None:
-    """The token key a lock record names, if any."""
-    return _token_of_checkpoint(record.checkpoint or "")
-
-
-def _pending_of(record: IdempotencyRecord) -> dict[str, str] | None:
-    """The verdict a lock record carries: the turn to roll back (``{"owner", "checkpoint"}``), or None."""
-    pending = _document(record.checkpoint).get("pending")
-    if (
-        isinstance(pending, dict)
-        and isinstance(pending.get("owner"), str)
-        and isinstance(pending.get("checkpoint"), str)
-    ):
-        return {"owner": pending["owner"], "checkpoint": pending["checkpoint"]}
-    return None
-
-
 # A token's record is read again after a revocation that was fenced off (the token changed meanwhile): at most this
 # many times, since the only change that fences it off is its owner completing it, after which it no longer changes.
 _JUDGE_ATTEMPTS = 3
@@ -206,7 +98,7 @@ class SessionLock:
         self.lease_seconds = lease_seconds
         self.expires_after_seconds = expires_after_seconds
         self.claimed_at = 0.0
-        self._ticket: _Ticket | None = None
+        self._ticket: Ticket | None = None
 
     async def acquire(
         self,
@@ -237,9 +129,9 @@ class SessionLock:
             IdempotencyStoreError: The store failed.
         """
         started = time.monotonic()
-        if mode is SessionInvocationMode.THROW and _busy(self.store, self.key):
+        if mode is SessionInvocationMode.THROW and busy(self.store, self.key):
             raise SessionBusyError("another request of this process is running a turn of this session")
-        ticket = self._ticket = _join(self.store, self.key)
+        ticket = self._ticket = join(self.store, self.key)
         watch = watch if watch is not None else LeaseWatch()
         acquired = False
         try:
@@ -268,7 +160,7 @@ class SessionLock:
                 held = attempt.held
                 if held is None:
                     continue  # the record changed under our judgement: start over from a fresh read
-                same_request = token_key is not None and _token_of(held) == token_key
+                same_request = token_key is not None and token_of(held) == token_key
                 if mode is SessionInvocationMode.THROW and not same_request:
                     raise SessionBusyError("another request is running a turn of this session")
                 if remaining is not None and remaining <= 0:
@@ -282,7 +174,7 @@ class SessionLock:
                 delay = min(delay * 2, _POLL_MAX_SECONDS)
         finally:
             if not acquired:
-                _leave(self.store, self.key, ticket)
+                leave(self.store, self.key, ticket)
                 self._ticket = None
 
     async def _try(self, token_key: str | None, watch: LeaseWatch) -> _Attempt:
@@ -302,7 +194,7 @@ class SessionLock:
         if current.owner == self.owner and current.state is RecordState.IN_PROGRESS:
             # Our own earlier claim (its response was lost): it carries the verdict we wrote into it, if any.
             self.claimed_at = time.monotonic()
-            return _Attempt(taken=True, pending=_pending_of(current))
+            return _Attempt(taken=True, pending=pending_of(current))
         wait = watch.remaining(current, read_at)
         if wait > 0:
             return _Attempt(held=current, wait=wait)
@@ -343,10 +235,10 @@ class SessionLock:
         the token's result. A result that is absent was never stored: a completed token record outlives every lock
         record that names it (see ``SessionTurn``), so it cannot have expired while this record stands.
         """
-        carried = _pending_of(dead)
+        carried = pending_of(dead)
         if carried is not None:
             return carried
-        document = _document(dead.checkpoint)
+        document = read_checkpoint(dead.checkpoint)
         if "messages" not in document or dead.checkpoint is None:
             return None
         turn = {"owner": dead.owner, "checkpoint": dead.checkpoint}
@@ -374,7 +266,7 @@ class SessionLock:
 
     async def _hand_back(self, record: IdempotencyRecord) -> None:
         """Give up a lock record we will not use; never raises. One carrying a verdict is only yielded."""
-        await (self.expire() if _pending_of(record) is not None else self.release())
+        await (self.expire() if pending_of(record) is not None else self.release())
 
     async def mark_committed(self) -> bool:
         """Yield the lock, marking the record's turn as one that counts (nothing to roll back), in one fenced write.
@@ -385,7 +277,7 @@ class SessionLock:
         Raises:
             IdempotencyStoreError: The store failed.
         """
-        return await _store(self._renew(lease_seconds=0.0, checkpoint=_COMMITTED))
+        return await _store(self._renew(lease_seconds=0.0, checkpoint=COMMITTED))
 
     def _renew(self, *, lease_seconds: float, checkpoint: str | None) -> Awaitable[bool]:
         return self.store.renew(
@@ -409,13 +301,13 @@ class SessionLock:
         finally:
             ticket, self._ticket = self._ticket, None
             if ticket is not None:
-                _leave(self.store, self.key, ticket)
+                leave(self.store, self.key, ticket)
 
     def abandon(self) -> None:
         """Leave the line without touching the store: the record stays until taken over."""
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
-            _leave(self.store, self.key, ticket)
+            leave(self.store, self.key, ticket)
 
     async def release(self) -> None:
         """Hand the lock back (fenced: a lock taken over meanwhile is not touched), and serve the next in line."""
@@ -426,4 +318,4 @@ class SessionLock:
         finally:
             ticket, self._ticket = self._ticket, None
             if ticket is not None:
-                _leave(self.store, self.key, ticket)
+                leave(self.store, self.key, ticket)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..idempotency._calls import _store
 from ..idempotency.base import IdempotencyStore
 from ..idempotency.record import IdempotencyRecord, RecordState
-from ._lock import _document, _pending_of
+from ._checkpoint import pending_of, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,12 @@ def lock_state(record: IdempotencyRecord | None) -> SessionLockState:
     """The state a session's lock record (or its absence) says."""
     if record is None or record.state is not RecordState.IN_PROGRESS:
         return SessionLockState(held=False)
-    document = _document(record.checkpoint)
+    document = read_checkpoint(record.checkpoint)
     token = document.get("token")
     token_key = token if isinstance(token, str) and token else None
     if record.yielded:
         # A yielded record either marks a finished turn that counts, or names a turn for the next holder to judge.
-        unjudged = _pending_of(record) is not None or ("messages" in document and not document.get("committed"))
+        unjudged = pending_of(record) is not None or ("messages" in document and not document.get("committed"))
         return SessionLockState(held=False, token_key=token_key, unjudged=unjudged)
     return SessionLockState(held=True, token_key=token_key, lease_seconds=record.lease_seconds)
 
