@@ -1,23 +1,23 @@
-"""The chat page in a real browser: headless Chromium driven by Selenium, against uvicorn on 127.0.0.1.
+"""The page in a real browser: headless Chromium driven by Selenium, against uvicorn on 127.0.0.1.
 
-Waits are event-driven: a ``MutationObserver`` in the page resolves an async script as soon as the page shows what
-the test waits for. Set ``UPDATE_SCREENSHOT=1`` to save the page, as this browser renders it, to
-``docs/serve-page.png``.
+An app without conversations: each question is a one-off ``POST /invocations`` (``test_http_chat.py`` has the
+conversations). Waits are event-driven: a ``MutationObserver`` in the page resolves an async script as soon as the
+page shows what the test waits for. This module's ``browser`` fixture and ``until`` serve the other browser tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from http_support import WAIT, client, headers, new_key, scripted, serve
+from http_support import ANSWER, WAIT, client, headers, new_key, scripted, serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strands_py.http import AgentApp
@@ -27,7 +27,6 @@ from strands_py.idempotency import IdempotencyConfig, IdempotencyStoreError, InM
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 PROMPT = "What is the weather in Paris?"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serve-page.png"
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,8 @@ def until(driver: Any, condition: str) -> None:
 
 
 def words_shown(count: int) -> str:
-    return f'document.getElementById("answer").textContent.split(" ").filter(Boolean).length >= {count}'
+    answer = 'document.getElementById("answer")'
+    return f'{answer} && {answer}.textContent.split(" ").filter(Boolean).length >= {count}'
 
 
 def submit(driver: Any, url: str, prompt: str = PROMPT) -> None:
@@ -93,9 +93,12 @@ def submit(driver: Any, url: str, prompt: str = PROMPT) -> None:
 def state(driver: Any) -> dict[str, Any]:
     return dict(
         driver.execute_script(
-            "return {answer: document.getElementById('answer').textContent, state: document.body.dataset.state,"
-            " corrected: document.body.dataset.corrected || null, error: document.getElementById('error').textContent,"
-            " saved: sessionStorage.getItem('strands-py.invocation')};"
+            "const answer = document.getElementById('answer'), error = document.getElementById('error');"
+            "return {answer: answer ? answer.textContent : '', state: document.body.dataset.state,"
+            " corrected: document.body.dataset.corrected || null,"
+            " error: error.hidden ? '' : document.getElementById('error-text').textContent,"
+            " retry: !document.getElementById('retry').hidden, notice: document.body.dataset.notice || null,"
+            " saved: sessionStorage.getItem('strands-py.turn'), mode: document.body.dataset.mode};"
         )
     )
 
@@ -113,9 +116,7 @@ def test_reload_mid_answer_reattaches_shows_the_answer_once_and_the_agent_runs_o
             script.release()
             until(browser, 'document.body.dataset.state === "done"')
             shown = state(browser)
-            if os.environ.get("UPDATE_SCREENSHOT"):
-                SCREENSHOT.parent.mkdir(exist_ok=True)
-                browser.save_screenshot(str(SCREENSHOT))
+    assert shown["mode"] == "single"  # no session_manager=: one-off questions
     assert shown["answer"] == DEMO_ANSWER and shown["corrected"] is None  # streamed exactly, once
     assert script.model_calls == 2 and script.agents == 1
 
@@ -197,7 +198,8 @@ def test_problems_are_shown_readably(browser: Any, status: int) -> None:
                 assert script.script.entered.wait(WAIT)
             if status == 422:
                 browser.get(server.url + "/")
-                browser.execute_script("start(arguments[0], arguments[1]);", key, "Another question")
+                until(browser, 'document.body.dataset.ready === "true"')
+                browser.execute_script("chat.send({prompt: arguments[1]}, arguments[1], arguments[0]);", key, "Other")
             else:
                 submit(browser, server.url)
             until(browser, 'document.body.dataset.state === "error"')
@@ -213,16 +215,21 @@ def test_problems_are_shown_readably(browser: Any, status: int) -> None:
     assert shown["error"].startswith(expected)
 
 
-def test_a_saved_key_the_server_no_longer_knows_is_forgotten(browser: Any) -> None:
+def test_a_turn_the_server_no_longer_knows_is_shown_lost_and_retry_runs_it_with_its_key(browser: Any) -> None:
+    # What a reload shows after the server restarted with an in-memory store: the tab's turn is unknown there.
     with scripted() as script:
         with serve(AgentApp(script.factory(), page=True)) as server:
             browser.get(server.url + "/")
-            browser.execute_script(
-                "sessionStorage.setItem('strands-py.invocation', JSON.stringify({key: arguments[0], prompt: 'old'}));",
-                new_key(),
-            )
+            key = new_key()
+            turn = {"key": key, "body": {"prompt": PROMPT}, "base": 0, "label": PROMPT, "conversation": None}
+            browser.execute_script("sessionStorage.setItem('strands-py.turn', arguments[0]);", json.dumps(turn))
             browser.refresh()
-            until(browser, 'document.body.dataset.state === "idle" && !sessionStorage.getItem("strands-py.invocation")')
-            shown = state(browser)
-    assert shown["error"] == "" and shown["answer"] == ""
-    assert script.model_calls == 0
+            until(browser, 'document.body.dataset.state === "lost"')
+            lost = state(browser)
+            browser.find_element("id", "retry").click()
+            until(browser, 'document.body.dataset.state === "done"')
+            retried = state(browser)
+            footer = browser.find_element("id", "key").text
+    assert lost["notice"] == "lost" and lost["retry"] and lost["error"].startswith("Answer lost: the server restarted")
+    assert retried["answer"] == ANSWER and footer == key  # run anew, with the key the tab had
+    assert script.model_calls == 2

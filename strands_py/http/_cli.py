@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,9 +23,11 @@ from ..agent.agent import Agent
 from ..idempotency.base import IdempotencyStore
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.memory import InMemoryIdempotencyStore
+from ..types.session import SessionInvocationMode
 from ._app import AgentApp
 from ._demo import demo_agent_factory
 from ._server import Server
+from ._sessions import SessionManagerFactory
 
 STORE_HELP = (
     "where idempotency records live: memory (default; this process only), "
@@ -46,6 +51,22 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port to bind, 0 for any free one (default 8080)")
     serve.add_argument("--store", default="memory", type=store_from_url, help=STORE_HELP)
     serve.add_argument("--scope", default=None, help="scope of the keys (default: invocations)")
+    serve.add_argument(
+        "--sessions",
+        metavar="DIR",
+        default=None,
+        help=(
+            "serve conversations (/sessions/{id}, the chat page's), kept by strands' FileSessionManager in DIR; "
+            "the factory must take session_manager= (default for the demo agent: a temporary directory, removed "
+            "at exit; with --agent: no conversations)"
+        ),
+    )
+    serve.add_argument(
+        "--busy",
+        default=SessionInvocationMode.ENQUEUE.value,
+        choices=[mode.value for mode in SessionInvocationMode],
+        help="a turn sent while its conversation runs another: enqueue (default: 202, its position) or throw (409)",
+    )
     serve.add_argument(
         "--single-tenant",
         action="store_true",
@@ -126,7 +147,25 @@ def load_factory(spec: str) -> Callable[[Request], Any]:
 
 
 class _AnnouncingServer(Server):
-    """Prints where it listens once it does (the actual port, with ``--port 0``)."""
+    """Prints where it listens once it does (the actual port, with ``--port 0``).
+
+    ``at_shutdown`` runs after its shutdown, before uvicorn re-raises the signal that stopped it (a SIGTERM then
+    ends the process at once, running no ``finally``).
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, drain: list[AgentApp], at_shutdown: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(config, drain)
+        self._at_shutdown = at_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The draining shutdown, then ``at_shutdown``."""
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if self._at_shutdown is not None:
+                self._at_shutdown()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -145,9 +184,18 @@ def serve(args: argparse.Namespace) -> int:
     """
     logging.getLogger("strands_py.http").setLevel(args.log_level.upper())
     store: IdempotencyStore = args.store
+    directory = args.sessions
+    temporary = None
+    if directory is None and not args.agent:
+        directory = temporary = tempfile.mkdtemp(prefix="strands-py-conversations-")
+    sessions = file_sessions(directory) if directory is not None else None
     try:
         if args.agent:
-            app = _app(load_factory(args.agent), store, args, single_tenant=args.single_tenant)
+            try:
+                app = _app(load_factory(args.agent), store, args, sessions, single_tenant=args.single_tenant)
+            except TypeError as e:  # --sessions with a factory that takes no session_manager=
+                print(f"strands-py: {e}", file=sys.stderr, flush=True)
+                return 2
             if not args.single_tenant:
                 print(
                     "strands-py: keys are scoped per caller (a digest of the Authorization header); "
@@ -156,12 +204,16 @@ def serve(args: argparse.Namespace) -> int:
                 )
         else:
             # The demo agent serves the same scripted answer to anyone: declared single-tenant, and said so.
-            app = _app(demo_agent_factory(), store, args, single_tenant=True)
+            app = _app(demo_agent_factory(), store, args, sessions, single_tenant=True)
             print("strands-py: demo agent, single-tenant: every caller shares one key scope", flush=True)
+        if directory is not None:
+            kept = "a temporary directory, removed at exit" if temporary is not None else directory
+            print(f"strands-py: conversations kept in {kept}", flush=True)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
         )
-        _AnnouncingServer(config, [app]).run()
+        remove = None if temporary is None else functools.partial(shutil.rmtree, temporary, ignore_errors=True)
+        _AnnouncingServer(config, [app], remove).run()
     except KeyboardInterrupt:
         # uvicorn drained and shut down first; it re-raises the SIGINT it caught, which Python makes a traceback.
         print("strands-py: stopped (interrupted)", file=sys.stderr, flush=True)
@@ -170,10 +222,27 @@ def serve(args: argparse.Namespace) -> int:
         close = getattr(store, "close", None)
         if callable(close):
             close()
+        if temporary is not None:  # also when the server never started
+            shutil.rmtree(temporary, ignore_errors=True)
     return 0
 
 
+def file_sessions(directory: str) -> SessionManagerFactory:
+    """A ``session_manager=`` factory: strands' ``FileSessionManager`` for each conversation, in ``directory``."""
+    from strands.session.file_session_manager import FileSessionManager
+
+    def session_manager(session_id: str, request: Request) -> FileSessionManager:
+        return FileSessionManager(session_id=session_id, storage_dir=directory)
+
+    return session_manager
+
+
 def _app(
-    factory: Callable[[Request], Any], store: IdempotencyStore, args: argparse.Namespace, **options: Any
+    factory: Callable[..., Any],
+    store: IdempotencyStore,
+    args: argparse.Namespace,
+    sessions: SessionManagerFactory | None,
+    **options: Any,
 ) -> AgentApp:
-    return AgentApp(factory, IdempotencyConfig(store=store, scope=args.scope), page=True, **options)
+    config = IdempotencyConfig(store=store, scope=args.scope, session_invocation_mode=args.busy)
+    return AgentApp(factory, config, page=True, session_manager=sessions, **options)
