@@ -47,8 +47,8 @@ from ._ids import (
     parse_task_id,
     task_id_of,
 )
-from ._rpc import RequestId, error_stream, event_stream, json_error, json_result
-from ._tasks import STATES, TaskView, absorb_all, follow_run, follow_stored, interrupted_problem
+from ._rpc import RequestId, event_stream, json_error, json_result
+from ._tasks import STATES, TaskView, absorb_all, follow_run, follow_started, follow_stored, interrupted_problem
 from ._turns import Turns
 
 logger = logging.getLogger(__name__)
@@ -126,15 +126,15 @@ class Methods:
         blocking = configuration is None or configuration.blocking is not False
         keepalive = service.options.keepalive_seconds
 
+        if stream:
+            return event_stream(request_id, follow_started(run, view, keepalive))
+
         async def answer() -> Response:
-            await run.wait(_started_or_queued if stream or not blocking else lambda r: r.finished)
+            await run.wait(_started_or_queued if not blocking else lambda r: r.finished)
             problem = run.problem
             if run.failed_before_start and problem is not None and not ends_the_task(problem):
                 # Nothing ran (a mismatch the store saw, a context busy on another server, the store down): an error.
-                error = error_for(problem)
-                return error_stream(request_id, error) if stream else json_error(request_id, error)
-            if stream:
-                return event_stream(request_id, follow_run(run, view, keepalive))
+                return json_error(request_id, error_for(problem))
             absorb_all(view, run)
             return json_result(request_id, view.task(history_length))
 

@@ -27,7 +27,7 @@ from ..http._stored import stored_run
 from ..http._wire import WireEvent
 from ..idempotency.config import IdempotencyConfig
 from ._convert import agent_message, answer_artifact, answer_text, text_artifact
-from ._errors import error_for
+from ._errors import ends_the_task, error_for
 
 A2AEvent = Task | TaskStatusUpdateEvent | TaskArtifactUpdateEvent
 
@@ -185,6 +185,29 @@ async def follow_run(run: Run, view: TaskView, keepalive_seconds: float) -> Asyn
     start = absorb_all(view, run)
     yield view.task()
     async for event in updates(run, view, start, keepalive_seconds):
+        yield event
+
+
+async def follow_started(run: Run, view: TaskView, keepalive_seconds: float) -> AsyncGenerator[A2AEvent | None, None]:
+    """A new follower's stream: keepalives until the run has started or queued, then ``follow_run``.
+
+    The stream is open while the run decides (say, a retry that follows the run of another server until it ends):
+    a client sees a keepalive every ``keepalive_seconds`` rather than nothing.
+
+    Raises:
+        RpcError: Nothing ran (a mismatch the store saw, a context busy on another server, the store down): the
+            stream's only event is the error.
+    """
+    while True:
+        version = run.state()
+        if run.decided or run.phase == "queued":
+            break
+        if not await run.changed(version, keepalive_seconds):
+            yield None
+    problem = run.problem
+    if run.failed_before_start and problem is not None and not ends_the_task(problem):
+        raise error_for(problem)
+    async for event in follow_run(run, view, keepalive_seconds):
         yield event
 
 

@@ -473,6 +473,23 @@ async def test_resubscribing_to_a_task_that_failed_here_tells_it_failed() -> Non
     assert updates[-1].status.state is TaskState.failed
 
 
+async def test_resubscribing_to_a_task_that_completed_here_follows_its_run() -> None:
+    message = _message()
+    async with _client(_app(ScriptedBedrock()), streaming=True) as client:
+        await _collect(client.send_message(message))
+        [(task, update)] = [event async for event in client.resubscribe(TaskIdParams(id=_task_id(message)))]
+    assert update is None and task.status.state is TaskState.completed
+    assert task.history is not None and task.history[0].message_id == message.message_id  # known here
+
+
+async def _until(condition: Any) -> None:
+    """Wait until ``condition()`` holds (checked every loop turn a little apart, at most ``WAIT`` seconds)."""
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "never happened"
+        await asyncio.sleep(0.01)  # the model's worker threads move on their own: the deadline bounds the wait
+
+
 async def _collect(events: Any) -> list[Any]:
     return [event async for event in events]
 
@@ -480,16 +497,21 @@ async def _collect(events: Any) -> list[Any]:
 # -- contexts as conversations -------------------------------------------------------------------------------------
 
 
-def _conversations(tmp_path: Path, script: ScriptedBedrock, mode: str, store: Any = None) -> A2AApp:
+def _conversations(
+    tmp_path: Path, script: ScriptedBedrock, mode: str, store: Any = None, *, sync: bool = False
+) -> A2AApp:
     def make_agent(request: Request, session_manager: Any = None) -> Agent:
         return Agent(model=script.model(), tools=script.tools(), callback_handler=None, session_manager=session_manager)
 
     async def manager(session_id: str, request: Request) -> FileSessionManager:
         return FileSessionManager(session_id=session_id, storage_dir=str(tmp_path))
 
+    def sync_manager(session_id: str, request: Request) -> FileSessionManager:
+        return FileSessionManager(session_id=session_id, storage_dir=str(tmp_path))
+
     store = store if store is not None else InMemoryIdempotencyStore()
     config = IdempotencyConfig(store=store, session_invocation_mode=mode)
-    return A2AApp(make_agent, config, single_tenant=True, session_manager=manager)
+    return A2AApp(make_agent, config, single_tenant=True, session_manager=sync_manager if sync else manager)
 
 
 @pytest.mark.parametrize("mode", ["throw", "enqueue"])
@@ -506,7 +528,10 @@ async def test_a_busy_context_refuses_or_queues_the_next_message(tmp_path: Path,
         sending = asyncio.ensure_future(_collect(client.send_message(first)))
         assert await asyncio.to_thread(script.entered.wait, WAIT)
         next_turn = await _rpc(http, "message/send", _send_params(second, blocking=False))
-        elsewhere = asyncio.ensure_future(_collect(client.send_message(other)))  # another context runs at once
+        elsewhere = asyncio.ensure_future(_collect(client.send_message(other)))
+        # Another context runs at once: both turns are inside the model together, while the second turn of the
+        # first context waits (the negative control of the serialisation above).
+        await _until(lambda: script.model_calls_in_progress == 2)
         gate.set()
         [(task, _)] = await sending
         [(parallel, _)] = await elsewhere
@@ -562,3 +587,35 @@ async def test_the_http_error_of_a_route_is_a_problem() -> None:
     async with _http(_app(ScriptedBedrock())) as http:
         response = await http.get("/")
     assert response.status_code == 405 and response.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_context_turn_with_a_sync_session_manager_and_a_closed_app(tmp_path: Path) -> None:
+    script = ScriptedBedrock()
+    app = _conversations(tmp_path, script, "throw", sync=True)
+    async with _http(app) as http:
+        ran = await _rpc(http, "message/send", _send_params(_message(context_id="trip")))
+        async with app.lifespan():
+            pass
+        refused = await _rpc(http, "message/send", _send_params(_message(context_id="trip")))
+    assert ran["result"]["status"]["state"] == "completed" and _code(refused) == UNAVAILABLE
+    assert script.model_calls == 2
+
+
+async def test_a_corrupted_record_is_an_internal_error() -> None:
+    store = InMemoryIdempotencyStore()
+    message = _message()
+    record = IdempotencyRecord(
+        key=make_key(SCOPE, message.message_id),
+        state=RecordState.COMPLETED,
+        owner="elsewhere",
+        version=new_version(),
+        lease_seconds=30.0,
+        expires_at=4e9,
+        payload=b"not a result",
+    )
+    assert await store.claim(record, 0) is None
+    async with _http(_app(ScriptedBedrock(), IdempotencyConfig(store=store))) as http:
+        got = await _rpc(http, "tasks/get", {"id": _task_id(message)})
+        resubscribed = await _rpc(http, "tasks/resubscribe", {"id": _task_id(message)})
+    assert _code(got) == _code(resubscribed) == -32603
+    assert resubscribed["error"]["data"]["type"].endswith("record-corrupted")

@@ -15,8 +15,8 @@ import pytest
 from a2a.types import Task, TaskArtifactUpdateEvent, TaskState, TaskStatusUpdateEvent
 
 from strands_py.a2a._errors import RpcError
-from strands_py.a2a._tasks import TaskView, absorb_all, follow_run, follow_stored, updates, wire_event
-from strands_py.http._problems import cancelled_problem
+from strands_py.a2a._tasks import TaskView, absorb_all, follow_run, follow_started, follow_stored, updates, wire_event
+from strands_py.http._problems import STORE_UNAVAILABLE, Problem, cancelled_problem
 from strands_py.http._registry import RunRegistry
 from strands_py.http._runs import Run
 from strands_py.idempotency import IdempotencyConfig, IdempotencyRecord, InMemoryIdempotencyStore, RecordState
@@ -206,3 +206,16 @@ async def test_a_store_outage_while_following_is_the_stream_s_error() -> None:
 async def _drain(events: Any) -> None:
     async for _ in events:
         pass
+
+
+async def test_a_new_follower_is_kept_alive_until_the_run_starts_and_gets_its_error_if_nothing_ran() -> None:
+    waiting, refused = Run("scope#key", None, 100), Run("scope#other", None, 100)
+    following = follow_started(waiting, _view(), 0.01)
+    assert await anext(following) is None  # not started yet: a keepalive
+    waiting._decide(replayed=False)
+    waiting._finish_ok(RESULT)
+    assert isinstance(await anext(following), Task)
+    refused._finish_error(Problem(503, STORE_UNAVAILABLE, "Idempotency store unavailable", "down", 1))
+    with pytest.raises(RpcError) as raised:
+        await anext(follow_started(refused, _view(), 0.01))
+    assert raised.value.code == -32053 and raised.value.body()["data"]["retry_after"] == 1
