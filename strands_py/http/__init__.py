@@ -10,6 +10,7 @@ Needs the ``http`` extra: ``pip install 'strands-py[http]'``.
 """
 
 from ._app import AgentApp
+from ._options import WebhookOptions
 from ._problems import (
     ABORTED,
     AGENT_BUSY,
@@ -38,6 +39,8 @@ from ._problems import (
 )
 from ._server import Server, run
 from ._sessions import SessionManagerFactory
+from ._webhook_signing import new_webhook_secret
+from ._webhooks import WebhookTarget
 
 __all__ = [
     "ABORTED",
@@ -67,5 +70,8 @@ __all__ = [
     "AgentApp",
     "Server",
     "SessionManagerFactory",
+    "WebhookOptions",
+    "WebhookTarget",
+    "new_webhook_secret",
     "run",
 ]

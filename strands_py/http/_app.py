@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from ..idempotency.config import IdempotencyConfig
 from ._access import SCOPE_KEY, Access, access_of
 from ._control import RunControl
-from ._options import ServingOptions
+from ._options import ServingOptions, WebhookOptions
 from ._page import render_page
 from ._problems import KEY_MISSING, Problem, http_problem
 from ._protocol import (
@@ -33,6 +33,7 @@ from ._protocol import (
 from ._scopes import ScopeFunction
 from ._service import AgentFactory, InvocationService
 from ._sessions import Conversations, SessionManagerFactory, check_agent_factory
+from ._webhooks import CURRENT_REQUEST, Webhooks, WebhookTarget
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ class AgentApp:
       /sessions/{id}``: idle or busy, the running turn (a digest of its key), the turns queued here, the last turn
       completed here. ``GET /sessions/{id}/messages?offset=&limit=``: its messages, paged (``next`` link).
     - ``GET /``: a small chat page (only with ``page=True``).
+
+    With ``webhook=``, an invocation that completes, fails or is cancelled here is POSTed to the webhook's URL as an
+    event (``invocation.completed``, ``invocation.failed``, ``invocation.cancelled``), signed per Standard Webhooks
+    with ``webhook_secret``, retried with backoff (``webhook_options``), drained at shutdown; a server that replays a
+    completed key sends its event again unless its delivery was recorded in the store (see docs/webhooks.md).
 
     Whose keys: keys of different scopes never meet (a key of one caller can neither join, replay nor read
     another's invocation). With ``scope=``, the scope is the tenant the function returns. By default, it is the
@@ -117,6 +123,9 @@ class AgentApp:
         reconnect_millis: int = 1000,
         page: bool = False,
         session_manager: SessionManagerFactory | None = None,
+        webhook: WebhookTarget | None = None,
+        webhook_secret: str | list[str] | None = None,
+        webhook_options: WebhookOptions | None = None,
     ) -> None:
         """Create the app.
 
@@ -158,14 +167,33 @@ class AgentApp:
                 ``conv-<32 hex digits>``, a keyed digest of the caller's scope and the id, so two callers' ``conv-1``
                 never share storage. The agent factory is then called as ``agent_factory(request,
                 session_manager=manager)`` (``None`` for ``POST /invocations``).
+            webhook: Where events go: a URL (``https://...``), or ``webhook(request) -> URL | None`` (sync, quick and
+                without I/O, or async), asked when a run of that request ends (None: no event). Needs
+                ``webhook_secret``.
+            webhook_secret: The Standard Webhooks secret the events are signed with, ``whsec_<base64>`` (24 to 64
+                bytes; ``strands_py.http.new_webhook_secret()`` makes one), or a list of them during a rotation (the
+                new one first: each signs). Checked here: a malformed secret never reaches a delivery.
+            webhook_options: Retries, timeouts, the replay grace, the drain and the HTTP client of deliveries.
 
         Raises:
             TypeError: ``idempotency`` is not an ``IdempotencyConfig``, or with ``session_manager``, the agent
-                factory takes no ``session_manager`` keyword.
-            ValueError: An option is out of range, or both ``scope`` and ``single_tenant`` are given.
+                factory takes no ``session_manager`` keyword; ``webhook`` is neither a URL nor callable.
+            ValueError: An option is out of range, or both ``scope`` and ``single_tenant`` are given; ``webhook``
+                is not an absolute http(s) URL; ``webhook_secret`` is malformed, missing with ``webhook``, or given
+                without it.
         """
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
+        config = idempotency or IdempotencyConfig()
+        self._webhooks: Webhooks | None = None
+        if webhook is not None:
+            if webhook_secret is None:
+                raise ValueError("webhook needs webhook_secret (make one with strands_py.http.new_webhook_secret())")
+            if not isinstance(config, IdempotencyConfig):
+                raise TypeError(f"idempotency must be an IdempotencyConfig, got {type(config).__name__}")
+            self._webhooks = Webhooks(webhook, webhook_secret, webhook_options or WebhookOptions(), config)
+        elif webhook_secret is not None or webhook_options is not None:
+            raise ValueError("webhook_secret and webhook_options need webhook")
         options = ServingOptions(
             require_key=require_key,
             run_timeout_seconds=run_timeout_seconds,
@@ -179,7 +207,12 @@ class AgentApp:
             reconnect_millis=reconnect_millis,
         )
         self._service = InvocationService(
-            agent_factory, idempotency or IdempotencyConfig(), scope, options, single_tenant=single_tenant
+            agent_factory,
+            config,
+            scope,
+            options,
+            None if self._webhooks is None else self._webhooks.on_run,
+            single_tenant=single_tenant,
         )
         self._max_body_bytes = max_body_bytes
         self._control = RunControl(
@@ -232,6 +265,8 @@ class AgentApp:
         it inside your own lifespan.
         """
         self._service.reopen()
+        if self._webhooks is not None:
+            self._webhooks.reopen()
         try:
             yield
         finally:
@@ -241,20 +276,33 @@ class AgentApp:
         """Refuse new invocations (503), give running ones ``shutdown_grace_seconds``, then cancel the rest.
 
         Stopped runs yield their claims (another server takes their keys over at once) and their followers get an
-        ``error`` event (503). Idempotent. Cancellation: cancelling ``aclose`` stops waiting only.
+        ``error`` event (503). Then webhook deliveries in progress get the webhook options' ``drain_seconds``
+        (replays waiting for their grace are sent at once), and the rest are cancelled. Idempotent. Cancellation:
+        cancelling ``aclose`` stops waiting only.
         """
         await self._service.aclose()
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
+
+    @property
+    def webhooks_pending(self) -> int:
+        """Webhook events waiting or being delivered (0 without ``webhook``)."""
+        return 0 if self._webhooks is None else self._webhooks.pending
 
     async def _post_invocation(self, request: Request) -> Response:
         _route(request)
         token, invocation = await self._read_invocation(request)
-        return await self._service.invoke(
-            request,
-            invocation,
-            token,
-            stream=wants_event_stream(request.headers.get("accept")),
-            last_event_id=parse_last_event_id(request.headers.get("last-event-id")),
-        )
+        started = CURRENT_REQUEST.set(request)  # the run this request starts (if any) learns its webhook's request
+        try:
+            return await self._service.invoke(
+                request,
+                invocation,
+                token,
+                stream=wants_event_stream(request.headers.get("accept")),
+                last_event_id=parse_last_event_id(request.headers.get("last-event-id")),
+            )
+        finally:
+            CURRENT_REQUEST.reset(started)
 
     async def _read_invocation(self, request: Request) -> tuple[str | None, Invocation]:
         token = parse_idempotency_key(request.headers.getlist("idempotency-key"))
@@ -282,14 +330,18 @@ class AgentApp:
         _route(request)
         conversations, session_id = self._session_route(request)
         token, invocation = await self._read_invocation(request)
-        return await conversations.invoke(
-            request,
-            session_id,
-            invocation,
-            token,
-            stream=wants_event_stream(request.headers.get("accept")),
-            last_event_id=parse_last_event_id(request.headers.get("last-event-id")),
-        )
+        started = CURRENT_REQUEST.set(request)
+        try:
+            return await conversations.invoke(
+                request,
+                session_id,
+                invocation,
+                token,
+                stream=wants_event_stream(request.headers.get("accept")),
+                last_event_id=parse_last_event_id(request.headers.get("last-event-id")),
+            )
+        finally:
+            CURRENT_REQUEST.reset(started)
 
     async def _get_session(self, request: Request) -> Response:
         _route(request)
