@@ -169,14 +169,22 @@ def test_a_two_turn_conversation_streams_shows_its_tool_calls_and_survives_a_rel
     agents: _Agents,
 ) -> None:
     open_conversation(browser, chat.url)
+    start = agents.model_calls
     agents.hold(3)
     ask(browser, "What is the weather in Rome?")
     until(browser, f'{words_shown(3)} && document.querySelector("#log .tool[data-state=done]")')
     midway = shown(browser)
     agents.release()
     until(browser, DONE)
+    agents.hold(3)
     ask(browser, "And in Oslo?")
-    until(browser, DONE + ' && document.querySelectorAll("#log .msg.assistant").length === 2')
+    second_answer = 'document.querySelectorAll("#log .msg.assistant").length === 2'
+    until(browser, f"{second_answer} && {words_shown(3)}")
+    browser.refresh()  # mid-answer: the first turn from the history, the second followed again with its key
+    until(browser, f'document.body.dataset.ready === "true" && {second_answer} && {words_shown(3)}')
+    reattached = shown(browser)
+    agents.release()
+    until(browser, DONE + " && " + second_answer)
     before = shown(browser)
     calls = agents.model_calls
     browser.refresh()
@@ -189,6 +197,8 @@ def test_a_two_turn_conversation_streams_shows_its_tool_calls_and_survives_a_rel
     ]
     assert midway["answers"] == ["In Rome it "]  # streamed: the first 3 words, the rest held
     assert midway["prompt"] == ""  # Enter sent it
+    assert reattached["user"] == ["What is the weather in Rome?", "And in Oslo?"] and reattached["state"] == "streaming"
+    assert reattached["answers"][1] == "In Oslo it "
     assert before["user"] == ["What is the weather in Rome?", "And in Oslo?"]
     assert before["answers"][1].startswith("In Oslo it is sunny")
     assert (
@@ -198,6 +208,7 @@ def test_a_two_turn_conversation_streams_shows_its_tool_calls_and_survives_a_rel
     assert after["user"] == before["user"] and after["answers"] == before["answers"]
     assert [state for state, _ in after["tools"]] == ["done", "done"]
     assert after["state"] == "idle" and agents.model_calls == calls  # the history is read, nothing runs
+    assert calls == start + 4  # two turns of two model calls each: the reload mid-answer ran nothing again
 
 
 def test_stop_cancels_the_turn_and_the_next_question_works(
@@ -236,7 +247,10 @@ def test_an_approval_double_clicked_resumes_the_run_once(
         ask(browser, "What is the weather in Paris?")
         until(browser, DONE)
         ask(browser, "Book a table for two tonight, please")
-        until(browser, 'document.body.dataset.state === "approval" && document.querySelector(".approval .approve")')
+        approval = 'document.body.dataset.state === "approval" && document.querySelector(".approval .approve")'
+        until(browser, approval)
+        browser.refresh()  # the page asks the conversation what it waits for: the approval is shown again
+        until(browser, 'document.body.dataset.ready === "true" && ' + approval)
         waiting = shown(browser)
         calls = agents.model_calls
         approve = browser.find_element("css selector", ".approval .approve")
@@ -254,6 +268,7 @@ def test_an_approval_double_clicked_resumes_the_run_once(
         browser.set_window_size(900, 560)
 
     assert waiting["status"] == "The agent waits for your approval"
+    assert waiting["tools"][-1][0] == "waiting"  # the booking's tool call, stored without its result yet
     assert decided == "approved"
     assert agents.tool_runs["book_table"] == 1  # the double click answered once: one booking
     assert agents.model_calls == calls + 1  # the resumed run: one model call after the tool
