@@ -806,6 +806,15 @@ def _owner_of_a_run_cancelled_elsewhere(
         inner = store.inner
         assert isinstance(inner, RedisIdempotencyStore)
         inner._renew = inner._client.register_script(redis_module._RENEW.replace(_MARK_FENCE, "if false then"))
+    # A model call blocked in its thread cannot be interrupted (strands-agents 1.30 stops a cancelled run only when the
+    # call returns): it returns as soon as the owner learnt of the mark, which is what is tested.
+    cancel = agent.cancel
+
+    def cancelled() -> None:
+        gate.set()
+        cancel()
+
+    agent.cancel = cancelled  # type: ignore[method-assign]
     try:
         agent(worker.PROMPT, idempotency_token=token)
         out.put("answered")

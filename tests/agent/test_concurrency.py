@@ -124,7 +124,10 @@ def test_cross_thread_settle_wakes_waiters_on_every_loop() -> None:
 
 @pytest.mark.parametrize(
     "impl",
-    [_InflightInvocation, pytest.param(_NoSettledCheck, marks=pytest.mark.xfail(raises=TimeoutError, strict=True))],
+    [
+        _InflightInvocation,
+        pytest.param(_NoSettledCheck, marks=pytest.mark.xfail(raises=asyncio.TimeoutError, strict=True)),
+    ],
 )
 async def test_register_after_settle_resolves_at_once(impl: type[_InflightInvocation]) -> None:
     inflight = impl()

@@ -285,7 +285,7 @@ async def _stop_as_a_renewal_completes(steps: int, patience: float = WAIT) -> No
         await asyncio.sleep(0)
     try:
         await asyncio.wait_for(lease.stop(), patience)
-    except TimeoutError as e:
+    except asyncio.TimeoutError as e:  # wait_for's, which is not the builtin TimeoutError on Python 3.10
         raise AssertionError(f"stop() never returned ({steps} steps after the renewal completed)") from e
 
 
