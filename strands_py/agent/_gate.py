@@ -25,10 +25,12 @@ from strands.types.exceptions import ConcurrencyException
 
 from .. import telemetry
 from .._events import result_of
+from ..idempotency._calls import shielded
 from ..idempotency._context import _RunContext
 from ..idempotency.codec import decode_result
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.record import IdempotencyRecord, RecordState
+from ..session._interrupts import check_interrupts
 from ..session._turn import SessionTurn
 from ..turn import DurableCall, durable_stream, locked_stream
 from ..types.exceptions import (
@@ -36,6 +38,7 @@ from ..types.exceptions import (
     IdempotencyKeyMismatchError,
     IdempotencyLeaseLostError,
     IdempotencyStoreError,
+    InterruptStateError,
     ReentrantInvocationError,
 )
 from ._concurrency import _BeginResult, _ConcurrencyController, _InflightInvocation, _running, _waits_for_itself
@@ -65,7 +68,7 @@ class Agent(Protocol):
         self, prompt: Any, token: Any, kwargs: dict[str, Any], session_id: str | None
     ) -> DurableCall | None: ...
 
-    def _session_turn(self, session_id: str | None, owner: str) -> SessionTurn | None: ...
+    def _session_turn(self, session_id: str | None, owner: str, prompt: Any) -> SessionTurn | None: ...
 
     def _callback_handler_for(self, kwargs: dict[str, Any]) -> Callable[..., Any] | None: ...
 
@@ -243,20 +246,70 @@ def _events(agent: Agent, prompt: Any, begun: _Begun) -> AsyncGenerator[Any, Non
             inflight.follows = begun.other
         return agent._follow_primary(begun.other, kwargs, stream_duplicate=True)
     if call is not None:
-        return durable_stream(
+        session = agent._session_turn(begun.session_id, call.owner, prompt)
+        refusal = _Refusal(session)
+
+        def primary(context: _RunContext) -> AsyncGenerator[Any, None]:
+            if session is None:
+                # No conversation to read again: the agent's own interrupt state (its lock held) is what counts.
+                refusal.check(agent, prompt)
+            return agent._upstream_stream(prompt, kwargs, context)
+
+        events = durable_stream(
             call,
             agent._callback_handler_for(kwargs),
-            lambda context: agent._upstream_stream(prompt, kwargs, context),
+            primary,
             agent._on_lease_lost,
-            agent._session_turn(begun.session_id, call.owner),
+            session,
             claimed_at=begun.claimed_at,
             seen=begun.seen,
         )
+        return _release_when_refused(events, call, refusal)
     if agent.idempotency is not None and begun.session_id is not None:
-        turn = agent._session_turn(begun.session_id, uuid.uuid4().hex)
+        turn = agent._session_turn(begun.session_id, uuid.uuid4().hex, prompt)
         assert turn is not None
         return locked_stream(turn, lambda context: agent._upstream_stream(prompt, kwargs, context))
     return agent._upstream_stream(prompt, kwargs, None)
+
+
+class _Refusal:
+    """Whether a durable call was refused by the interrupt check (its session turn's, or the agent's own)."""
+
+    def __init__(self, session: SessionTurn | None) -> None:
+        self.session = session
+        self.error: InterruptStateError | None = None
+
+    def check(self, agent: Any, prompt: Any) -> None:
+        try:
+            check_interrupts(agent, prompt)
+        except InterruptStateError as e:
+            self.error = e
+            raise
+
+    def refused(self, error: BaseException) -> bool:
+        found = self.error if self.session is None else self.session.refused
+        return found is not None and found is error
+
+
+async def _release_when_refused(
+    events: AsyncGenerator[Any, None], call: DurableCall, refusal: _Refusal
+) -> AsyncGenerator[Any, None]:
+    """The durable stream; a call the interrupt check refused leaves its token free for a corrected call.
+
+    The turn layer yields the claim of a run that ended without a result (its journal kept, so that the retry of the
+    same request resumes). A refused call ran nothing, and its retry is another request (a corrected answer, another
+    fingerprint), which a yielded claim would refuse as a key reused: the claim is released instead, fenced on its
+    owner (a claim another caller took over in between is left to it).
+    """
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    except InterruptStateError as e:
+        if refusal.refused(e):
+            logger.debug("key=<%s> | refused by the interrupt check, releasing the claim", call.key)
+            await shielded(call.release())
+        raise
 
 
 def replay_blocking(agent: Agent, begun: _Begun) -> AgentResult | None:

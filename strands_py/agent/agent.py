@@ -279,12 +279,16 @@ class Agent(strands.Agent):
             raise ValueError("session_id names another session than the agent's session manager")
         return named
 
-    def _session_turn(self, session_id: str | None, owner: str) -> SessionTurn | None:
-        """The session side of a turn, when the agent is durable and the call belongs to a session."""
+    def _session_turn(self, session_id: str | None, owner: str, prompt: Any) -> SessionTurn | None:
+        """The session side of a turn, when the agent is durable and the call belongs to a session.
+
+        ``prompt`` is checked against the conversation's pending interrupts once it is read under the session lock.
+        """
         config = self._idempotency
         if config is None or session_id is None:
             return None
-        return SessionTurn(self, config, self._scope_for(session_id), session_id, owner, self._on_lease_lost)
+        scope = self._scope_for(session_id)
+        return SessionTurn(self, config, scope, session_id, owner, self._on_lease_lost, prompt=prompt)
 
     def _durable_call(
         self, prompt: Any, token: Any, kwargs: dict[str, Any], session_id: str | None

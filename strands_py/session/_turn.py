@@ -7,6 +7,8 @@ The order is what makes a crash at any point leave one clean turn:
    (its token's result was not stored by it), the conversation is rolled back to the dead turn's checkpoint (the
    verdict is made by the lock: see ``_lock.py``);
 3. the conversation is re-read under the lock, and the checkpoint (where it stands now) written into the lock record;
+   the call is checked against the interrupts the conversation waits for (``_interrupts.py``): a call that does not
+   fit them raises ``InterruptStateError`` here, before anything of it ran;
 4. the agent runs; strands' session hooks persist the turn as it goes;
 5. the lock's heartbeat stops (``seal``), the token's result is stored, and only then the lock is released. A crash
    between 5 and the release leaves a lock whose token is completed: the next holder keeps that turn. A crash before
@@ -34,9 +36,10 @@ from ..idempotency._heartbeat import LeaseWatch, _Lease
 from ..idempotency.config import IdempotencyConfig
 from ..idempotency.keys import session_lock_key
 from ..idempotency.record import RecordState
-from ..types.exceptions import IdempotencyLeaseLostError
+from ..types.exceptions import IdempotencyLeaseLostError, InterruptStateError
 from ..types.session import SessionInvocationMode
 from ._conversation import _Conversation
+from ._interrupts import check_interrupts
 from ._lock import SessionLock
 
 logger = logging.getLogger(__name__)
@@ -59,9 +62,15 @@ class SessionTurn:
         session_id: str,
         owner: str,
         on_lost: Callable[[IdempotencyLeaseLostError], None],
+        *,
+        prompt: Any = None,
     ) -> None:
-        """Prepare the turn of ``agent`` in ``session_id`` for ``owner`` (the token claim's owner, if any)."""
+        """Prepare the turn of ``agent`` in ``session_id`` for ``owner`` (the token claim's owner, if any).
+
+        ``prompt`` is the call's, checked against the conversation's pending interrupts once it is read under the lock.
+        """
         self.agent = agent
+        self.prompt = prompt
         self.config = config
         self.key = session_lock_key(scope, session_id, config.hmac_key)
         self.conversation = _Conversation(agent)
@@ -82,6 +91,8 @@ class SessionTurn:
         self._unfinished: dict[str, str] | None = None
         self._token_key: str | None = None
         self._closing = False
+        # Set when ``begin`` refused the call (it does not fit the conversation's interrupts): nothing of it ran.
+        self.refused: InterruptStateError | None = None
 
     async def begin(
         self,
@@ -100,6 +111,8 @@ class SessionTurn:
             SessionBusyError: The session is busy (per ``session_invocation_mode``).
             IdempotencyStoreError: The store failed.
             IdempotencyLeaseLostError: The lock was lost before the turn could start.
+            InterruptStateError: The call does not fit the conversation's pending interrupts (see
+                ``check_interrupts``); the lock is still held: the caller aborts the turn, which releases it.
         """
         config = self.config
         previous = await self.lock.acquire(
@@ -131,8 +144,16 @@ class SessionTurn:
         self._token_key = token_key
         checkpoint = self.conversation.checkpoint(token_key)
         await self.lease.renew_now(checkpoint)
-        self.checkpoint = checkpoint
         self._unfinished = None
+        # The conversation as it stands now decides whether this call fits its interrupts (the agent may have been
+        # built, or last used, before another turn answered them). A refused call leaves no checkpoint to roll back
+        # to: nothing of it ran, and the abort that follows only releases the lock, writing nothing.
+        try:
+            check_interrupts(self.agent, self.prompt)
+        except InterruptStateError as e:
+            self.refused = e
+            raise
+        self.checkpoint = checkpoint
         self._fence_writes(writable)
 
     def _fence_writes(self, writable: Callable[[], bool] | None) -> None:

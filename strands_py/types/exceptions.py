@@ -5,7 +5,10 @@ subclass of it (``IdempotencyAbortedError`` on strands-agents >= 1.45), so ``exc
 upstream keep catching what strands-py raises.
 """
 
+from __future__ import annotations
+
 import strands.types.exceptions as _upstream
+from strands.interrupt import Interrupt
 from strands.types.exceptions import ConcurrencyException
 
 # strands-agents < 1.45 has no idempotency and so no IdempotencyAbortedError; there ours derives from Exception.
@@ -149,12 +152,67 @@ class IdempotencyResultTooLargeError(IdempotencyError):
         self.key = key
 
 
+class InterruptStateError(Exception):
+    """A call does not fit the interrupts pending in its conversation, so nothing of it ran.
+
+    Checked under the session lock, after the conversation was read again, for every durable call (an agent with
+    ``idempotency=`` and a token) and every turn of a locked session; one of the two subclasses is raised. Nothing
+    ran and nothing was written to the conversation, and the call's claim on its token was released: a corrected
+    call with the same token runs. A retry of a call that did run (an answer already given, with its token) replays
+    its result as always, before any check. An HTTP layer answers 409 with ``pending``.
+
+    Attributes:
+        pending: The interrupts pending now (strands ``Interrupt`` objects without a response), possibly empty.
+    """
+
+    def __init__(self, message: str, pending: list[Interrupt]) -> None:
+        """Create the error; ``pending`` are the conversation's pending interrupts."""
+        super().__init__(message)
+        self.pending = list(pending)
+
+
+class InterruptResponseStaleError(InterruptStateError):
+    """The call answers an interrupt that is not pending: already answered, rolled back, superseded, or unknown.
+
+    Attributes:
+        pending: The interrupts pending now (possibly empty): answer these instead.
+        stale: The ids of the answered interrupts that are not pending.
+    """
+
+    def __init__(self, stale: list[str], pending: list[Interrupt]) -> None:
+        """Create the error for the answers to ``stale``."""
+        super().__init__(
+            f"interrupts=<{len(stale)}>, pending=<{len(pending)}> | the call answers interrupts that are not pending "
+            "in the conversation (already answered, rolled back, superseded or unknown)",
+            pending,
+        )
+        self.stale = list(stale)
+
+
+class InterruptsPendingError(InterruptStateError):
+    """The call is a new prompt, but the conversation waits for answers to its pending interrupts.
+
+    Answer them first (a prompt of ``interruptResponse`` blocks); ``pending`` lists them.
+    """
+
+    def __init__(self, pending: list[Interrupt]) -> None:
+        """Create the error; ``pending`` is never empty."""
+        super().__init__(
+            f"pending=<{len(pending)}> | the conversation waits for answers to its interrupts: answer them before "
+            "sending a new prompt",
+            pending,
+        )
+
+
 __all__ = [
     "ConcurrencyException",
     "IdempotencyAbortedError",
     "IdempotencyError",
     "IdempotencyKeyMismatchError",
     "IdempotencyLeaseLostError",
+    "InterruptResponseStaleError",
+    "InterruptStateError",
+    "InterruptsPendingError",
     "InvocationCancelledError",
     "IdempotencyRecordCorruptedError",
     "IdempotencyResultTooLargeError",
