@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -21,9 +20,12 @@ from ..types.exceptions import (
     IdempotencyStoreError,
     IdempotencyTokenError,
     IdempotencyWaitTimeoutError,
+    InterruptResponseStaleError,
+    InterruptStateError,
     InvocationCancelledError,
     SessionBusyError,
 )
+from ._wire import dumps, interrupt_items
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ CANCEL_UNSUPPORTED = _TYPE_PREFIX + "cancel-unsupported"
 SESSION_BUSY = _TYPE_PREFIX + "session-busy"
 INVALID_PARAMETER = _TYPE_PREFIX + "invalid-parameter"
 MESSAGES_UNAVAILABLE = _TYPE_PREFIX + "messages-unavailable"
+INTERRUPT_STALE = _TYPE_PREFIX + "interrupt-stale"
+INTERRUPTS_PENDING = _TYPE_PREFIX + "interrupts-pending"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class Problem:
         detail: What happened in this occurrence and what the client can do.
         retry_after: Seconds after which a retry may succeed (sent as ``Retry-After``, and as ``retry_after`` in the
             body, which is all a Server-Sent Events client sees).
+        extra: Extension members of this problem type (RFC 9457 section 3.2), ``(name, JSON value)`` pairs: the
+            interrupt problems' ``pending``.
     """
 
     status: int
@@ -77,17 +83,20 @@ class Problem:
     title: str
     detail: str
     retry_after: int | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def body(self) -> dict[str, Any]:
         """The problem details object."""
         body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
+        for name, value in self.extra:
+            body[name] = value
         return body
 
     def json(self) -> str:
-        """The problem details object as compact JSON text."""
-        return json.dumps(self.body(), separators=(",", ":"))
+        """The problem details object as compact JSON text (never raises: see ``dumps``)."""
+        return dumps(self.body())
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
         """An ``application/problem+json`` response with this problem's status (and ``Retry-After``)."""
@@ -172,6 +181,8 @@ def problem_for(error: BaseException, retry_after: int) -> Problem:
             "The invocation this request was following ended without a result; retry with the same key to run it.",
             retry_after,
         )
+    if isinstance(error, InterruptStateError):
+        return interrupt_problem(error)
     if isinstance(error, SessionBusyError):  # a ConcurrencyException: the session's, not the agent's
         return session_busy_problem(retry_after)
     if isinstance(error, ConcurrencyException):
@@ -281,3 +292,30 @@ def not_found_problem() -> Problem:
 def invalid_parameter_problem(detail: str) -> Problem:
     """A query parameter is malformed."""
     return Problem(400, INVALID_PARAMETER, "Invalid query parameter", detail)
+
+
+def interrupt_problem(error: InterruptStateError) -> Problem:
+    """409: the request does not fit the interrupts the conversation waits for; nothing ran, the key is free again.
+
+    Not retried by itself (no ``Retry-After``): the same request would meet the same state. ``pending`` lists the
+    interrupts pending now, ``[{"id", "name", "reason"}]``, so that the client can answer those instead.
+    """
+    pending = (("pending", interrupt_items(error.pending)),)
+    if isinstance(error, InterruptResponseStaleError):
+        return Problem(
+            409,
+            INTERRUPT_STALE,
+            "Interrupt not pending",
+            "The request answers an interrupt that is not pending in this conversation (already answered, rolled "
+            "back, superseded or unknown); nothing ran. The interrupts pending now are in pending: answer those, "
+            "with a new Idempotency-Key.",
+            extra=pending,
+        )
+    return Problem(
+        409,
+        INTERRUPTS_PENDING,
+        "Interrupts pending",
+        "The conversation waits for answers to its interrupts; nothing ran. Answer the interrupts in pending "
+        '({"interrupt_responses": [...]}, with a new Idempotency-Key) before sending a new prompt.',
+        extra=pending,
+    )

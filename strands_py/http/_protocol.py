@@ -24,7 +24,8 @@ _QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 
 # Content blocks whose `source.bytes` travels as base64 in JSON (as in the Bedrock Converse JSON API).
 _BINARY_BLOCKS = ("image", "document", "video")
-_BODY_FIELDS = frozenset({"prompt"})
+_BODY_FIELDS = frozenset({"prompt", "interrupt_responses"})
+_RESPONSE_FIELDS = frozenset({"interrupt_id", "response"})
 
 
 class ProblemError(Exception):
@@ -196,17 +197,22 @@ class Invocation:
 
     Attributes:
         prompt: A string, or a list of content blocks (``bytes`` of image, document and video sources decoded from
-            base64).
+            base64); for an answer to interrupts, strands' resume prompt, one ``{"interruptResponse": {"interruptId",
+            "response"}}`` block per answer.
+        answers: Whether the request answers interrupts (``interrupt_responses``) rather than prompting.
     """
 
     prompt: str | list[dict[str, Any]]
+    answers: bool = False
 
 
 def parse_invocation(body: Any, extra_fields: frozenset[str] = frozenset()) -> Invocation:
-    """Validate ``{"prompt": str | [content block, ...]}``.
+    """Validate ``{"prompt": str | [content block, ...]}`` or ``{"interrupt_responses": [answer, ...]}``.
 
-    Unknown fields are refused rather than ignored, so that a field added later can never silently change what an
-    old server does with a request (and what its fingerprint covers).
+    Exactly one of the two. An answer is ``{"interrupt_id": str, "response": JSON}``: ``response`` is required and
+    not ``null`` (strands takes a ``None`` response for no answer, and would ask again), and an interrupt is
+    answered at most once per request. Unknown fields are refused rather than ignored, so that a field added later
+    can never silently change what an old server does with a request (and what its fingerprint covers).
 
     Args:
         body: The parsed JSON body.
@@ -216,10 +222,16 @@ def parse_invocation(body: Any, extra_fields: frozenset[str] = frozenset()) -> I
         ProblemError: 400, with what is wrong.
     """
     if not isinstance(body, dict):
-        raise _invalid_body('The body is a JSON object: {"prompt": ...}.')
+        raise _invalid_body('The body is a JSON object: {"prompt": ...} or {"interrupt_responses": [...]}.')
     unknown = sorted(set(body) - _BODY_FIELDS - extra_fields)
     if unknown:
-        raise _invalid_body(f"Unknown fields: {', '.join(unknown)[:200]}. The body has one field, prompt.")
+        raise _invalid_body(
+            f"Unknown fields: {', '.join(unknown)[:200]}. The body has one field, prompt or interrupt_responses."
+        )
+    if ("prompt" in body) == ("interrupt_responses" in body):
+        raise _invalid_body("The body has exactly one of prompt and interrupt_responses.")
+    if "interrupt_responses" in body:
+        return Invocation(_answers(body["interrupt_responses"]), answers=True)
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
         return Invocation(prompt)
@@ -240,3 +252,23 @@ def _decode_block(block: dict[str, Any]) -> dict[str, Any]:
                 raise _invalid_body(f"{kind}.source.bytes is not valid base64.") from e
             block = {**block, kind: {**media, "source": {**source, "bytes": data}}}  # type: ignore[dict-item]
     return block
+
+
+def _answers(items: Any) -> list[dict[str, Any]]:
+    """``interrupt_responses`` as strands' resume prompt (one ``interruptResponse`` block per answer)."""
+    shape = 'interrupt_responses is a non-empty list of {"interrupt_id": str, "response": JSON other than null}.'
+    if not isinstance(items, list) or not items:
+        raise _invalid_body(shape)
+    blocks: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, dict) or set(item) != _RESPONSE_FIELDS:
+            raise _invalid_body(shape)
+        interrupt_id, response = item["interrupt_id"], item["response"]
+        if not isinstance(interrupt_id, str) or not interrupt_id or response is None:
+            raise _invalid_body(shape)
+        if interrupt_id in seen:
+            raise _invalid_body("interrupt_responses answers an interrupt twice.")
+        seen.add(interrupt_id)
+        blocks.append({"interruptResponse": {"interruptId": interrupt_id, "response": response}})
+    return blocks

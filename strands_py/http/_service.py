@@ -123,8 +123,19 @@ class InvocationService:
 
         Raises:
             HTTPException: From the scope function.
-            ProblemError: 422 key reused with another request, 503 shutting down or too many runs, 500 scope.
+            ProblemError: 400 an answer to interrupts outside a conversation (with ``session_manager=``), 422 key
+                reused with another request, 503 shutting down or too many runs, 500 scope.
         """
+        if invocation.answers and self.with_session_manager:
+            # Agents of POST /invocations get no session manager here: they have no interrupts to answer.
+            raise ProblemError(
+                Problem(
+                    400,
+                    INVALID_BODY,
+                    "Invalid request body",
+                    "interrupt_responses answer a conversation's interrupts: POST them to /sessions/{id}/invocations.",
+                )
+            )
         access = access_of(request)
         scope = await self.scope_of(request)
         key = self.durable_key(scope, token) if token is not None else None

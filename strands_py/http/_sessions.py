@@ -6,6 +6,11 @@ caller names is stored under an id scoped to that caller (``session_storage_id``
 share storage or lock. A busy conversation answers by the config's ``session_invocation_mode``: ``throw`` refuses
 (409 ``session-busy``, ``Retry-After`` one lease), ``enqueue`` queues the turn (202, its status at
 ``Location: /invocations/{key}``) behind the turns ahead of it (``_lines.py``).
+
+A turn that stopped for a human (``stop_reason`` ``"interrupt"``) is answered by the next turn, whose body carries
+``interrupt_responses``; the turn layer checks it under the session lock against the interrupts the conversation
+waits for then (``session/_interrupts.py``), and a mismatch is a 409 (``interrupt-stale``, ``interrupts-pending``)
+listing them. ``GET /sessions/{id}`` shows them as ``pending_interrupts``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from urllib.parse import quote, urlencode
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
+from strands.interrupt import Interrupt
 from strands.session.session_manager import SessionManager
 
 from ..agent.agent import Agent
 from ..idempotency.keys import session_lock_key
+from ..session._interrupts import pending_in_record
 from ..session._state import SessionLockState, read_lock_state
 from ..types.exceptions import IdempotencyError
 from ..types.session import SessionInvocationMode
@@ -35,7 +42,7 @@ from ._protocol import Invocation, ProblemError
 from ._runs import Run
 from ._scopes import is_async_callable, session_storage_id
 from ._service import InvocationService, _hmac_key
-from ._wire import dumps
+from ._wire import dumps, interrupt_items
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +183,7 @@ class Conversations:
     # -- GET /sessions/{id} ------------------------------------------------------------------------------------
 
     async def state(self, request: Request, session_id: str, token: str | None) -> Response:
-        """The conversation's state: idle or busy, its running turn, the turns queued here, its last turn.
+        """The conversation's state: idle or busy, its turns (running, queued here, last), its pending interrupts.
 
         ``token``: the request's ``Idempotency-Key``, whose position is given when that turn waits here.
 
@@ -208,6 +215,7 @@ class Conversations:
             mine = service.registry.find(service.durable_key(scope, token))
             position = mine.position() if mine is not None and mine.phase == "queued" else None
         last = self.lines.last_completed(lock_key)
+        updated_at, pending = await self._persisted(storage, request)
         body: dict[str, Any] = {
             "session": session_id,
             "status": "busy" if running is not None or queued else "idle",
@@ -217,19 +225,25 @@ class Conversations:
             "last_turn": None
             if last is None
             else {"key_digest": digest_of(last[0]), "finished_at": timestamp(last[1])},
-            "updated_at": await self._updated_at(storage, request),
+            "updated_at": updated_at,
+            "pending_interrupts": interrupt_items(pending),
         }
         return _json(body)
 
-    async def _updated_at(self, storage: str, request: Request) -> str | None:
-        """When the conversation was last written (its agent record's ``updated_at``), read through its manager."""
+    async def _persisted(self, storage: str, request: Request) -> tuple[str | None, list[Interrupt]]:
+        """The conversation's agent record, read through its manager: when it was written, the interrupts it awaits.
+
+        A read, never a judgement: while a turn runs (or a dead one waits to be rolled back), its record may still
+        change; an answer is checked against the record as it stands under the session lock.
+        """
         manager = await self._read_manager(storage, request)
         repository = getattr(manager, "session_repository", None)
         if repository is None:
-            return None
+            return None, []
         agent = await self._read(lambda: repository.read_agent(storage, DEFAULT_AGENT_ID))
         updated = getattr(agent, "updated_at", None)
-        return updated if isinstance(updated, str) else None
+        pending = pending_in_record(getattr(agent, "_internal_state", None))
+        return (updated if isinstance(updated, str) else None), pending
 
     # -- GET /sessions/{id}/messages ---------------------------------------------------------------------------
 

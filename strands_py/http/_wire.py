@@ -6,9 +6,13 @@ r"""The wire format: strands events become a small, documented JSON event vocabu
 | `reasoning` | `{"text": str}`: a chunk of the model's reasoning text                             |
 | `tool_use`  | `{"tool_use_id": str, "name": str}`: the model started calling a tool              |
 | `message`   | `{"message": Message}`: a complete message (the model's, or the tool results)      |
-| `result`    | `{"stop_reason", "message", "text", "usage", "structured_output"}`: the outcome    |
+| `result`    | `{"stop_reason", "message", "text", "usage", "structured_output", "interrupts"}`   |
 | `error`     | an RFC 9457 problem details object (with `retry_after` when retrying helps)        |
 | `rewind`    | `{"to": int}`: the events after position `to` are withdrawn (see below)            |
+
+The ``result`` event's data is the invocation's JSON body: ``interrupts`` is ``[]``, or, for a run that stopped
+with ``stop_reason`` ``"interrupt"`` (a tool or hook asked a human), ``[{"id": str, "name": str, "reason": JSON}]``:
+answer them with ``{"interrupt_responses": [{"interrupt_id", "response"}]}`` as a new turn of the conversation.
 
 Every event carries ``id: <run>:<position>``: ``position`` counts the events of one run from 1, ``run`` names the
 run (``r`` for a replay of a stored result, which is always the two events ``message`` and ``result``). A journaled
@@ -135,16 +139,37 @@ def frame(tag: str, position: int, name: str, data: str) -> WireEvent:
     return WireEvent(position, name, f"id: {tag}:{position}\nevent: {name}\ndata: {data}\n\n".encode())
 
 
+def interrupt_items(interrupts: Any) -> list[dict[str, Any]]:
+    """Interrupts as the wire shows them: ``{"id", "name", "reason"}`` each (never a response)."""
+    return [
+        {"id": interrupt.id, "name": interrupt.name, "reason": getattr(interrupt, "reason", None)}
+        for interrupt in interrupts or ()
+    ]
+
+
 def result_body(result: AgentResult) -> dict[str, Any]:
-    """The ``result`` event's data, which is also the JSON response body of an invocation."""
+    """The ``result`` event's data, which is also the JSON response body of an invocation.
+
+    ``interrupts`` is always there (``[]`` when the run did not stop for a human). The ``text`` of a run that
+    stopped for interrupts is the text of its message (strands' ``str()`` of such a result lists the interrupts as
+    Python text, which they already are in ``interrupts``).
+    """
     structured = result.structured_output
+    interrupts = interrupt_items(getattr(result, "interrupts", None))
     return {
         "stop_reason": result.stop_reason,
         "message": result.message,
-        "text": str(result),
+        "text": _message_text(result.message) if interrupts else str(result),
         "usage": dict(result.metrics.accumulated_usage),
         "structured_output": structured.model_dump(mode="json") if structured is not None else None,
+        "interrupts": interrupts,
     }
+
+
+def _message_text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    texts = [block["text"] for block in content or () if isinstance(block, dict) and isinstance(block.get("text"), str)]
+    return "\n".join(texts)
 
 
 class EventTranslator:
