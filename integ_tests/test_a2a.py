@@ -152,6 +152,11 @@ async def connect(url: str, *, streaming: bool = True) -> AsyncIterator[Client]:
         yield client
 
 
+def unique(name: str) -> str:
+    """A name for a held message, new at every run of a test (``hatch run stress`` repeats them on one server pair)."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
 def message(text: str, *, context_id: str | None = None, message_id: str | None = None) -> Message:
     return Message(
         role=Role.user,
@@ -217,7 +222,8 @@ async def test_a_retried_message_send_runs_once_on_any_server(servers: Servers, 
 
 @pytest.mark.racing
 async def test_a_dropped_stream_is_resubscribed_on_the_other_server_and_on_its_own(servers: Servers) -> None:
-    sent = message("hold:dropped What is the weather in Paris?")
+    dropped = unique("dropped")
+    sent = message(f"hold:{dropped} What is the weather in Paris?")
     chunks: list[str] = []
     async with connect(servers.urls["a"]) as client:
         async for task, update in client.send_message(sent):
@@ -226,13 +232,13 @@ async def test_a_dropped_stream_is_resubscribed_on_the_other_server_and_on_its_o
                 chunks.append(text_of(update))
             if len(chunks) == HOLD_AT:
                 break  # the client goes away mid-answer: its stream is closed, the run carries on
-    await servers.until("held", "dropped")
+    await servers.until("held", dropped)
     async with connect(servers.urls["b"]) as elsewhere, connect(servers.urls["a"]) as here:
         on_b = elsewhere.resubscribe(TaskIdParams(id=task_id))
         on_a = here.resubscribe(TaskIdParams(id=task_id))
         snapshot_b = await snapshot(on_b)
         snapshot_a = await snapshot(on_a)
-        servers.release("dropped")
+        servers.release(dropped)
         rest_b, rest_a = await asyncio.gather(collect(on_b), collect(on_a))
         got = await elsewhere.get_task(TaskQueryParams(id=task_id))
 
@@ -249,7 +255,7 @@ async def test_a_dropped_stream_is_resubscribed_on_the_other_server_and_on_its_o
     assert text_of(snapshot_a) + "".join(appended) == ANSWER
     assert rest_a[-1].final and rest_a[-1].status.state is TaskState.completed
     assert got.status.state is TaskState.completed and text_of(got) == ANSWER
-    assert servers.models("dropped") == [servers.pid("a")] * 2  # one run, on the server it was sent to
+    assert servers.models(dropped) == [servers.pid("a")] * 2  # one run, on the server it was sent to
 
 
 # -- contexts ------------------------------------------------------------------------------------------------------
@@ -258,16 +264,17 @@ async def test_a_dropped_stream_is_resubscribed_on_the_other_server_and_on_its_o
 @pytest.mark.racing
 async def test_two_contexts_run_at_once_while_one_context_serialises_its_messages(servers: Servers) -> None:
     one, two = f"ctx-{uuid.uuid4()}", f"ctx-{uuid.uuid4()}"
-    first = asyncio.ensure_future(send(servers.urls["a"], message("hold:one-1 Weather?", context_id=one)))
-    other = asyncio.ensure_future(send(servers.urls["a"], message("hold:two-1 Weather?", context_id=two)))
-    await servers.until("held", "one-1")
-    await servers.until("held", "two-1")  # both contexts' turns are running at once
+    one_1, two_1, one_2 = unique("one-1"), unique("two-1"), unique("one-2")
+    first = asyncio.ensure_future(send(servers.urls["a"], message(f"hold:{one_1} Weather?", context_id=one)))
+    other = asyncio.ensure_future(send(servers.urls["a"], message(f"hold:{two_1} Weather?", context_id=two)))
+    await servers.until("held", one_1)
+    await servers.until("held", two_1)  # both contexts' turns are running at once
     async with connect(servers.urls["b"]) as client:
-        stream = client.send_message(message("hold:one-2 And tomorrow?", context_id=one))
+        stream = client.send_message(message(f"hold:{one_2} And tomorrow?", context_id=one))
         queued = await snapshot(stream)
         assert queued.status.state is TaskState.submitted  # on the other server, behind the running turn
-        assert servers.models("one-2") == []
-        for name in ("one-1", "two-1", "one-2"):
+        assert servers.models(one_2) == []
+        for name in (one_1, two_1, one_2):
             servers.release(name)
         rest = await collect(stream)
     done = await asyncio.gather(first, other)
@@ -276,9 +283,9 @@ async def test_two_contexts_run_at_once_while_one_context_serialises_its_message
     assert any(isinstance(u, TaskStatusUpdateEvent) and u.status.state is TaskState.working for u in rest)
     lines = [(what, name) for _, what, name in servers.lines()]
     # The second turn of context one made its first model call after the first turn's last.
-    last_of_first = max(i for i, line in enumerate(lines) if line == ("model", "one-1"))
-    assert lines.index(("model", "one-2")) > last_of_first
-    assert servers.models("one-2") == [servers.pid("b")] * 2
+    last_of_first = max(i for i, line in enumerate(lines) if line == ("model", one_1))
+    assert lines.index(("model", one_2)) > last_of_first
+    assert servers.models(one_2) == [servers.pid("b")] * 2
 
 
 # -- cancel --------------------------------------------------------------------------------------------------------
@@ -286,27 +293,28 @@ async def test_two_contexts_run_at_once_while_one_context_serialises_its_message
 
 @pytest.mark.racing
 async def test_a_cancel_on_one_server_stops_the_run_on_the_other(servers: Servers) -> None:
-    sent = message("hold:cancelled Weather?")
+    cancelled = unique("cancelled")
+    sent = message(f"hold:{cancelled} Weather?")
     async with connect(servers.urls["a"]) as client:
         stream = client.send_message(sent)
         task_id = (await anext(stream))[0].id
-        await servers.until("held", "cancelled")
+        await servers.until("held", cancelled)
         async with connect(servers.urls["b"]) as elsewhere:
             answered = await elsewhere.cancel_task(TaskIdParams(id=task_id))
         rest = await collect(stream)
-    assert answered.status.state is TaskState.canceled
-    await servers.until("released", "cancelled")  # released by the cancel: the go file was never created
-    assert not (servers.go / "cancelled").exists()
-    assert rest[-1].final and rest[-1].status.state is TaskState.canceled
+    assert answered.status.state is TaskState.canceled, (answered, servers.lines())
+    await servers.until("released", cancelled)  # released by the cancel: the go file was never created
+    assert not (servers.go / cancelled).exists()
+    assert rest[-1].final and rest[-1].status.state is TaskState.canceled, (rest, servers.lines())
     async with connect(servers.urls["b"]) as client:
         got = await client.get_task(TaskQueryParams(id=task_id))
-    assert got.status.state is TaskState.canceled and not got.artifacts
-    assert servers.models("cancelled") == [servers.pid("a")] * 2  # the answer's call was cut short, not finished
+    assert got.status.state is TaskState.canceled and not got.artifacts, (got, servers.lines())
+    assert servers.models(cancelled) == [servers.pid("a")] * 2  # the answer's call was cut short, not finished
     # The message, sent again, runs afresh (nothing was stored).
-    servers.release("cancelled")
+    servers.release(cancelled)
     again = await send(servers.urls["b"], sent)
-    assert again.status.state is TaskState.completed and text_of(again) == ANSWER
-    assert servers.models("cancelled") == [servers.pid("a")] * 2 + [servers.pid("b")] * 2
+    assert again.status.state is TaskState.completed and text_of(again) == ANSWER, (again, servers.lines())
+    assert servers.models(cancelled) == [servers.pid("a")] * 2 + [servers.pid("b")] * 2
 
 
 # -- mismatch ------------------------------------------------------------------------------------------------------
