@@ -46,7 +46,7 @@ from strands_py.http._demo import DEMO_ANSWER, words
 WORKER = str(Path(__file__).with_name("a2a_worker.py"))
 WAIT = 30.0
 HOLD_AT = 4  # held answers stop before their 5th word
-LEASE_SECONDS = 3.0  # heartbeats every second: a cancel reaches its owner within about a second
+LEASE_SECONDS = 6.0  # heartbeats every 2 s: a cancel reaches its owner soon, a loaded machine keeps its leases
 
 
 class Servers:
