@@ -14,6 +14,8 @@ task id names both, so that every server sharing the store answers for every tas
 from ._app import AGENT_CARD_PATH, A2AApp
 from ._errors import (
     CONTEXT_BUSY,
+    INTERRUPT_NOT_PENDING,
+    INTERRUPTS_WAITING,
     MESSAGE_ID_MISMATCH,
     RESULT_NOT_REPLAYABLE,
     TASK_IN_PROGRESS,
@@ -23,6 +25,8 @@ from ._errors import (
 __all__ = [
     "AGENT_CARD_PATH",
     "CONTEXT_BUSY",
+    "INTERRUPTS_WAITING",
+    "INTERRUPT_NOT_PENDING",
     "MESSAGE_ID_MISMATCH",
     "RESULT_NOT_REPLAYABLE",
     "TASK_IN_PROGRESS",

@@ -76,7 +76,11 @@ class A2AApp:
     - With ``session_manager=``, a ``contextId`` is a conversation: its turns hold the session lock on every server
       sharing the store, and a busy context refuses a message (``-32051``, the config's ``session_invocation_mode``
       ``throw``) or queues it (``enqueue``: its task is ``submitted`` until its turn). Without it, every message
-      stands alone and its ``contextId`` is only carried along.
+      stands alone and its ``contextId`` is only carried along (not part of its identity).
+    - A turn that stops for a human (strands interrupts) ends its task ``input-required``, the interrupts in
+      ``metadata.strands_py.interrupts``; the next message of the context answers them, its one part the data
+      ``{"interrupt_responses": [{"interrupt_id", "response"}]}`` (``-32055`` for an interrupt not pending,
+      ``-32056`` for a prompt while interrupts are pending).
     - A task id names the task's key and context (``<64 hex digits>-<context>``), so any server sharing the store
       answers ``tasks/get`` (from its runs, else from the store), ``tasks/cancel`` (the store's cancel mark, seen by
       the owner at its next heartbeat: the turn is rolled back, and the message, sent again, runs afresh) and

@@ -1,5 +1,7 @@
 """A2A messages in, strands prompts out; strands results in, A2A messages and artifacts out. No I/O here.
 
+A message whose one part is the data ``{"interrupt_responses": [...]}`` answers its context's interrupts.
+
 A message of one text part is the prompt string itself (as ``{"prompt": "..."}`` over HTTP: the same request, the
 same fingerprint). Other messages become content blocks: text parts as text, files with bytes as image, video or
 document blocks by their MIME type (refused when the type is none of those Bedrock takes), files by URI and data
@@ -16,7 +18,10 @@ from typing import Any
 
 from a2a.types import Artifact, DataPart, FilePart, FileWithBytes, Message, Part, Role, TextPart
 
+from ..http._protocol import Invocation, ProblemError, parse_invocation
 from ._errors import CONTENT_TYPE_NOT_SUPPORTED, RpcError, invalid_params
+
+ANSWERS_FIELD = "interrupt_responses"
 
 ANSWER_ARTIFACT = "answer"
 
@@ -50,6 +55,24 @@ _DOCUMENT_FORMATS = {
 }
 # Bedrock's document names: letters, digits, single spaces, hyphens, parentheses and square brackets.
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9\-()\[\] ]+")
+
+
+def invocation_of(message: Message) -> Invocation:
+    """What ``message`` asks: a prompt, or answers to its context's interrupts.
+
+    A message whose one part is the data ``{"interrupt_responses": [{"interrupt_id", "response"}, ...]}`` answers
+    interrupts (as HTTP's body of that name does); any other message is a prompt (``prompt_of``).
+
+    Raises:
+        RpcError: ``-32602`` malformed answers, or a prompt ``prompt_of`` refuses; ``-32005`` as ``prompt_of``.
+    """
+    parts = [part.root for part in message.parts]
+    if len(parts) == 1 and isinstance(parts[0], DataPart) and set(parts[0].data) == {ANSWERS_FIELD}:
+        try:
+            return parse_invocation(parts[0].data)
+        except ProblemError as e:
+            raise invalid_params(e.problem.detail) from e
+    return Invocation(prompt_of(message))
 
 
 def prompt_of(message: Message) -> str | list[dict[str, Any]]:

@@ -10,6 +10,8 @@ JSON-RPC 2.0 leaves -32000 to -32099 to the implementation; A2A 0.3 takes -32001
 | -32052 | ``TASK_IN_PROGRESS``     | the task runs elsewhere past the wait, or its lease moved: retry the same    |
 | -32053 | ``UNAVAILABLE``          | store unreachable, shutting down, too many tasks: nothing ran, retry the same |
 | -32054 | ``RESULT_NOT_REPLAYABLE``| the task completed but its result was too large to store                     |
+| -32055 | ``INTERRUPT_NOT_PENDING``| an answer to an interrupt the context does not wait for (``data.pending``)   |
+| -32056 | ``INTERRUPTS_WAITING``   | a prompt while the context waits for answers to interrupts (``data.pending``) |
 
 Every error's ``data`` is the problem the HTTP layer would answer (``type``, ``title``, ``status``, ``detail``, and
 ``retry_after`` where retrying helps): the ``type`` URIs are the constants of ``strands_py.http``, so a client matches
@@ -30,6 +32,8 @@ from ..http._problems import (
     CANCEL_UNSUPPORTED,
     CANCELLED,
     IN_PROGRESS_ELSEWHERE,
+    INTERRUPT_STALE,
+    INTERRUPTS_PENDING,
     INVALID_BODY,
     KEY_INVALID,
     KEY_MISMATCH,
@@ -63,6 +67,8 @@ CONTEXT_BUSY = -32051
 TASK_IN_PROGRESS = -32052
 UNAVAILABLE = -32053
 RESULT_NOT_REPLAYABLE = -32054
+INTERRUPT_NOT_PENDING = -32055
+INTERRUPTS_WAITING = -32056
 
 # Problem type -> (code, message, detail as A2A says it; None keeps the problem's own detail).
 _BY_TYPE: dict[str, tuple[int, str, str | None]] = {
@@ -97,6 +103,18 @@ _BY_TYPE: dict[str, tuple[int, str, str | None]] = {
     ),
     NOT_FOUND: (TASK_NOT_FOUND, "Task not found", "No task with this id in the caller's scope."),
     CANCEL_UNSUPPORTED: (UNSUPPORTED_OPERATION, "Cancel not supported", None),
+    INTERRUPT_STALE: (
+        INTERRUPT_NOT_PENDING,
+        "Interrupt not pending",
+        "The message answers an interrupt this context does not wait for (already answered, rolled back, "
+        "superseded or unknown); nothing ran. Answer the interrupts in pending, in a new message.",
+    ),
+    INTERRUPTS_PENDING: (
+        INTERRUPTS_WAITING,
+        "Interrupts pending",
+        "This context waits for answers to its interrupts; nothing ran. Send a new message whose one part is the "
+        'data {"interrupt_responses": [{"interrupt_id": ..., "response": ...}]} answering those in pending.',
+    ),
     INVALID_BODY: (INVALID_PARAMS, "Invalid params", None),
     KEY_INVALID: (INVALID_PARAMS, "Invalid messageId", "The messageId cannot be used as an idempotency key."),
 }

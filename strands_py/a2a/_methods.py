@@ -20,14 +20,14 @@ from starlette.responses import Response
 
 from ..http._control import RunControl
 from ..http._problems import cancelled_problem, problem_for
-from ..http._protocol import Invocation, ProblemError
+from ..http._protocol import ProblemError
 from ..http._responses import DeferredResponse
 from ..http._runs import Run
 from ..http._service import InvocationService
 from ..idempotency.codec import decode_result
 from ..idempotency.record import IdempotencyRecord, RecordState
 from ..types.exceptions import IdempotencyError, IdempotencyStoreError
-from ._convert import prompt_of
+from ._convert import invocation_of
 from ._errors import (
     PUSH_NOTIFICATION_NOT_SUPPORTED,
     TASK_NOT_CANCELABLE,
@@ -100,7 +100,12 @@ class Methods:
         )
         if wrong is not None:
             raise invalid_params(wrong)
-        invocation = Invocation(prompt_of(message))
+        invocation = invocation_of(message)
+        if invocation.answers and not self._turns.sessions:
+            raise invalid_params(
+                "interrupt_responses answer a context's interrupts: this server keeps no conversations "
+                "(session_manager=)."
+            )
         service = self._service
         try:
             scope = await service.scope_of(request)
@@ -164,7 +169,7 @@ class Methods:
         key, view = await self._task(request, params.id)
         body = await self._body(self._control.cancel(request, params.id))
         self._fill(view, body, self._service.registry.find(key))
-        if view.state in (TaskState.completed, TaskState.failed):
+        if view.state in (TaskState.completed, TaskState.input_required, TaskState.failed):
             raise RpcError(
                 TASK_NOT_CANCELABLE,
                 "Task cannot be canceled",

@@ -31,6 +31,9 @@ from ._errors import ends_the_task, error_for
 
 A2AEvent = Task | TaskStatusUpdateEvent | TaskArtifactUpdateEvent
 
+# The states a task ends in (its stream's last status is final).
+ENDED = frozenset({TaskState.completed, TaskState.input_required, TaskState.failed, TaskState.canceled})
+
 METADATA_KEY = "strands_py"
 
 # Run-control statuses (``strands_py.http._control``) as task states.
@@ -86,7 +89,8 @@ class TaskView:
     def state(self) -> TaskState:
         """The task's state as far as this view knows."""
         if self.result is not None:
-            return TaskState.completed
+            # A turn that stopped for a human: answered by the next message of its context (interrupt_responses).
+            return TaskState.input_required if self.result.get("stop_reason") == "interrupt" else TaskState.completed
         if self.problem is not None:
             return TaskState.canceled if self.problem.get("type") == CANCELLED else TaskState.failed
         return TaskState.submitted if self.queued else TaskState.working
@@ -119,7 +123,7 @@ class TaskView:
     def status_event(self) -> TaskStatusUpdateEvent:
         """The update of the task's status now (final once it completed, failed or was cancelled)."""
         state = self.state
-        final = state in (TaskState.completed, TaskState.failed, TaskState.canceled)
+        final = state in ENDED
         message = self._answer() if self.result is not None else self._explanation()
         return TaskStatusUpdateEvent(
             task_id=self.task_id,
@@ -143,7 +147,7 @@ class TaskView:
         return Task(
             id=self.task_id,
             context_id=self.context_id,
-            status=TaskStatus(state=self.state, message=self._explanation(), timestamp=_now()),
+            status=TaskStatus(state=self.state, message=self._status_message(), timestamp=_now()),
             history=history or None,
             artifacts=artifacts,
             metadata=self._metadata(),
@@ -152,6 +156,10 @@ class TaskView:
     def _answer(self) -> Message:
         assert self.result is not None
         return agent_message(answer_text(self.result), self.task_id, self.context_id, f"answer-{self._digest}")
+
+    def _status_message(self) -> Message | None:
+        """A snapshot's status message: the question of a task that waits for a human, or what ended it."""
+        return self._answer() if self.state is TaskState.input_required else self._explanation()
 
     def _explanation(self) -> Message | None:
         """What happened to a task that ended without an answer (the problem's detail)."""
@@ -162,7 +170,11 @@ class TaskView:
 
     def _metadata(self) -> dict[str, Any] | None:
         if self.result is not None:
-            return {METADATA_KEY: {"stop_reason": self.result.get("stop_reason"), "usage": self.result.get("usage")}}
+            result = self.result
+            metadata = {"stop_reason": result.get("stop_reason"), "usage": result.get("usage")}
+            if result.get("interrupts"):
+                metadata["interrupts"] = result["interrupts"]
+            return {METADATA_KEY: metadata}
         if self.problem is not None:
             return {METADATA_KEY: {"problem": self.problem}}
         return None

@@ -23,6 +23,7 @@ from a2a.client.errors import A2AClientJSONRPCError
 from a2a.types import (
     AgentCapabilities,
     AgentCard,
+    DataPart,
     Message,
     Part,
     Role,
@@ -33,12 +34,15 @@ from a2a.types import (
 )
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from strands import ToolContext, tool
 from strands.session.file_session_manager import FileSessionManager
 
 from strands_py import Agent
 from strands_py.a2a import AGENT_CARD_PATH, CONTEXT_BUSY, MESSAGE_ID_MISMATCH, UNAVAILABLE, A2AApp
 from strands_py.a2a._errors import (
     AUTHENTICATED_EXTENDED_CARD_NOT_CONFIGURED,
+    INTERRUPT_NOT_PENDING,
+    INTERRUPTS_WAITING,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
@@ -619,3 +623,76 @@ async def test_a_corrupted_record_is_an_internal_error() -> None:
         resubscribed = await _rpc(http, "tasks/resubscribe", {"id": _task_id(message)})
     assert _code(got) == _code(resubscribed) == -32603
     assert resubscribed["error"]["data"]["type"].endswith("record-corrupted")
+
+
+# -- humans in the loop --------------------------------------------------------------------------------------------
+
+
+class _Approvals(ScriptedBedrock):
+    """The script's tool asks a human for an approval (``{"approved": bool}``) before it acts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acted = 0
+
+    def tools(self) -> list[Any]:
+        script = self
+
+        @tool(context=True)
+        def lookup_weather(city: str, tool_context: ToolContext) -> str:
+            """Look up the weather, once a human approved it.
+
+            Args:
+                city: The city.
+            """
+            answer = tool_context.interrupt("approval", reason={"city": city})
+            if not (isinstance(answer, dict) and answer.get("approved") is True):
+                return "not approved"
+            script.acted += 1
+            return f"{city}: sunny"
+
+        return [lookup_weather]
+
+
+def _answers(interrupt_id: str, **context: Any) -> Message:
+    data = {"interrupt_responses": [{"interrupt_id": interrupt_id, "response": {"approved": True}}]}
+    return Message(role=Role.user, parts=[Part(root=DataPart(data=data))], message_id=str(uuid.uuid4()), **context)
+
+
+async def test_a_task_that_waits_for_a_human_is_input_required_and_answered_by_the_next_message(
+    tmp_path: Path,
+) -> None:
+    script = _Approvals()
+    app = _conversations(tmp_path, script, "throw")
+    async with _client(app) as client, _http(app) as http:
+        [(asked, _)] = await _collect(client.send_message(_message(context_id="trip")))
+        [interrupt] = asked.metadata["strands_py"]["interrupts"]
+        pending = await _rpc(http, "message/send", _send_params(_message("Other question", context_id="trip")))
+        stale = await _rpc(http, "message/send", _send_params(_answers("not-an-interrupt", context_id="trip")))
+        answer = _answers(interrupt["id"], context_id="trip")
+        [(done, _)] = await _collect(client.send_message(answer))
+        [(again, _)] = await _collect(client.send_message(answer))  # a retry of the answer: replayed
+        answered_twice = await _rpc(http, "message/send", _send_params(_answers(interrupt["id"], context_id="trip")))
+        elsewhere = await _rpc(http, "message/send", _send_params(_answers(interrupt["id"])))
+        malformed = await _rpc(
+            http,
+            "message/send",
+            {
+                "message": {
+                    **_answers("x").model_dump(mode="json"),
+                    "parts": [{"kind": "data", "data": {"interrupt_responses": []}}],
+                }
+            },
+        )
+    assert asked.status.state is TaskState.input_required and interrupt["name"] == "approval"
+    assert _code(pending) == INTERRUPTS_WAITING and pending["error"]["data"]["pending"][0]["id"] == interrupt["id"]
+    assert _code(stale) == INTERRUPT_NOT_PENDING and _code(answered_twice) == INTERRUPT_NOT_PENDING
+    assert done.status.state is TaskState.completed and again.id == done.id and script.acted == 1
+    assert _code(elsewhere) == INTERRUPT_NOT_PENDING  # another context (a new one) waits for nothing
+    assert _code(malformed) == INVALID_PARAMS
+
+
+async def test_answers_need_conversations() -> None:
+    async with _http(_app(ScriptedBedrock())) as http:
+        answer = await _rpc(http, "message/send", _send_params(_answers("i-1")))
+    assert _code(answer) == INVALID_PARAMS and "session_manager" in answer["error"]["data"]["detail"]
