@@ -3,8 +3,10 @@
 Run with ``hatch run bench`` (full) or ``hatch run bench --quick``. Every figure is the median of 5 repetitions and
 is reported as a ratio to the reference measured in the same run. Writes ``benchmarks/results/latest.json`` and
 ``benchmarks/results/fanout.png``, and prints markdown tables. Scenarios 1-4 run in this process; the durable layer
-(``durable.py``), heartbeats (``heartbeat.py``) and the HTTP retry storm (``storm.py``) talk to real servers on
-127.0.0.1, each in a process of its own (``servers.py``): moto server, redis-server, uvicorn.
+(``durable.py``), heartbeats (``heartbeat.py``), the HTTP retry storm (``storm.py``) and the serving comparison
+(``serving.py``, 3 repetitions, into ``benchmarks/results/serving.json``; ``--profile`` profiles ``AgentApp``'s
+serving too) talk to real servers on 127.0.0.1, each in a process of its own (``servers.py``): moto server,
+redis-server, uvicorn.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import durable
 import heartbeat
 import journal
+import serving
 import storm
 import strands
 from strands.agent import _concurrency as upstream_concurrency
@@ -424,8 +427,9 @@ def _version(dist: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller N (5 to 6 minutes on 2 busy cores)")
+    parser.add_argument("--quick", action="store_true", help="smaller N (8 to 12 minutes on 2 busy cores)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--profile", action="store_true", help="also profile AgentApp's serving (serving.py)")
     args = parser.parse_args(argv)
 
     fanout_ns = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000]
@@ -449,11 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     rows += storm.run_http_storm(storm_n, STORM_MODEL_LATENCY_SECONDS, REPS, record, progress)
     progress("journal: a crash inside the 2nd of 3 tools, and the cost of journaling a turn")
     journal_rows = journal.run_journal(quick=args.quick)
+    serving_report = serving.run_serving(progress, quick=args.quick, profile=args.profile)
+    serving_report["storm"] = [r for r in rows if r["scenario"] == "http-storm"]
 
     machine = machine_description()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "journal.json").write_text(json.dumps(journal_rows, indent=2) + "\n")
+    serving.write(serving_report, args.out)
     plot(rows, args.out / "fanout.png", machine)
     print(f"Measured on {machine}; {'quick' if args.quick else 'full'} run, median of {REPS} repetitions.")
     print(f"Load average at the start: {load_at_start}; at the end: {_load()}.\n")
@@ -463,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         print(family.markdown(rows))
     print()
     print(journal.markdown(journal_rows))
+    print(f"\nServing (strands-py from the {serving_report['served']}):\n")
+    print(serving.markdown(serving_report))
     print(f"\nwrote {args.out / 'latest.json'} and {args.out / 'fanout.png'} in {time.perf_counter() - started:.0f} s")
     return 0
 

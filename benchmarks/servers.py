@@ -19,7 +19,8 @@ from types import TracebackType
 
 import psutil
 
-READY_TIMEOUT = 30.0
+# Generous: six servers importing strands, boto3 and friends at once on 2 cores shared with other work took over 30 s.
+READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
 
 
