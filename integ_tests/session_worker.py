@@ -455,7 +455,7 @@ def broken(breakage: str | None) -> Iterator[None]:
     elif breakage == "no_reread":
         patch = mock.patch.object(_Conversation, "reload", _nothing)
     elif breakage == "own_lock_is_busy":  # the lock of the request's own dead run counts as another request's
-        patch = mock.patch.object(session_lock_module, "_token_of", _nothing)
+        patch = mock.patch.object(session_lock_module, "token_of", _nothing)
     else:  # "throw_waits": a busy session is waited for although the mode says throw
         acquire = SessionLock.acquire
 

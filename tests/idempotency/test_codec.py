@@ -12,7 +12,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from strands.agent.agent_result import AgentResult
@@ -171,7 +171,8 @@ def test_any_json_with_bytes_value_round_trips_exactly_negative_control(value: A
 
 
 @pytest.mark.xfail(strict=True, reason="without escapes, a dict shaped like a reference reads as one")
-@settings(max_examples=400, derandomize=True, deadline=None)
+# Found, not shrunk: the control only has to fail (shrinking its counterexample took a minute on a loaded machine).
+@settings(max_examples=400, derandomize=True, deadline=None, phases=(Phase.explicit, Phase.generate))
 @given(value=JSON_WITH_BYTES)
 def test_any_json_with_bytes_value_round_trips_exactly_negative_control_no_escapes(value: Any) -> None:
     with mock.patch.object(codec, "_escape", lambda v: v):
