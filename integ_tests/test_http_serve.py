@@ -89,12 +89,23 @@ def test_serve_answers_json_sse_a_retry_a_resume_and_the_page_then_drains_on_sig
     assert drained[-1].event == "result" and text_of(drained) == DEMO_ANSWER
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def _started(command: list[str], stderr: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """Start a server process whose stderr goes to the file ``stderr``; yields its URL once it listens."""
     with stderr.open("w") as err:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            command,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # A test run started in the background of a shell ignores SIGINT, and its children inherit that: the
+            # server must see the Ctrl+C these tests send, as it would in a terminal.
+            preexec_fn=_default_sigint,
         )
     lines: queue.Queue[str] = queue.Queue()
     assert process.stdout is not None

@@ -26,11 +26,13 @@ from strands_py.idempotency.keys import make_key
 from strands_py.testing import CountingStore, ScriptedBedrock
 
 WAIT = 20.0
-# Long enough that a busy machine never stalls the event loop for a whole lease (a holder that loses its lease is not
-# what these tests are about), short enough that a dead owner's claim lapses quickly.
-LEASE = 3.0
+# Long enough that a loaded machine (coverage tracing, other jobs) never stalls the event loop for a whole lease: a run
+# that loses its lease is not what these tests are about; short enough that a dead owner's claim lapses soon.
+LEASE = 6.0
+# A turn that must run on while others are cancelled: no stall of any length ends its lease within the test.
+HOLDER_LEASE = 600.0
 # A cancelled turn waiting for its session learns of it at its next heartbeat (LEASE / 3) and stops waiting.
-STOPS_WAITING_WITHIN = 10.0
+STOPS_WAITING_WITHIN = 15.0
 
 pytestmark = pytest.mark.racing  # the owner runs on a model thread while another host cancels it
 
@@ -74,11 +76,13 @@ class _Hosts:
         self.config = IdempotencyConfig(store=self.inner, scope="s", lease_seconds=LEASE)
         self.dir = str(tmp_path / "sessions")
 
-    def agent(self, script: ScriptedBedrock, *, session: bool = False) -> Agent:
+    def agent(self, script: ScriptedBedrock, *, session: bool = False, lease: float | None = None) -> Agent:
         extra: dict[str, Any] = {}
         if session:
             extra["session_manager"] = FileSessionManager(session_id="conv-1", storage_dir=self.dir)
         config = dataclasses.replace(self.config, store=CountingStore(self.inner))
+        if lease is not None:
+            config = dataclasses.replace(config, lease_seconds=lease)
         agent = Agent(model=script.model(), tools=script.tools(), callback_handler=None, idempotency=config, **extra)
         return script.watch(agent) if isinstance(script, _GatedAnswer) else agent
 
@@ -210,7 +214,8 @@ async def test_a_turn_waiting_for_its_session_stops_waiting_when_it_is_cancelled
     hosts = _Hosts(tmp_path)
     hosts.config = dataclasses.replace(hosts.config, session_invocation_mode="enqueue")
     holder = _GatedAnswer()
-    running = asyncio.create_task(hosts.agent(holder, session=True).invoke_async("t1?", idempotency_token="t1"))
+    holding = hosts.agent(holder, session=True, lease=HOLDER_LEASE)
+    running = asyncio.create_task(holding.invoke_async("t1?", idempotency_token="t1"))
     await _until(holder.answering.is_set, WAIT, "the first turn's answer")
     try:
         waiting = asyncio.create_task(hosts.agent(ScriptedBedrock(), session=True).invoke_async("t2?"))
