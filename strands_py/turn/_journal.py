@@ -107,6 +107,9 @@ class Journal:
         self.max_step_bytes = max_step_bytes
         self.replayed_models = 0
         self.replayed_tools = 0
+        # Set when a tool call could not be marked started (a store error): the call did not run, and the run must
+        # not go on as if it had answered; its next model step raises this (see ``JournaledModel``).
+        self.broken: IdempotencyStoreError | None = None
         self.diverged_at: int | None = None
         self._length = stored  # entries as stored (parts counted), where the next append lands
         # Where an undecodable entry sits: cut there before the first append, so nothing lands after garbage.
@@ -261,11 +264,18 @@ class Journal:
         return tool_key is not None and _by_key(tool_key) in self._started
 
     async def record_started(self, tool_use_id: str, name: str, tool_key: str | None) -> None:
-        """Mark a tool call started, before it runs."""
+        """Mark a tool call started, before it runs.
+
+        Raises:
+            IdempotencyStoreError: The mark could not be written: the tool must not run. A tool run without its mark
+                would leave nothing to say it had started, and a resumed run would run it again: its side effect
+                twice. (A mark that was written although the store said otherwise makes the call uncertain on a
+                resume, which its policy settles.)
+        """
         entry: dict[str, Any] = {"k": _STARTED, "id": tool_use_id, "name": name}
         if tool_key is not None:
             entry["key"] = tool_key
-        await self._append(entry, f"start of tool {name}")
+        await self._append(entry, f"start of tool {name}", required=True)
 
     async def record_tool(self, tool_use_id: str, result: dict[str, Any], tool_key: str | None) -> None:
         """Journal a tool call's result."""
@@ -292,11 +302,19 @@ class Journal:
         self._length = length
         self._models = {n: found for n, found in self._models.items() if found[0] < length}
 
-    async def _append(self, entry: dict[str, Any], what: str) -> None:
+    async def _append(self, entry: dict[str, Any], what: str, *, required: bool = False) -> None:
+        """Journal ``entry``; a step that cannot be journaled runs again on a resume, unless it is ``required``.
+
+        Raises:
+            IdempotencyStoreError: A ``required`` entry could not be written (the store failed, or this run journals
+                nothing more after a failed cut).
+        """
         if self._cut_at is not None:
             cut_at, self._cut_at = self._cut_at, None
             await self._cut(cut_at)
         if self.max_step_bytes < 0:
+            if required:
+                raise IdempotencyStoreError(f"{what} could not be journaled: this run journals nothing more")
             return
         try:
             data = encode_value(entry)
@@ -323,6 +341,8 @@ class Journal:
                     await self._refused("a journal append was fenced off: the claim was lost")
                 self._length += 1
         except IdempotencyStoreError:
+            if required:
+                raise
             # Not journaled: on a resume the step runs again, as it would without a journal. A step split over
             # parts of which some landed ends in a part marked "more": the reader stops there.
             logger.warning(

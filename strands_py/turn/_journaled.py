@@ -20,11 +20,15 @@ from strands.types._events import ToolResultEvent
 from strands.types.tools import AgentTool, ToolSpec
 
 from ..idempotency._context import run_context_of
+from ..types.exceptions import IdempotencyStoreError
 from ..types.journal import UncertainTool
 from ._journal import Journal, complete_response, recorded, replay_chunks, request_digest
 
 logger = logging.getLogger(__name__)
 
+# What the (failing) run's tool result says when its call could not be marked started; the run fails before the
+# model reads it, so no conversation keeps it.
+NOT_STARTED_REPORT = "Not run: the idempotency store could not record the start of this tool call."
 UNCERTAIN_REPORT = (
     "The outcome of this tool call is unknown: it was started, but the process running it stopped before it "
     "finished, so its effect may or may not have happened. Do not assume either; check before doing it again."
@@ -54,7 +58,14 @@ class JournaledModel:
         system_prompt: str | None = None,
         **kwargs: Any,
     ) -> AsyncGenerator[Any, None]:
-        """The model's streamed response: journaled chunks for a journaled request, else the live stream."""
+        """The model's streamed response: journaled chunks for a journaled request, else the live stream.
+
+        Raises:
+            IdempotencyStoreError: A tool call of this run could not be marked started, so it did not run: the run
+                fails here rather than answer without it (its retry resumes, and runs that call once).
+        """
+        if self.journal.broken is not None:
+            raise self.journal.broken
         digest = request_digest(
             messages, tool_specs, system_prompt, kwargs.get("system_prompt_content"), kwargs.get("tool_choice")
         )
@@ -121,7 +132,17 @@ class JournaledTool(AgentTool):
                 yield ToolResultEvent(settled)  # type: ignore[arg-type]
                 return
         else:
-            await journal.record_started(tool_use_id, self.tool_name, tool_key)
+            try:
+                await journal.record_started(tool_use_id, self.tool_name, tool_key)
+            except IdempotencyStoreError as e:
+                # Not marked, so not run (see record_started). strands turns whatever a tool raises into an error
+                # result and goes on: the model must not see it, so the run fails at its next model step instead.
+                journal.broken = e
+                logger.warning("tool=<%s> | could not mark the tool call started: not running it", self.tool_name)
+                yield ToolResultEvent(
+                    {"toolUseId": tool_use_id, "status": "error", "content": [{"text": NOT_STARTED_REPORT}]}
+                )
+                return
         last: Any = None
         async for event in self.wrapped.stream(tool_use, invocation_state, **kwargs):
             if isinstance(event, ToolResultEvent):

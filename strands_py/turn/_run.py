@@ -11,7 +11,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from strands.agent.agent_result import AgentResult
 
@@ -155,6 +155,11 @@ async def durable_stream(
             if found is not None:
                 cancelled = cancelled or isinstance(found, InvocationCancelledError)
                 raise found from e
+            # Likewise a store that failed under the run (a tool call it could not mark started): the caller learns
+            # a store error (HTTP: 503, retry), not a failed agent.
+            outage = _cause_of(e, IdempotencyStoreError)
+            if outage is not None and outage is not e:
+                raise outage from e
             raise
     finally:
         if context.journal is not None:
@@ -285,10 +290,18 @@ async def _settle(call: DurableCall, result: AgentResult, session: SessionTurn |
 
 def _lost_in(error: BaseException) -> IdempotencyLeaseLostError | None:
     """The lost claim behind ``error``, if any (looked for in what it was raised from)."""
+    return _cause_of(error, IdempotencyLeaseLostError)
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _cause_of(error: BaseException, kind: type[_E]) -> _E | None:
+    """The first ``kind`` in ``error``'s chain (itself, then what it was raised from), if any."""
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, IdempotencyLeaseLostError):
+        if isinstance(cause, kind):
             return cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
