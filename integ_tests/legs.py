@@ -1,7 +1,7 @@
 """The two compat legs of ``hatch run prepare`` at once: (Python 3.10, strands-agents 1.30.0) and (3.13, newest).
 
 Most of the suite waits (for servers, processes, leases), so the legs share the machine's cores well: run one after
-the other they took about 42 minutes, side by side about 30. Each leg's lines are printed as they come, prefixed
+the other they took about 42 minutes, side by side 22 (1307 s). Each leg's lines are printed as they come, prefixed
 with the leg's name; the exit status is non-zero when either leg failed. Coverage data files are per process
 (``parallel = true``), so ``coverage combine`` afterwards sees both legs.
 
