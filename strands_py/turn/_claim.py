@@ -172,7 +172,7 @@ async def claim_or_wait(
 
     Returns:
         The completed record (or None when we claimed it), the monotonic time our winning write was sent, and
-        whether the claim was taken over from another owner (whose journal it carries).
+        whether the claim may have been taken over from another owner (then it carries that owner's journal).
 
     Raises:
         IdempotencyKeyMismatchError: The key's record is another request's.
@@ -185,18 +185,24 @@ async def claim_or_wait(
     watch = LeaseWatch()
     existing: IdempotencyRecord | None = seen
     read_at = time.monotonic()
+    # Set once a takeover of ours was sent: from then on, a record of ours that a claim meets may be that takeover,
+    # landed although its answer said otherwise (a client's retry of the write met the write itself and failed its
+    # version condition: botocore and redis-py retry after a dropped connection). It carries the dead owner's
+    # journal, which must be read, or the resumed run pays for its steps, and runs its tools, again.
+    took_over = False
     while True:
         if existing is None:
             sent = time.monotonic()
             existing = await claim_or_hand_back(
                 store.claim(call.claim_record(time.time()), time.time()),
                 lambda found: found is None or found.owner == call.owner,
-                call.release,
+                call.yield_claim if took_over else call.release,
             )
             read_at = time.monotonic()
             if existing is None or call.owns(existing):
-                logger.debug("key=<%s> | claimed", key)
-                return None, sent, False
+                # A store answers a claim that meets our own record either way (claimed, or that record).
+                logger.debug("key=<%s>, took_over=<%s> | claimed", key, took_over)
+                return None, sent, took_over
             logger.debug("key=<%s>, state=<%s> | token already claimed", key, existing.state.value)
             if existing.state is RecordState.IN_PROGRESS:
                 telemetry.add_event(span, telemetry.EVENT_WAITING_FOR_OWNER, {"key": key})
@@ -218,8 +224,11 @@ async def claim_or_wait(
             continue
         if wait <= 0:
             sent = time.monotonic()
+            took_over = True
+            # A takeover that may have landed unused is yielded, not released: a release would delete the dead
+            # owner's journal with the record, and the next retry would run its completed steps again.
             won = await claim_or_hand_back(
-                store.take_over(call.claim_record(time.time()), existing.version), lambda won: won, call.release
+                store.take_over(call.claim_record(time.time()), existing.version), lambda won: won, call.yield_claim
             )
             if won:
                 logger.debug("key=<%s> | previous owner judged gone, took its claim over", key)

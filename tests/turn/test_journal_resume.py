@@ -416,3 +416,92 @@ async def test_negative_control_a_tool_run_without_its_start_mark_runs_again_on_
 
     monkeypatch.setattr(Journal, "record_started", logged_only)
     await test_a_tool_call_that_cannot_be_marked_started_does_not_run_and_runs_once_on_the_retry(tmp_path)
+
+
+# -- a takeover whose answer was lost ---------------------------------------------------------------------------------
+
+
+class _TakeoverAnswerLost(CountingStore):
+    """The first takeover lands, and then its caller hears otherwise.
+
+    ``"refused"``: the connection dropped after the write was applied and the client sent it again; the retry met the
+    write itself and failed its version condition (botocore's and redis-py's retries do exactly this).
+    ``"raised"``: the client gave up (a read timeout after its retries): the call raises although the write landed.
+    """
+
+    def __init__(self, inner: IdempotencyStore, heard: str) -> None:
+        super().__init__(inner)
+        self.heard = heard
+        self.lost = False
+
+    async def take_over(self, record: Any, version: str) -> bool:
+        won = await super().take_over(record, version)
+        if won and not self.lost:
+            self.lost = True
+            if self.heard == "raised":
+                raise TimeoutError("read timeout on endpoint URL (the UpdateItem was applied)")
+            return False
+        return won
+
+
+async def _takeover_answer_lost(tmp_path: Path, heard: str) -> tuple[_Script, _Script]:
+    """Host A dies at its answer (its tool result journaled); host B's takeover lands but B hears otherwise. Returns
+    A's script and the script of the run that answered (B's, or B's retry's when B's call failed)."""
+    hosts = _Hosts(tmp_path)
+    dead = _Script("answer")
+    with _no_heartbeats():
+        first = asyncio.create_task(hosts.agent(dead).invoke_async("weather in Paris?", idempotency_token="t1"))
+        await _until(dead.stopped.is_set, WAIT, "host A to stop at its answer")
+    try:
+        resumed = _Script()
+        config = dataclasses.replace(hosts.config, store=_TakeoverAnswerLost(hosts.inner, heard))
+        taker = Agent(model=resumed.model(), tools=resumed.tools(), callback_handler=None, idempotency=config)
+        if heard == "raised":
+            # The store error reaches B's caller (HTTP: 503); its retry, from another host, resumes.
+            with pytest.raises(IdempotencyStoreError):
+                await asyncio.wait_for(taker.invoke_async("weather in Paris?", idempotency_token="t1"), WAIT)
+            resumed = _Script()
+            taker = hosts.agent(resumed)
+        result = await asyncio.wait_for(taker.invoke_async("weather in Paris?", idempotency_token="t1"), WAIT)
+    finally:
+        dead.release.set()
+        await asyncio.wait([first], timeout=WAIT)
+    assert _text(result) == STUB_ANSWER
+    return dead, resumed
+
+
+@pytest.mark.parametrize("heard", ["refused", "raised"])
+async def test_a_takeover_whose_answer_was_lost_still_resumes_from_the_journal(tmp_path: Path, heard: str) -> None:
+    # Was (seen by the DynamoDB chaos run, a store connection dropped mid-takeover): botocore sent the takeover again,
+    # the retry met the takeover itself and failed its version condition; the claim that followed found a record of
+    # ours and counted it as a fresh claim, so the journal was never read and both completed tools ran again. And a
+    # takeover that raised after landing was handed back by a release, which deleted the dead owner's journal.
+    dead, resumed = await _takeover_answer_lost(tmp_path, heard)
+    assert (dead.model_calls, dead.tool_calls) == (2, 1)
+    assert (resumed.model_calls, resumed.tool_calls) == (1, 0), "a journaled step was paid again"
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: our own takeover read as a claim")
+async def test_negative_control_a_takeover_met_again_counts_as_a_fresh_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from strands_py.turn import _run
+
+    real = _run.claim_or_wait
+
+    async def fresh_when_met_again(call: DurableCall, *args: Any, **kwargs: Any) -> Any:
+        completed, sent, took_over = await real(call, *args, **kwargs)
+        store = call.config.store
+        # The old claim: only a takeover whose answer said so counted as one.
+        return completed, sent, took_over and not (isinstance(store, _TakeoverAnswerLost) and store.lost)
+
+    monkeypatch.setattr(_run, "claim_or_wait", fresh_when_met_again)
+    await test_a_takeover_whose_answer_was_lost_still_resumes_from_the_journal(tmp_path, "refused")
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: a landed takeover released")
+async def test_negative_control_a_takeover_that_raised_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DurableCall, "yield_claim", DurableCall.release)  # the old hand-back, the journal deleted
+    await test_a_takeover_whose_answer_was_lost_still_resumes_from_the_journal(tmp_path, "raised")
