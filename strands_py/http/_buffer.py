@@ -105,6 +105,8 @@ class EventBuffer:
         """Wake every follower: directly on this loop, one thread-safe hop per other loop."""
         with self._lock:
             self._version += 1
+            if not self._waiters:
+                return  # nobody waits (a follower catches up in batches): the common case of a streamed run
             waiters, self._waiters = self._waiters, []
         try:
             here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -212,6 +214,9 @@ class EventBuffer:
         this run's up to its frontier; once the frontier is known and lies before ``seen``, a ``rewind`` to it comes
         first, then this run's events after it.
 
+        Each item is every frame that arrived since the last one, joined: a follower that fell behind (a run that
+        produced a burst of events while its follower waited for the loop) catches up in one write.
+
         Closing the iterator (the client went away) stops following only; the run carries on.
         """
         while True:
@@ -224,8 +229,10 @@ class EventBuffer:
                 with self._lock:
                     start = bisect.bisect_right(self._positions, frontier)
                 continue
-            for event in events:
-                yield event.frame
+            if len(events) == 1:
+                yield events[0].frame
+            elif events:
+                yield b"".join(event.frame for event in events)
             start += len(events)
             if finished and not events:
                 return

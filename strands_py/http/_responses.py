@@ -15,9 +15,10 @@ from ._protocol import ProblemError
 class EventStreamResponse(StreamingResponse):
     """``text/event-stream``, never cached or buffered by proxies; it stops writing as soon as the client is gone.
 
-    A replay sends its whole buffer without waiting for anything: written back to back, the frames after a client
-    went away would each reach a closed socket (asyncio logs ``socket.send() raised exception.`` for each) before
-    the server had a turn to notice. So each frame is followed by one turn of the event loop, in which the server
+    ``content`` yields bytes holding one or more frames (a follower that fell behind catches up in one write). A
+    stream that never waits (a long run followed late) would write back to back, and the writes after a client went
+    away would each reach a closed socket (asyncio logs ``socket.send() raised exception.`` for each) before the
+    server had a turn to notice. So each write is followed by one turn of the event loop, in which the server
     sees a lost connection (and its ``send`` stops writing), and a task watching for ``http.disconnect`` ends the
     stream, while it waits for the run's next event too. A server that raises ``OSError`` on a send to a client that
     went away (ASGI 2.4) ends it the same way. The run itself carries on either way.
@@ -50,8 +51,8 @@ class EventStreamResponse(StreamingResponse):
         async with aclosing(self._frames):  # type: ignore[type-var]
             try:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-                async for frame in self._frames:
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                async for frames in self._frames:
+                    await send({"type": "http.response.body", "body": frames, "more_body": True})
                     # One turn of the loop: a connection lost during that write is noticed before the next one.
                     await asyncio.sleep(0)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -151,7 +151,7 @@ class Run(EventBuffer):
             stream = await open_stream()
             async with aclosing(stream):  # type: ignore[type-var]
                 async for event in stream:
-                    wire = list(translator.translate(event))
+                    wire = translator.translate(event)
                     if wire and not self.decided:
                         # Decided by the first event a client would see: until then a failure is a status code.
                         result = result_of(event)

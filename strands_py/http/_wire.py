@@ -36,14 +36,12 @@ import datetime
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 from strands.agent.agent_result import AgentResult
-
-from .._events import result_of
 
 REPLAY_TAG = "r"
 
@@ -182,26 +180,28 @@ class EventTranslator:
         """A translator for a new run."""
         self._tools_seen: set[str] = set()
 
-    def translate(self, event: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield the wire events of one strands event."""
+    def translate(self, event: Any) -> Sequence[tuple[str, dict[str, Any]]]:
+        """The wire events of one strands event (most have none: a shared empty tuple, nothing allocated)."""
         if not isinstance(event, dict):
-            return
-        result = result_of(event)
-        if result is not None:
-            yield "result", result_body(result)
-            return
-        text = event.get("data")
+            return ()
+        get = event.get
+        result = get("result")
+        if isinstance(result, AgentResult):
+            return [("result", result_body(result))]
+        wire: list[tuple[str, dict[str, Any]]] = []
+        text = get("data")
         if isinstance(text, str) and text:
-            yield "data", {"text": text}
-        reasoning = event.get("reasoningText")
+            wire.append(("data", {"text": text}))
+        reasoning = get("reasoningText")
         if isinstance(reasoning, str) and reasoning:
-            yield "reasoning", {"text": reasoning}
-        tool = event.get("current_tool_use")
+            wire.append(("reasoning", {"text": reasoning}))
+        tool = get("current_tool_use")
         if isinstance(tool, dict):
             tool_use_id = tool.get("toolUseId")
             if isinstance(tool_use_id, str) and tool_use_id not in self._tools_seen:
                 self._tools_seen.add(tool_use_id)
-                yield "tool_use", {"tool_use_id": tool_use_id, "name": tool.get("name")}
-        message = event.get("message")
+                wire.append(("tool_use", {"tool_use_id": tool_use_id, "name": tool.get("name")}))
+        message = get("message")
         if isinstance(message, dict):
-            yield "message", {"message": message}
+            wire.append(("message", {"message": message}))
+        return wire
