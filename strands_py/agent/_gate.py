@@ -112,6 +112,7 @@ class _Begun:
     claimed_at: float | None = None
     seen: IdempotencyRecord | None = None
     consumed: bool = field(default=False, repr=False)
+    refusal: _Refusal | None = field(default=None, repr=False)
 
 
 def begin(agent: Agent, prompt: Any, token: Any, kwargs: dict[str, Any]) -> _Begun:
@@ -225,6 +226,14 @@ async def run(agent: Agent, prompt: Any, begun: _Begun, *, stream_duplicate: boo
             yield event
     except Exception as e:
         error = e
+        refusal = begun.refusal
+        if call is not None and refusal is not None and isinstance(e, InterruptStateError) and refusal.refused(e):
+            # The durable stream ended (its claim yielded, with its journal, for a retry of the same request). A
+            # refused call ran nothing, and its retry is another request (a corrected answer, another fingerprint),
+            # which a yielded claim would refuse as a key reused: the claim is released instead, fenced on its owner
+            # (a claim another caller took over in between is left to it).
+            logger.debug("key=<%s> | refused by the interrupt check, releasing the claim", call.key)
+            await shielded(call.release())
         raise
     finally:
         try:
@@ -247,7 +256,7 @@ def _events(agent: Agent, prompt: Any, begun: _Begun) -> AsyncGenerator[Any, Non
         return agent._follow_primary(begun.other, kwargs, stream_duplicate=True)
     if call is not None:
         session = agent._session_turn(begun.session_id, call.owner, prompt)
-        refusal = _Refusal(session)
+        refusal = begun.refusal = _Refusal(session)
 
         def primary(context: _RunContext) -> AsyncGenerator[Any, None]:
             if session is None:
@@ -255,7 +264,7 @@ def _events(agent: Agent, prompt: Any, begun: _Begun) -> AsyncGenerator[Any, Non
                 refusal.check(agent, prompt)
             return agent._upstream_stream(prompt, kwargs, context)
 
-        events = durable_stream(
+        return durable_stream(
             call,
             agent._callback_handler_for(kwargs),
             primary,
@@ -264,7 +273,6 @@ def _events(agent: Agent, prompt: Any, begun: _Begun) -> AsyncGenerator[Any, Non
             claimed_at=begun.claimed_at,
             seen=begun.seen,
         )
-        return _release_when_refused(events, call, refusal)
     if agent.idempotency is not None and begun.session_id is not None:
         turn = agent._session_turn(begun.session_id, uuid.uuid4().hex, prompt)
         assert turn is not None
@@ -289,27 +297,6 @@ class _Refusal:
     def refused(self, error: BaseException) -> bool:
         found = self.error if self.session is None else self.session.refused
         return found is not None and found is error
-
-
-async def _release_when_refused(
-    events: AsyncGenerator[Any, None], call: DurableCall, refusal: _Refusal
-) -> AsyncGenerator[Any, None]:
-    """The durable stream; a call the interrupt check refused leaves its token free for a corrected call.
-
-    The turn layer yields the claim of a run that ended without a result (its journal kept, so that the retry of the
-    same request resumes). A refused call ran nothing, and its retry is another request (a corrected answer, another
-    fingerprint), which a yielded claim would refuse as a key reused: the claim is released instead, fenced on its
-    owner (a claim another caller took over in between is left to it).
-    """
-    try:
-        async with aclosing(events):
-            async for event in events:
-                yield event
-    except InterruptStateError as e:
-        if refusal.refused(e):
-            logger.debug("key=<%s> | refused by the interrupt check, releasing the claim", call.key)
-            await shielded(call.release())
-        raise
 
 
 def replay_blocking(agent: Agent, begun: _Begun) -> AgentResult | None:

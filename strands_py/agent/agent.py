@@ -223,16 +223,18 @@ class Agent(strands.Agent):
                 last = event
         return cast(AgentResult, last["result"])
 
-    async def _gate(
+    def _gate(
         self, prompt: Any, idempotency_token: Any, kwargs: dict[str, Any], *, stream_duplicate: bool
     ) -> AsyncGenerator[Any, None]:
-        """The one gate every invocation passes; see ``stream_async`` and ``_gate.py``."""
+        """The one gate every invocation passes (see ``stream_async`` and ``_gate.py``): decided now, run as iterated.
+
+        Not a generator of its own: every event already passes through ``_gate.run``, and one layer fewer is one
+        resumption fewer per event. Its caller iterates the stream at once (nothing may take the agent in between).
+        """
         begun = kwargs.pop(_gate.HANDOFF, None) if _gate.HANDOFF in kwargs else None
         if begun is None:
             begun = _gate.begin(self, prompt, idempotency_token, kwargs)
-        async with aclosing(_gate.run(self, prompt, begun, stream_duplicate=stream_duplicate)) as events:
-            async for event in events:
-                yield event
+        return _gate.run(self, prompt, begun, stream_duplicate=stream_duplicate)
 
     async def cancel_invocation(self, idempotency_token: Any, *, session_id: str | None = None) -> RecordState | None:
         """Cancel the durable invocation of ``idempotency_token``, wherever it runs.
@@ -323,16 +325,13 @@ class Agent(strands.Agent):
         """``strands.Agent.stream_async`` for this call; the token is never passed on.
 
         strands-agents < 1.45 does not know ``idempotency_token``; newer ones would deduplicate a second time. A
-        durable run's context travels in ``invocation_state``, which strands hands to hooks and tools.
+        durable run's context travels in ``invocation_state``, which strands hands to hooks and tools: set up here,
+        undone by ``context.close()``, which whoever closes the returned stream calls (the turn layer). Upstream's
+        own generator is returned, not wrapped: every event of the run passes one layer fewer.
         """
         if context is None:
             # Annotated upstream as an AsyncIterator, but it is an async generator: we need its aclose().
             return cast(AsyncGenerator[Any, None], super().stream_async(prompt, **kwargs))
-        return self._upstream_stream_with_context(prompt, kwargs, context)
-
-    async def _upstream_stream_with_context(
-        self, prompt: Any, kwargs: dict[str, Any], context: _RunContext
-    ) -> AsyncGenerator[Any, None]:
         # The caller's own invocation_state object is passed on (as upstream does, tools may write to it for the
         # caller to read), with our entry in it for the duration of the run.
         state = kwargs.get("invocation_state")
@@ -343,17 +342,14 @@ class Agent(strands.Agent):
         if context.journal is not None:
             # For this run only (the agent runs one invocation at a time): model calls go through the journal.
             self.model = cast(Any, JournaledModel(model, context.journal))
-        upstream = cast(
-            AsyncGenerator[Any, None], super().stream_async(prompt, **{**kwargs, "invocation_state": state})
-        )
-        try:
-            async with aclosing(upstream):
-                async for event in upstream:
-                    yield event
-        finally:
+
+        def restore() -> None:
             self.model = model
             if state.get(STATE_KEY) is context:
                 del state[STATE_KEY]
+
+        context.on_close(restore)
+        return cast(AsyncGenerator[Any, None], super().stream_async(prompt, **{**kwargs, "invocation_state": state}))
 
     def _before_tool_call(self, event: BeforeToolCallEvent) -> None:
         """Give the tool call its idempotency key; refuse to start it once this primary's lease is lost."""

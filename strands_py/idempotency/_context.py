@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .keys import tool_call_key
@@ -41,6 +42,17 @@ class _RunContext:
         self._mutex = threading.Lock()
         self._occurrences: Counter[tuple[str, str]] = Counter()
         self._by_tool_use_id: dict[str, str] = {}
+        self._closers: list[Callable[[], None]] = []
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Have ``closer`` called once the run's stream is closed (what its start set up for the run only)."""
+        self._closers.append(closer)
+
+    def close(self) -> None:
+        """Call the closers, the last registered first, each once; by whoever closed the run's stream."""
+        closers, self._closers = self._closers, []
+        for closer in reversed(closers):
+            closer()
 
     def lease_lost(self) -> bool:
         """Whether this primary lost (or let lapse) one of its leases: it must not start anything more."""

@@ -169,7 +169,10 @@ async def durable_stream(
         finally:
             try:
                 if events is not None:
-                    await events.aclose()
+                    try:
+                        await events.aclose()
+                    finally:
+                        context.close()  # what the primary's start set up for the run (see _RunContext.on_close)
             except Exception as e:
                 # Cleanup that failed after the run lost its claim (a session write refused while strands closes, say)
                 # failed because of that loss: the loss is what the caller must learn, not the refused write.
@@ -325,9 +328,11 @@ async def locked_stream(
     """
     events: AsyncGenerator[Any, None] | None = None
     committed = False
+    context = _RunContext(key=None, hmac_key=None, leases=[])
     try:
         await session.begin(None)
-        context = _RunContext(key=None, hmac_key=None, leases=[session.lease] if session.lease is not None else [])
+        if session.lease is not None:
+            context.leases.append(session.lease)
         events = run_primary(context)
         async for event in events:
             session.check()
@@ -341,7 +346,10 @@ async def locked_stream(
     finally:
         try:
             if events is not None:
-                await events.aclose()
+                try:
+                    await events.aclose()
+                finally:
+                    context.close()
         finally:
             if not committed:
                 await shielded(session.abort())
