@@ -12,10 +12,11 @@ Under a pause (a VM or process stopped past its lease), the owner finds its leas
 stops before doing more; its writes are fenced on its owner id anyway. A paused waiter resumes with a judgement that
 the compare-and-set refuses if the owner renewed meanwhile.
 
-While the primary runs, a task on its own event loop (no thread) renews every ``lease_seconds / 3``, so a crashed
-owner is taken over about one lease after its last renewal (plus one poll), and no invocation is too long for its
-lease. The lease is lost when a renewal is fenced off (someone took the claim over) or when no renewal succeeded for a
-whole lease (the store is unreachable, or this process was paused): the owner must then stop before doing more.
+While the primary runs, a task on its own event loop (no thread; started when the first renewal is due, so a short
+run starts none) renews every ``lease_seconds / 3``, so a crashed owner is taken over about one lease after its last
+renewal (plus one poll), and no invocation is too long for its lease. The lease is lost when a renewal is fenced off
+(someone took the claim over) or when no renewal succeeded for a whole lease (the store is unreachable, or this process
+was paused): the owner must then stop before doing more.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from ..types.exceptions import IdempotencyLeaseLostError, InvocationCancelledError
 from ._calls import _store
@@ -79,16 +81,32 @@ class _Lease:
         self.renewals = 0
         self._on_lost = on_lost
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._first_due = 0.0
+        self._renewals: Callable[[], Coroutine[Any, Any, None]] = self._renew_forever
         self._stopping = False
 
     def start(self) -> None:
-        """Start renewing on the running loop."""
-        if self._task is None:
+        """Start renewing on the running loop: the first renewal a third of a lease from now."""
+        if self._task is None and self._timer is None:
             self._stopping = False
-            self._task = asyncio.get_running_loop().create_task(self._renew_forever(), name="strands-py-heartbeat")
+            interval = self.lease_seconds / 3
+            self._first_due = time.monotonic() + interval
+            self._renewals = self._renew_forever  # the heartbeat as it is at the start, even if it starts later
+            # The renewal task is started only when the first renewal is due: most runs end before it, and a task
+            # started and cancelled for each of them would cost more than the rest of the run's bookkeeping.
+            self._timer = asyncio.get_running_loop().call_later(interval, self._begin)
+
+    def _begin(self) -> None:
+        self._timer = None
+        if not self._stopping and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._renewals(), name="strands-py-heartbeat")
 
     async def stop(self) -> None:
-        """Stop renewing; returns once the renewal task has ended. Safe to call several times."""
+        """Stop renewing; returns once the renewal task (if it started) has ended. Safe to call several times."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         task, self._task = self._task, None
         if task is None or task.done():
             return
@@ -164,7 +182,7 @@ class _Lease:
 
     async def _renew_forever(self) -> None:
         interval = self.lease_seconds / 3
-        delay = interval
+        delay = max(0.0, self._first_due - time.monotonic())
         while not self._stopping:
             await asyncio.sleep(delay)
             remaining = self.valid_until - time.monotonic()

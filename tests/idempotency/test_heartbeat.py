@@ -220,7 +220,8 @@ async def test_a_store_unreachable_for_a_whole_lease_loses_the_lease() -> None:
     agent = _agent(script, store)
     primary = asyncio.create_task(agent.invoke_async("weather?", idempotency_token="req-1"))
     await _until(script.entered.is_set, WAIT, "the primary's model call")
-    await _until(lambda: not _heartbeats(), WAIT, "the heartbeat to give up")
+    # The heartbeat task starts when the first renewal is due: it has once it tried one.
+    await _until(lambda: store.calls["renew"] >= 1 and not _heartbeats(), WAIT, "the heartbeat to give up")
     gate.set()
     with pytest.raises(IdempotencyLeaseLostError, match="whole lease"):
         await asyncio.wait_for(primary, WAIT)
@@ -238,7 +239,8 @@ async def test_no_heartbeat_outlives_its_invocation(ending: str) -> None:
     stream = agent.stream_async("weather?", idempotency_token="req-1")
     consumer = asyncio.create_task(_drain(stream))
     await _until(script.entered.is_set, WAIT, "the model call")
-    assert len(_heartbeats()) == 1
+    # Started when its first renewal is due (a third of a lease in), while the model call waits for the gate.
+    await _until(lambda: len(_heartbeats()) == 1, WAIT, "the heartbeat to start")
     if ending == "cancel":
         consumer.cancel()
     elif ending == "aclose":
