@@ -53,7 +53,11 @@ class EventBuffer:
         self._lineage = ""
         self.frontier: int | None = None
         self._version = 0
+        # Followers of the events (``changed``), woken by every change; and waiters for a state (``wait``: decided,
+        # finished, settled...), which an appended event never changes: not woken by events, so a JSON answer waits
+        # for its result without a wake-up per event.
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._state_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.decided = False
         self.replayed = False
         self.finished = False
@@ -91,7 +95,7 @@ class EventBuffer:
             if len(self._events) < self._max_events or name in _WHOLE_EVENTS:
                 self._events.append(frame(self._tag, self._count, name, dumps(data)))
                 self._positions.append(self._count)
-        self._notify()
+        self._notify(state=False)
 
     def _finish(self) -> None:
         with self._lock:
@@ -101,13 +105,19 @@ class EventBuffer:
             self.finished_wall = time.time()
         self._notify()
 
-    def _notify(self) -> None:
-        """Wake every follower: directly on this loop, one thread-safe hop per other loop."""
+    def _notify(self, *, state: bool = True) -> None:
+        """Wake every follower, and every state waiter unless only an event was appended.
+
+        Directly on this loop; one thread-safe hop per other loop.
+        """
         with self._lock:
             self._version += 1
-            if not self._waiters:
-                return  # nobody waits (a follower catches up in batches): the common case of a streamed run
             waiters, self._waiters = self._waiters, []
+            if state and self._state_waiters:
+                waiters.extend(self._state_waiters)
+                self._state_waiters = []
+            if not waiters:
+                return  # nobody waits (a follower catches up in batches): the common case of a streamed run
         try:
             here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -180,12 +190,16 @@ class EventBuffer:
 
         Cancellation: only this waiter's own future is cancelled. Thread-safe: any loop may wait.
         """
+        return await self._changed(version, timeout, state=False)
+
+    async def _changed(self, version: int, timeout: float | None, *, state: bool) -> bool:
+        """``changed``; with ``state``, only a change of state wakes it (not an appended event)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             if self._version != version:
                 return True
-            self._waiters.append((loop, future))
+            (self._state_waiters if state else self._waiters).append((loop, future))
         try:
             # asyncio.wait, not wait_for or asyncio.timeout: it cancels nothing on a timeout, so it can never swallow
             # a cancellation of our caller (wait_for can on 3.10 and 3.11), and it exists on every supported Python.
@@ -194,7 +208,7 @@ class EventBuffer:
         finally:
             with self._lock:  # cancelled (or timed out): leave no waiter behind; notified: already gone
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove((loop, future))
+                    (self._state_waiters if state else self._waiters).remove((loop, future))
 
     async def wait(self: _Buffer, condition: Callable[[_Buffer], bool]) -> None:
         """Wait until ``condition(run)`` holds (``decided``, ``finished``, ``settled``).
@@ -205,7 +219,7 @@ class EventBuffer:
             version = self.state()
             if condition(self):
                 return
-            await self.changed(version)
+            await self._changed(version, None, state=True)
 
     async def events(self, start: int, keepalive_seconds: float, seen: int = 0) -> AsyncIterator[bytes]:
         """The SSE frames from index ``start`` to the end of the run, live; a comment every ``keepalive_seconds``.
