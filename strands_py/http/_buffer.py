@@ -89,11 +89,13 @@ class EventBuffer:
                 self.frontier = self._count
             self._notify()
 
-    def _append(self, name: str, data: dict[str, Any]) -> None:
+    def _append(self, name: str, data: dict[str, Any], encoded: str | None = None) -> None:
+        """Append one event; ``encoded``: ``dumps(data)``, when the caller has it already."""
         with self._lock:
             self._count += 1
             if len(self._events) < self._max_events or name in _WHOLE_EVENTS:
-                self._events.append(frame(self._tag, self._count, name, dumps(data)))
+                text = dumps(data) if encoded is None else encoded
+                self._events.append(frame(self._tag, self._count, name, text))
                 self._positions.append(self._count)
         self._notify(state=False)
 

@@ -242,7 +242,7 @@ class Run(EventBuffer):
         if self._timer is not None:
             self._timer.cancel()  # the result exists: storing it must not be cut short
         self.result_json = dumps(body)
-        self._append("result", body)
+        self._append("result", body, self.result_json)  # encoded once: the JSON body and the event's data
         self._finish()
 
     def _finish_error(self, problem: Problem) -> None:
