@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # What the (failing) run's tool result says when its call could not be marked started; the run fails before the
 # model reads it, so no conversation keeps it.
 NOT_STARTED_REPORT = "Not run: the idempotency store could not record the start of this tool call."
+LEASE_LOST_REPORT = "Not run: this invocation lost its idempotency lease before the tool call started."
 UNCERTAIN_REPORT = (
     "The outcome of this tool call is unknown: it was started, but the process running it stopped before it "
     "finished, so its effect may or may not have happened. Do not assume either; check before doing it again."
@@ -143,6 +144,15 @@ class JournaledTool(AgentTool):
                     {"toolUseId": tool_use_id, "status": "error", "content": [{"text": NOT_STARTED_REPORT}]}
                 )
                 return
+        if context is not None and context.lease_lost():
+            # The lease ran out while the call was marked (a slow store) or reconciled: another owner may have taken
+            # the claim over by now, found the mark, and settled the call by its policy (run it again, say). Running
+            # it here too could be its effect twice. The run stops at its next step, on the lost lease.
+            logger.warning("tool=<%s> | the lease ran out before the tool call started: not running it", self.tool_name)
+            yield ToolResultEvent(
+                {"toolUseId": tool_use_id, "status": "error", "content": [{"text": LEASE_LOST_REPORT}]}
+            )
+            return
         last: Any = None
         async for event in self.wrapped.stream(tool_use, invocation_state, **kwargs):
             if isinstance(event, ToolResultEvent):
