@@ -145,12 +145,21 @@ class _DropFirstStream:
             nonlocal data_events, ended
             if ended:
                 return  # the client is gone as far as this response is concerned
-            await send(message)
-            if message["type"] == "http.response.body" and b"event: data" in message.get("body", b""):
-                data_events += 1
-                if data_events == self.after:
-                    ended = True
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            # A body may hold several frames (a follower catching up): cut it right after the ``after``-th data event.
+            kept = []
+            for frame in message.get("body", b"").split(b"\n\n")[:-1]:
+                kept.append(frame + b"\n\n")
+                if b"event: data" in frame:
+                    data_events += 1
+                    if data_events == self.after:
+                        ended = True
+                        break
+            await send({**message, "body": b"".join(kept)})
+            if ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         await self.app(scope, receive, dropping_send)
 

@@ -11,6 +11,7 @@ import logging
 import socket
 import struct
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from strands_py.http import AgentApp
+from strands_py.http._buffer import EventBuffer
 from strands_py.http._responses import EventStreamResponse
 from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore
 
@@ -57,7 +59,16 @@ async def test_a_client_closing_a_replay_early_leaves_no_warning_per_event(
     stream: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if stream == "old":
+        # The old stream: starlette's own response, sent a frame at a time with no turn of the loop in between.
         monkeypatch.setattr(EventStreamResponse, "__call__", StreamingResponse.__call__)
+        batched = EventBuffer.events
+
+        async def frame_by_frame(self: EventBuffer, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+            async for frames in batched(self, *args, **kwargs):
+                for frame in frames.split(b"\n\n")[:-1]:
+                    yield frame + b"\n\n"
+
+        monkeypatch.setattr(EventBuffer, "events", frame_by_frame)
     caplog.set_level(logging.WARNING, logger="asyncio")
     with scripted(answer=LONG_ANSWER) as script:
         app = AgentApp(script.factory())

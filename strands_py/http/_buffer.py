@@ -24,6 +24,10 @@ _WHOLE_EVENTS = frozenset({"message", "result", "error"})
 _Buffer = TypeVar("_Buffer", bound="EventBuffer")
 
 
+# At most this many frames are joined into one write of a follower that fell behind.
+_FRAMES_PER_WRITE = 16
+
+
 class EventBuffer:
     """The events of one run so far, and where its sequence stands; see the module's documentation.
 
@@ -230,8 +234,8 @@ class EventBuffer:
         this run's up to its frontier; once the frontier is known and lies before ``seen``, a ``rewind`` to it comes
         first, then this run's events after it.
 
-        Each item is every frame that arrived since the last one, joined: a follower that fell behind (a run that
-        produced a burst of events while its follower waited for the loop) catches up in one write.
+        Each item is the frames that arrived since the last one (up to 16), joined: a follower that fell behind (a
+        run that produced a burst of events while its follower waited for the loop) catches up in few writes.
 
         Closing the iterator (the client went away) stops following only; the run carries on.
         """
@@ -245,6 +249,10 @@ class EventBuffer:
                 with self._lock:
                     start = bisect.bisect_right(self._positions, frontier)
                 continue
+            if len(events) > _FRAMES_PER_WRITE:
+                # Caught up in writes of a bounded size: each is followed by a turn of the loop (see
+                # EventStreamResponse), in which a client that went away is noticed before the rest is written.
+                events = events[:_FRAMES_PER_WRITE]
             if len(events) == 1:
                 yield events[0].frame
             elif events:
