@@ -15,7 +15,7 @@ from ._protocol import ProblemError
 class EventStreamResponse(StreamingResponse):
     """``text/event-stream``, never cached or buffered by proxies; it stops writing as soon as the client is gone.
 
-    ``content`` yields bytes holding one or more frames (a follower that fell behind catches up in one write). A
+    ``content`` yields bytes holding one or more frames (a follower that fell behind catches up 16 frames a write). A
     stream that never waits (a long run followed late) would write back to back, and the writes after a client went
     away would each reach a closed socket (asyncio logs ``socket.send() raised exception.`` for each) before the
     server had a turn to notice. So each write is followed by one turn of the event loop, in which the server

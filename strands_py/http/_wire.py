@@ -181,7 +181,7 @@ class EventTranslator:
         self._tools_seen: set[str] = set()
 
     def translate(self, event: Any) -> Sequence[tuple[str, dict[str, Any]]]:
-        """The wire events of one strands event (most have none: a shared empty tuple, nothing allocated)."""
+        """The wire events of one strands event (most have none: an empty sequence)."""
         if not isinstance(event, dict):
             return ()
         get = event.get
