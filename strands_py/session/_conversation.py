@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from strands.session.repository_session_manager import RepositorySessionManager
@@ -98,11 +99,17 @@ class _Conversation:
                     )
         return json.dumps(document, separators=(",", ":"))
 
-    def rollback(self, checkpoint: str) -> None:
+    def rollback(self, checkpoint: str, still_ours: Callable[[], None]) -> None:
         """Restore the persisted conversation to ``checkpoint``, then re-read it.
+
+        ``still_ours`` raises once the lock this rollback runs under is lost: it is called before every write. A
+        repository has no fence of its own, so a holder paused (or slowed) past its lease must find out before each
+        deletion, not once before them all: by then the next holder may have rolled the same turn back and written
+        its own messages at the very ids this one is about to delete.
 
         Raises:
             ValueError: The checkpoint is not one of ours.
+            IdempotencyLeaseLostError: From ``still_ours``: the lock was lost; what was not yet written stays.
         """
         document = json.loads(checkpoint)
         if not isinstance(document, dict) or document.get("v") != _CHECKPOINT_VERSION:
@@ -111,15 +118,16 @@ class _Conversation:
         manager = self.manager
         if manager is None:
             return
-        removed = self._delete_messages_from(keep)
+        removed = self._delete_messages_from(keep, still_ours)
         if "agent" in document:
+            still_ours()
             manager.session_repository.update_agent(manager.session_id, SessionAgent.from_dict(document["agent"]))
         logger.info(
             "agent_id=<%s>, kept=<%d>, removed=<%d> | rolled back a crashed turn", self.agent.agent_id, keep, removed
         )
         self.reload()
 
-    def _delete_messages_from(self, keep: int) -> int:
+    def _delete_messages_from(self, keep: int, still_ours: Callable[[], None]) -> int:
         manager = self.manager
         assert manager is not None
         repository: Any = manager.session_repository
@@ -127,6 +135,7 @@ class _Conversation:
         doomed = [m.message_id for m in repository.list_messages(session_id, agent_id) if m.message_id >= keep]
         delete = getattr(repository, "delete_message", None)
         for message_id in doomed:
+            still_ours()
             if callable(delete):
                 delete(session_id, agent_id, message_id)
             elif hasattr(repository, "storage_dir"):  # FileSessionManager

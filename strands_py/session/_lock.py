@@ -46,6 +46,8 @@ _POLL_MAX_SECONDS = 1.0
 # A token's record is read again after a revocation that was fenced off (the token changed meanwhile): at most this
 # many times, since the only change that fences it off is its owner completing it, after which it no longer changes.
 _JUDGE_ATTEMPTS = 3
+# The send time of a record of ours whose write we do not know (none should be): its lease counts as long over.
+_NEVER = float("-inf")
 
 
 def _waited_in_vain(wait_timeout_seconds: float | None) -> SessionBusyError:
@@ -98,6 +100,9 @@ class SessionLock:
         self.lease_seconds = lease_seconds
         self.expires_after_seconds = expires_after_seconds
         self.claimed_at = 0.0
+        # When each record this lock wrote was sent (monotonic), by version: a record of ours met again is held from
+        # its own send, whichever attempt wrote it.
+        self._sent: dict[str, float] = {}
         self._ticket: Ticket | None = None
 
     async def acquire(
@@ -192,8 +197,11 @@ class SessionLock:
                 return _Attempt(taken=True)
             current, read_at = existing, time.monotonic()
         if current.owner == self.owner and current.state is RecordState.IN_PROGRESS:
-            # Our own earlier claim (its response was lost): it carries the verdict we wrote into it, if any.
-            self.claimed_at = time.monotonic()
+            # Our own earlier write (its answer was lost: redis-py and botocore send a write again after a dropped
+            # connection, and the retry meets the write itself): it carries the verdict we wrote into it, if any. Our
+            # lease counts from when that write was sent, not from now: a waiter may have watched its version since
+            # it landed, and may take it over a lease after that, however late its answer reached us.
+            self.claimed_at = self._sent.get(current.version, _NEVER)
             return _Attempt(taken=True, pending=pending_of(current))
         wait = watch.remaining(current, read_at)
         if wait > 0:
@@ -215,12 +223,13 @@ class SessionLock:
         if pending is not None:
             document["pending"] = pending
         now = time.time()
-        self.claimed_at = time.monotonic()
+        version = new_version()
+        self.claimed_at = self._sent[version] = time.monotonic()
         return IdempotencyRecord(
             key=self.key,
             state=RecordState.IN_PROGRESS,
             owner=self.owner,
-            version=new_version(),
+            version=version,
             lease_seconds=self.lease_seconds,
             expires_at=now + self.lease_seconds + self.expires_after_seconds,
             checkpoint=json.dumps(document, separators=(",", ":")),

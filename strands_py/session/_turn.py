@@ -5,7 +5,8 @@ The order is what makes a crash at any point leave one clean turn:
 1. (durable) the token is claimed first, so a retry of the same request joins or replays and never queues;
 2. the session lock is taken (or waited for); if its previous holder died mid-turn and that turn does not count
    (its token's result was not stored by it), the conversation is rolled back to the dead turn's checkpoint (the
-   verdict is made by the lock: see ``_lock.py``);
+   verdict is made by the lock: see ``_lock.py``); every deletion of that rollback first checks the lock's lease, so
+   a holder paused between taking the lock and rolling back never deletes a turn the next holder wrote meanwhile;
 3. the conversation is re-read under the lock, and the checkpoint (where it stands now) written into the lock record;
    the call is checked against the interrupts the conversation waits for (``_interrupts.py``): a call that does not
    fit them raises ``InterruptStateError`` here, before anything of it ran;
@@ -138,7 +139,10 @@ class SessionTurn:
         self._unfinished = previous
         if previous is not None:
             logger.info("key=<%s> | the previous turn's owner died mid-turn, rolling the conversation back", self.key)
-            self.conversation.rollback(previous["checkpoint"])
+            # Checked before every write of the rollback, not only here: a holder paused between taking the lock and
+            # rolling back (a stopped VM, a store answer slower than the lease) may resume after the next holder
+            # rolled the same turn back and wrote its own turn at the very message ids this rollback deletes.
+            self.conversation.rollback(previous["checkpoint"], self.check)
         else:
             self.conversation.reload()
         self._token_key = token_key
@@ -283,7 +287,7 @@ class SessionTurn:
                     release = False
                 else:
                     try:
-                        self.conversation.rollback(self.checkpoint)
+                        self.conversation.rollback(self.checkpoint, self.check)
                     except Exception:
                         # Keep the lock record (with its checkpoint) instead of deleting it: the next holder finds a
                         # turn whose token was not completed and rolls it back.

@@ -254,7 +254,7 @@ async def test_a_call_naming_a_session_is_locked_without_a_session_manager() -> 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
 async def test_negative_control_without_rollback_the_prompt_is_there_twice(tmp_path: Path) -> None:
-    with mock.patch.object(_Conversation, "rollback", lambda self, checkpoint: self.reload()):
+    with mock.patch.object(_Conversation, "rollback", lambda self, checkpoint, still_ours: self.reload()):
         await test_a_dead_turn_is_rolled_back_by_the_retry_and_the_dead_owner_writes_nothing(tmp_path)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from strands_py.idempotency import (
     ReplayedAgentResult,
 )
 from strands_py.idempotency.keys import make_key
+from strands_py.session._conversation import _Conversation
+from strands_py.session._lock import SessionLock
 from strands_py.session._turn import SessionTurn
 from strands_py.testing import CountingStore, ScriptedBedrock
 from strands_py.turn import _run
@@ -301,3 +304,114 @@ async def test_negative_control_the_lock_watched_only_after_the_token(
 
     monkeypatch.setattr(SessionTurn, "watch_lock", not_watching)
     await test_a_retry_watches_the_dead_turns_lock_while_it_waits_for_its_token(tmp_path)
+
+
+# -- a holder that resumes its rollback after losing the lock -------------------------------------------------------
+
+
+class _PausedAfterTakeover(CountingStore):
+    """Host C: its takeover of the session lock lands, and then C stalls until ``go`` is set (a stopped VM, a store
+    answer slower than the lease), longer than the lease.
+
+    ``heard``: ``"won"``: C then hears it won. ``"refused"``: C hears otherwise (the connection dropped after the
+    write was applied, the client sent it again and the retry met the write itself), so C reads the lock again: it
+    finds its own record, and that read too answers only once ``go`` is set.
+    """
+
+    def __init__(self, inner: IdempotencyStore, heard: str) -> None:
+        super().__init__(inner)
+        self.heard = heard
+        self.landed = asyncio.Event()
+        self.go = asyncio.Event()
+        self.reading_own = False
+
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        won = await super().take_over(record, version)
+        if "#session-" not in record.key or not won or self.landed.is_set():
+            return won
+        self.landed.set()
+        if self.heard == "refused":
+            self.reading_own = True
+            return False
+        await asyncio.wait_for(self.go.wait(), WAIT)
+        return True
+
+    async def get(self, key: str) -> IdempotencyRecord | None:
+        record = await super().get(key)
+        if self.reading_own and "#session-" in key:
+            self.reading_own = False
+            await asyncio.wait_for(self.go.wait(), WAIT)
+        return record
+
+
+async def _a_rollback_resumed_after_the_lock_was_lost(tmp_path: Path, heard: str) -> None:
+    hosts = _Hosts(tmp_path)
+    await hosts.turn("t0?", "t0")
+    dead_script = BlockingTool(WAIT)
+    with no_heartbeats():  # host A dies inside its tool: its turn is left for the next holder to roll back
+        dead = asyncio.create_task(hosts.agent(dead_script).invoke_async("A?", idempotency_token="tA"))
+        await _until(dead_script.tool_entered.is_set, WAIT, "host A's tool")
+    try:
+        # Host C takes A's lock over, judging A's turn void, and stalls before it rolls that turn back.
+        c_store = _PausedAfterTakeover(hosts.inner, heard)
+        c_turn = asyncio.create_task(hosts.turn("C?", "tC", c_store))
+        await asyncio.wait_for(c_store.landed.wait(), WAIT)
+        # C's record goes silent for a lease: host B takes it over (with the verdict it carries), rolls A's turn
+        # back, answers its own turn and releases the lock.
+        b = await hosts.turn("B?", "tB")
+        assert b.stop_reason == "end_turn" and hosts.prompts() == ["t0?", "B?"]
+        # C resumes, a lease too late: it must not roll back (delete) what is now B's answered turn.
+        c_store.go.set()
+        with pytest.raises(IdempotencyLeaseLostError):
+            await asyncio.wait_for(c_turn, WAIT)
+        assert hosts.prompts() == ["t0?", "B?"], f"B's answered turn was deleted: {hosts.prompts()}"
+        # C's client retries: its turn runs once, after B's.
+        assert (await hosts.turn("C?", "tC")).stop_reason == "end_turn"
+        assert hosts.prompts() == ["t0?", "B?", "C?"]
+    finally:
+        dead_script.tool_gate.set()  # host A wakes up (its writes are fenced); never leave its thread behind
+        await asyncio.wait([dead], timeout=WAIT)
+        if dead.done() and not dead.cancelled():
+            assert isinstance(dead.exception(), IdempotencyLeaseLostError)
+
+
+@pytest.mark.parametrize("heard", ["won", "refused"])
+async def test_a_holder_that_lost_the_lock_before_rolling_back_deletes_nothing(tmp_path: Path, heard: str) -> None:
+    # Was (the Redis chaos run, seed 1207): a process stopped between taking a session lock over and rolling the dead
+    # turn back resumed after the next holder had rolled the same turn back and answered its own, and deleted that
+    # answered turn's messages (the rollback checked no lease). And a holder whose takeover was answered "refused"
+    # (a redis-py retry met the write itself) and then found its own record counted its lease from that read, not
+    # from its write, so it judged a lease that had run out still its own.
+    await _a_rollback_resumed_after_the_lock_was_lost(tmp_path, heard)
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: a rollback that checks no lease")
+async def test_negative_control_a_rollback_that_checks_no_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = _Conversation.rollback
+
+    def unchecked(self: _Conversation, checkpoint: str, still_ours: Any) -> None:
+        real(self, checkpoint, lambda: None)
+
+    monkeypatch.setattr(_Conversation, "rollback", unchecked)
+    await _a_rollback_resumed_after_the_lock_was_lost(tmp_path, "won")
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: our own record held from its read")
+async def test_negative_control_our_own_record_held_from_when_it_was_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The old lease of a record of ours met again: counted from when it was read, as if it had just been written.
+    class HeldFromTheRead(dict[str, float]):
+        def get(self, version: str, default: Any = None) -> float:  # type: ignore[override]
+            return time.monotonic()
+
+    real_init = SessionLock.__init__
+
+    def init(self: SessionLock, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        self._sent = HeldFromTheRead()
+
+    monkeypatch.setattr(SessionLock, "__init__", init)
+    await _a_rollback_resumed_after_the_lock_was_lost(tmp_path, "refused")
