@@ -14,6 +14,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -74,7 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     if args.check is not None:
         return _recheck(args.check, args.baseline_dir)
+    # A terminated run (kill, a CI timeout) unwinds like an interrupted one: the workers, the store server and the
+    # proxies it started are stopped by the same finally blocks, instead of being left running.
+    signal.signal(signal.SIGTERM, _terminated)
     return _run(args)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _settings(args: argparse.Namespace, seed: int, store: str) -> Any:
