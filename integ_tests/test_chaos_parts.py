@@ -1,17 +1,26 @@
 """The chaos run's parts that can be tested alone: the fault proxy (on a loopback echo server), the worker's clock
-skew, the scripted model's reading of a request, and the prompts and answers the checker parses. Fast; no worker."""
+skew, the scripted model's reading of a request, the prompts and answers the checker parses, and the worker's slow
+session-lock takeovers. Fast; no worker."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from chaos.history import read_lines
 from chaos.names import answer_for, parse_answer, prompt_for, turn_of_prompt
 from chaos.proxy import FaultProxy
-from chaos.script import position
+from chaos.script import Recorder, position
+from chaos.server import SlowTakeovers
 from chaos.worker import skew_clock
+from chaos.workload import SLOW_TAKEOVER
+
+from strands_py.idempotency import IdempotencyRecord, InMemoryIdempotencyStore, RecordState
 
 WAIT = 10.0
 
@@ -137,3 +146,31 @@ def test_prompts_and_answers_name_their_turns() -> None:
     assert answer is not None and (answer.turn, answer.previous, answer.pid, answer.call) == ("t7", "t6", 4242, 17)
     assert parse_answer(answer_for("t1", None, 1, 1)).previous is None  # type: ignore[union-attr]
     assert parse_answer("It is sunny.") is None
+
+
+class _Always(random.Random):
+    """A draw that always lands: every takeover is a slow one."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+async def test_a_slow_takeover_delays_session_lock_takeovers_only_and_is_recorded(tmp_path: Path) -> None:
+    inner = InMemoryIdempotencyStore()
+    recorder = Recorder(tmp_path / "worker.jsonl", notify_port=9, slot=0)  # the discard port: nobody listens
+    store = SlowTakeovers(inner, recorder, _Always(), lease_seconds=0.01)
+    now = time.time()
+    taken = []
+    for key in ("chaos#token", "chaos#session-conv"):
+        held = IdempotencyRecord(
+            key, RecordState.IN_PROGRESS, "a", version="v1", lease_seconds=0.01, expires_at=now + 60
+        )
+        assert await inner.claim(held, now) is None
+        taker = dataclasses.replace(held, owner="b", version="v2")
+        taken.append(await asyncio.wait_for(store.take_over(taker, "v1"), WAIT))
+    recorder.close()
+
+    faults = [r for r in read_lines(tmp_path / "worker.jsonl") if r["ev"] == "fault"]
+    assert taken == [True, True]  # late, not lost
+    assert [f["kind"] for f in faults] == [SLOW_TAKEOVER]  # the session lock's only
+    assert 0.013 <= faults[0]["seconds"] <= 0.025  # 1.3 to 2.5 leases

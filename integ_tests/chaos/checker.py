@@ -313,6 +313,7 @@ def _reconciled(calls: list[dict[str, Any]]) -> tuple[int, int]:
 
 def _faults(history: History) -> Counter[str]:
     faults = Counter(f["kind"] for f in history.faults)
+    faults.update(c["kind"] for c in history.calls if c.get("ev") == "fault")  # applied by the workers themselves
     hung_up = sum(1 for a in history.attempts if a.get("outcome") == "hung_up")
     if hung_up:
         faults[DISCONNECT] += hung_up

@@ -122,7 +122,7 @@ class History:
         settings: The run's settings.
         workload: The turns the clients were given.
         attempts: Every request a client sent (``clients.jsonl``), in the order written.
-        calls: Every model, tool and reconcile record of every worker process.
+        calls: Every model, tool, reconcile and fault record of every worker process.
         faults: Every fault applied.
         final: The state after the run (None when the run did not get that far: nothing about it is checked).
     """
@@ -141,7 +141,7 @@ def load_history(directory: Path) -> History:
     workload = Workload.from_dict(json.loads((directory / WORKLOAD).read_text(encoding="utf-8")))
     calls: list[dict[str, Any]] = []
     for path in sorted((directory / EVENTS).glob("*.jsonl")):
-        calls.extend(r for r in read_lines(path) if r.get("ev") in ("model", "tool", "reconcile"))
+        calls.extend(r for r in read_lines(path) if r.get("ev") in ("model", "tool", "reconcile", "fault"))
     final_path = directory / FINAL
     final = FinalState(**json.loads(final_path.read_text(encoding="utf-8"))) if final_path.exists() else None
     return History(

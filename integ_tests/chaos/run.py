@@ -204,6 +204,7 @@ def _worker_config(settings: Settings, directory: Path, proxy: FaultProxy, obser
         wait_timeout_seconds=settings.wait_timeout_seconds,
         expires_after_seconds=settings.expires_after_seconds,
         direct_scope=f"{SCOPE}-direct" if settings.split_scopes else SCOPE,
+        slow_takeovers=settings.faults,
     ).save(path)
     return path
 

@@ -16,10 +16,12 @@ object and one config per mode.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import faulthandler
 import json
 import logging
+import random
 import signal
 import socket
 import sys
@@ -46,12 +48,13 @@ from strands_py import (
     IdempotencyWaitTimeoutError,
 )
 from strands_py.http import AgentApp, Server
-from strands_py.idempotency import IdempotencyConfig
+from strands_py.idempotency import IdempotencyConfig, IdempotencyRecord, IdempotencyStore
+from strands_py.testing import CountingStore
 
 from .names import APP_SCOPE, CONVERSATION_HEADER, SCOPE, TENANT, TOOL
 from .script import ChaosScript, Recorder
 from .stores import close_store, open_store
-from .workload import ENQUEUE, THROW
+from .workload import ENQUEUE, SLOW_TAKEOVER, SLOW_TAKEOVER_PROBABILITY, THROW
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class WorkerConfig:
         run_timeout_seconds: ``AgentApp``'s ``run_timeout_seconds``.
         direct_scope: The durable scope of direct calls: ``SCOPE``, as HTTP requests have; another one only in the
             negative control that splits them (``Settings.split_scopes``).
+        slow_takeovers: Send some takeovers of session locks late (``SlowTakeovers``): on in chaos runs.
     """
 
     store: str
@@ -84,6 +88,7 @@ class WorkerConfig:
     expires_after_seconds: float
     run_timeout_seconds: float = 60.0
     direct_scope: str = SCOPE
+    slow_takeovers: bool = False
 
     def save(self, path: Path) -> None:
         """Write the config as JSON."""
@@ -118,6 +123,29 @@ def status_for(error: BaseException) -> int:
     return 500
 
 
+class SlowTakeovers(CountingStore):
+    """The worker's store under faults: some takeovers of a session lock are sent a while after the holder was judged.
+
+    With ``SLOW_TAKEOVER_PROBABILITY``, a takeover waits a seeded 1.3 to 2.5 leases before it is sent (recorded as a
+    ``slow_takeover`` fault in the worker's records): long enough for another host to judge the same holder, take the
+    lock over, run its turn and release it. A takeover that replaces exactly the record it judged is refused then; one
+    that lands on whatever is there rolls back the other host's answered turn, which the checker sees.
+    """
+
+    def __init__(self, inner: IdempotencyStore, recorder: Recorder, rng: random.Random, lease_seconds: float) -> None:
+        super().__init__(inner)
+        self._recorder = recorder
+        self._rng = rng
+        self._lease_seconds = lease_seconds
+
+    async def take_over(self, record: IdempotencyRecord, version: str) -> bool:
+        if "#session-" in record.key and self._rng.random() < SLOW_TAKEOVER_PROBABILITY:
+            seconds = self._lease_seconds * self._rng.uniform(1.3, 2.5)
+            self._recorder.emit({"ev": "fault", "kind": SLOW_TAKEOVER, "seconds": round(seconds, 3)})
+            await asyncio.sleep(seconds)  # the fault's seeded length
+        return await super().take_over(record, version)
+
+
 class Worker:
     """The agents, the apps and the direct endpoint of this process."""
 
@@ -126,12 +154,16 @@ class Worker:
         self.config = config
         self.recorder = Recorder(events, config.notify_port, slot)
         self.store = open_store(config.store, config.endpoint)
+        store: IdempotencyStore = self.store
+        if config.slow_takeovers:
+            rng = random.Random(f"{config.seed}/slow-takeovers/{slot}/{generation}")
+            store = SlowTakeovers(self.store, self.recorder, rng, config.lease_seconds)
         script = ChaosScript(self.recorder, Path(config.events_dir), config.seed, slot, generation)
         # One model (one boto3 client) and one tool for the process, as a server shares them between requests.
         self._model, self._tools = script.model(), script.tools()
         self.configs = {
             mode: IdempotencyConfig(
-                store=self.store,
+                store=store,
                 scope=config.direct_scope,
                 lease_seconds=config.lease_seconds,
                 wait_timeout_seconds=config.wait_timeout_seconds,

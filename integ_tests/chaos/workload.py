@@ -25,6 +25,11 @@ STORE_DROP = "store_drop"
 STORE_REFUSE = "store_refuse"
 CLOCK_SKEW = "clock_skew"
 DISCONNECT = "client_disconnect"
+# Applied by the workers themselves, not the scheduler: a takeover of a session lock sent a while after its holder was
+# judged gone (a network slow for that one write), so that other hosts may judge, take over, answer and release the
+# same lock meanwhile: the stale read a takeover must survive (it must replace exactly the record it judged).
+SLOW_TAKEOVER = "slow_takeover"
+SLOW_TAKEOVER_PROBABILITY = 0.25
 SCHEDULED = (KILL_MODEL, KILL_TOOL, PAUSE, STORE_DELAY, STORE_DROP, STORE_REFUSE)
 _WEIGHTS = (3.0, 3.0, 2.0, 1.5, 1.0, 1.0)
 
