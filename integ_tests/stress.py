@@ -2,11 +2,14 @@
 
 A test that can fail by timing is a defect; this is how we look for one. Tests marked ``racing`` run ``--count``
 times each (pytest-repeat) in one pytest session while two processes spin on the two cores, then the pass counts
-per test are printed. Exit status 1 if any repetition failed.
+per test are printed. A full run then runs the long chaos run (``hatch run chaos``, 30 minutes of faults per store, a
+random seed, printed): ``prepare`` runs only a short one. Exit status 1 if any repetition failed or the chaos run
+found anything.
 
-    hatch run stress                       # every racing test, 200 times
+    hatch run stress                       # every racing test, 200 times, then 30 minutes of chaos per store
     hatch run stress --count 20 -k redis   # a subset, fewer times (anything after the options goes to pytest)
     hatch run stress --path tests          # only the racing tests under tests/ (repeatable)
+    hatch run stress --chaos-minutes 5     # a shorter chaos run (0: none; a subset runs none unless asked)
 """
 
 from __future__ import annotations
@@ -61,7 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--path", action="append", dest="paths", help="where to collect racing tests (default: tests, integ_tests)"
     )
+    parser.add_argument(
+        "--chaos-minutes",
+        type=float,
+        default=None,
+        help="minutes of chaos per store after the tests (default: 30 for a full run, none for a subset)",
+    )
     args, pytest_args = parser.parse_known_args(argv)
+    chaos_minutes = args.chaos_minutes
+    if chaos_minutes is None:
+        chaos_minutes = 0.0 if args.paths or pytest_args else 30.0
     burners = [multiprocessing.get_context("spawn").Process(target=_burn, daemon=True) for _ in range(args.burners)]
     for burner in burners:
         burner.start()
@@ -101,7 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for test in sorted(passed | failed):
         total = passed[test] + failed[test]
         print(f"  {test.ljust(width)}  {passed[test]}/{total}")
-    return 0 if code == 0 and not failed else 1
+    tests_passed = code == 0 and not failed
+    if chaos_minutes <= 0:
+        return 0 if tests_passed else 1
+    # After the burners: the chaos run's workers are the load, and its faults the stress.
+    chaos = [sys.executable, "-m", "integ_tests.chaos", "--minutes", f"{chaos_minutes:g}", "--store", "both"]
+    print(f"\nstress: the chaos run, {chaos_minutes:g} min per store", flush=True)
+    chaos_code = subprocess.call(chaos)
+    return 0 if tests_passed and chaos_code == 0 else 1
 
 
 if __name__ == "__main__":
