@@ -31,7 +31,7 @@ from strands_py.session._conversation import _Conversation
 from strands_py.session._lock import SessionLock
 from strands_py.session._turn import SessionTurn
 from strands_py.testing import CountingStore, ScriptedBedrock
-from strands_py.turn import _run
+from strands_py.turn import _settle
 
 WAIT = 20.0
 SCOPE = "s"
@@ -165,7 +165,7 @@ async def test_an_answered_turn_is_never_rolled_back_after_its_result_would_have
 async def test_negative_control_a_result_kept_for_the_window_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_run, "RESULT_MARGIN_LEASES", 0)
+    monkeypatch.setattr(_settle, "RESULT_MARGIN_LEASES", 0)
     await test_an_answered_turn_is_never_rolled_back_after_its_result_would_have_expired(tmp_path)
 
 
@@ -248,9 +248,9 @@ async def test_negative_control_a_failed_store_keeps_the_turn_and_releases_the_c
     async def release_and_pretend(call: Any) -> Any:
         # The old behaviour: the claim is handed back, the turn committed all the same, the caller answered.
         await call.release()
-        return _run._Stored.STORED
+        return _settle._Stored.STORED
 
-    monkeypatch.setattr(_run, "_learn_outcome", release_and_pretend)
+    monkeypatch.setattr(_settle, "_learn_outcome", release_and_pretend)
     await _a_store_fault_then_the_retry(tmp_path, False)
 
 

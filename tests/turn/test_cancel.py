@@ -238,9 +238,9 @@ async def test_a_turn_waiting_for_its_session_stops_waiting_when_it_is_cancelled
 async def test_negative_control_a_cancel_at_complete_read_as_a_lost_claim(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from strands_py.turn import _run
+    from strands_py.turn import _settle
 
-    real = _run._complete
+    real = _settle._complete
 
     async def no_cancel_check(call: Any, result: Any, *, margin: int) -> Any:
         try:
@@ -248,7 +248,7 @@ async def test_negative_control_a_cancel_at_complete_read_as_a_lost_claim(
         except InvocationCancelledError as e:
             raise IdempotencyLeaseLostError(call.key, "taken over") from e
 
-    monkeypatch.setattr(_run, "_complete", no_cancel_check)
+    monkeypatch.setattr(_settle, "_complete", no_cancel_check)
     await test_a_cancel_that_lands_as_the_answer_is_stored_wins(tmp_path)
 
 
