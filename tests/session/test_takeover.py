@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,24 @@ class _Hosts:
         return [m["content"][0]["text"] for m in messages if m["role"] == "user" and "text" in m["content"][0]]
 
 
+@asynccontextmanager
+async def _host_a_dies_in_its_tool(hosts: _Hosts) -> AsyncIterator[None]:
+    """Host A starts turn "A?" and hangs inside its tool with heartbeats that never beat: its token claim and its
+    session lock go silent together, its turn left for the next holder. On the way out A wakes up (its writes are
+    fenced) and ends with its lease lost; its thread is never left behind."""
+    dead_script = BlockingTool(WAIT)
+    with no_heartbeats():
+        dead = asyncio.create_task(hosts.agent(dead_script).invoke_async("A?", idempotency_token="tA"))
+        await _until(dead_script.tool_entered.is_set, WAIT, "host A's tool")
+    try:
+        yield
+    finally:
+        dead_script.tool_gate.set()
+        await asyncio.wait([dead], timeout=WAIT)
+        if dead.done() and not dead.cancelled():
+            assert isinstance(dead.exception(), IdempotencyLeaseLostError)
+
+
 # -- a stale takeover read -----------------------------------------------------------------------------------------
 
 
@@ -100,11 +120,7 @@ class _BlindTakeover(_TakeoverHeld):
 async def _stale_takeover(tmp_path: Path, host_c: type[_TakeoverHeld]) -> None:
     hosts = _Hosts(tmp_path)
     await hosts.turn("t0?", "t0")
-    dead_script = BlockingTool(WAIT)
-    with no_heartbeats():  # host A dies inside its tool: its lock record goes silent
-        dead = asyncio.create_task(hosts.agent(dead_script).invoke_async("A?", idempotency_token="tA"))
-        await _until(dead_script.tool_entered.is_set, WAIT, "host A's tool")
-    try:
+    async with _host_a_dies_in_its_tool(hosts):  # its lock record goes silent
         # Host C reads A's record, watches it for a lease, judges A's turn void... and its takeover is delayed.
         c_store = host_c(hosts.inner)
         c_turn = asyncio.create_task(hosts.turn("C?", "tC", c_store))
@@ -122,11 +138,6 @@ async def _stale_takeover(tmp_path: Path, host_c: type[_TakeoverHeld]) -> None:
         assert "B?" in hosts.prompts(), f"B's answered turn was lost: {hosts.prompts()}"
         assert c is not None and c.stop_reason == "end_turn"
         assert hosts.prompts() == ["t0?", "B?", "C?"]
-    finally:
-        dead_script.tool_gate.set()  # host A wakes up (its writes are fenced); never leave its thread behind
-        await asyncio.wait([dead], timeout=WAIT)
-        if dead.done() and not dead.cancelled():
-            assert isinstance(dead.exception(), IdempotencyLeaseLostError)
 
 
 async def test_a_stale_takeover_read_never_deletes_an_answered_turn(tmp_path: Path) -> None:
@@ -275,18 +286,11 @@ class _Ops(CountingStore):
 
 async def _retry_of_a_dead_turn(tmp_path: Path) -> list[tuple[str, str]]:
     hosts = _Hosts(tmp_path)
-    dead_script = BlockingTool(WAIT)
-    with no_heartbeats():  # host A dies inside its tool: its token claim and its lock go silent together
-        dead = asyncio.create_task(hosts.agent(dead_script).invoke_async("A?", idempotency_token="tA"))
-        await _until(dead_script.tool_entered.is_set, WAIT, "host A's tool")
-    try:
+    async with _host_a_dies_in_its_tool(hosts):
         retry = _Ops(hosts.inner)
         again = await hosts.turn("A?", "tA", retry)
         assert again.stop_reason == "end_turn" and hosts.prompts() == ["A?"]
         return retry.ops
-    finally:
-        dead_script.tool_gate.set()
-        await asyncio.wait([dead], timeout=WAIT)
 
 
 async def test_a_retry_watches_the_dead_turns_lock_while_it_waits_for_its_token(tmp_path: Path) -> None:
@@ -347,11 +351,7 @@ class _PausedAfterTakeover(CountingStore):
 async def _a_rollback_resumed_after_the_lock_was_lost(tmp_path: Path, heard: str) -> None:
     hosts = _Hosts(tmp_path)
     await hosts.turn("t0?", "t0")
-    dead_script = BlockingTool(WAIT)
-    with no_heartbeats():  # host A dies inside its tool: its turn is left for the next holder to roll back
-        dead = asyncio.create_task(hosts.agent(dead_script).invoke_async("A?", idempotency_token="tA"))
-        await _until(dead_script.tool_entered.is_set, WAIT, "host A's tool")
-    try:
+    async with _host_a_dies_in_its_tool(hosts):  # its turn is left for the next holder to roll back
         # Host C takes A's lock over, judging A's turn void, and stalls before it rolls that turn back.
         c_store = _PausedAfterTakeover(hosts.inner, heard)
         c_turn = asyncio.create_task(hosts.turn("C?", "tC", c_store))
@@ -368,11 +368,6 @@ async def _a_rollback_resumed_after_the_lock_was_lost(tmp_path: Path, heard: str
         # C's client retries: its turn runs once, after B's.
         assert (await hosts.turn("C?", "tC")).stop_reason == "end_turn"
         assert hosts.prompts() == ["t0?", "B?", "C?"]
-    finally:
-        dead_script.tool_gate.set()  # host A wakes up (its writes are fenced); never leave its thread behind
-        await asyncio.wait([dead], timeout=WAIT)
-        if dead.done() and not dead.cancelled():
-            assert isinstance(dead.exception(), IdempotencyLeaseLostError)
 
 
 @pytest.mark.parametrize("heard", ["won", "refused"])
