@@ -15,7 +15,8 @@ What runs (one store at a time, each on its own fresh server, first without faul
 - clients (``clients.py``) that send every turn, at its seeded arrival time, with an idempotency key, and retry the
   same key on any worker until they get an answer; a scheduler (``scheduler.py``) that SIGKILLs workers inside model
   calls and tools, SIGSTOPs them past their lease, and breaks the store's connections; workers that start with wall
-  clocks off by seconds or minutes; killed workers replaced. After the faults, every conversation gets one closing
+  clocks off by seconds or minutes, and send some of their session-lock takeovers late (``server.SlowTakeovers``);
+  killed workers replaced. After the faults, every conversation gets one closing
   turn.
 
 Everything that happens is written down as it happens (``history.py``): what clients sent and got, every model call
