@@ -241,7 +241,11 @@ class EventBuffer:
         """
         while True:
             with self._lock:  # the events and the frontier as of one moment
-                events, version, finished, frontier = self._events[start:], self._version, self.finished, self.frontier
+                # At most one write's worth: a follower far behind copies a bounded slice, not the whole backlog, at
+                # each step (each write is followed by a turn of the loop, in which a client that went away is
+                # noticed before the rest is written: see EventStreamResponse).
+                events = self._events[start : start + _FRAMES_PER_WRITE]
+                version, finished, frontier = self._version, self.finished, self.frontier
             if seen and frontier is not None and frontier < seen:
                 # The client saw events past where this run went live: an earlier owner's, never to be reproduced.
                 yield self.rewind_frame(frontier)
@@ -249,10 +253,6 @@ class EventBuffer:
                 with self._lock:
                     start = bisect.bisect_right(self._positions, frontier)
                 continue
-            if len(events) > _FRAMES_PER_WRITE:
-                # Caught up in writes of a bounded size: each is followed by a turn of the loop (see
-                # EventStreamResponse), in which a client that went away is noticed before the rest is written.
-                events = events[:_FRAMES_PER_WRITE]
             if len(events) == 1:
                 yield events[0].frame
             elif events:
