@@ -14,19 +14,16 @@ import json
 import os
 import sys
 import threading
-import time
 from typing import Any
 
+from _held import LatchedAgent, hold
 from strands import tool
 from strands.session.file_session_manager import FileSessionManager
 
-from strands_py import Agent
 from strands_py.http import AgentApp, run
 from strands_py.http._demo import DEMO_ANSWER, StreamingScript
 from strands_py.idempotency import IdempotencyConfig
 from strands_py.idempotency.redis import RedisIdempotencyStore
-
-HOLD_SECONDS = 60.0
 
 
 class _Ledger:
@@ -72,23 +69,18 @@ def main(path: str) -> None:
     hold_at = config.get("hold_at_word")
     go = config.get("go", "")
 
-    def make_agent(request: Any, session_manager: Any = None) -> Agent:
-        holder: list[Agent] = []
+    def make_agent(request: Any, session_manager: Any = None) -> LatchedAgent:
+        holder: list[LatchedAgent] = []
 
         def pace(index: int) -> None:
             if hold_at is None or index != hold_at:
                 return
             ledger.write("held")
-            deadline = time.monotonic() + HOLD_SECONDS
-            # The model goes on once its agent was cancelled (strands then stops at the next chunk) or the test says so.
-            while not holder[0]._cancel_signal.is_set() and not os.path.exists(go):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("held too long: neither cancelled nor released")
-                time.sleep(0.01)  # polling the agent's signal and a file, bounded by the deadline
+            hold(holder[0], go)  # until its agent was cancelled (strands stops at the next chunk) or released
             ledger.write("released")
 
         script = _Counted(ledger, answer=DEMO_ANSWER, pace=pace)
-        agent = Agent(
+        agent = LatchedAgent(
             model=script.model(), tools=script.tools(), callback_handler=None, session_manager=session_manager
         )
         holder.append(agent)
