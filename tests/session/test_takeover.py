@@ -48,7 +48,10 @@ class _Hosts:
     def __init__(self, tmp_path: Path, **config: Any) -> None:
         self.dir = str(tmp_path / "sessions")
         self.inner = InMemoryIdempotencyStore()
-        config.setdefault("lease_seconds", 1.0)
+        # Long enough that a live host keeps its lease on a loaded machine: its loop may stall up to two renewal
+        # periods (2 s) and lose nothing. (CI, 1 s leases beside other load: host C lost its lease while it waited.)
+        # Every dead host here is silenced (no heartbeats), not merely slow, so no outcome depends on the length.
+        config.setdefault("lease_seconds", 3.0)
         config.setdefault("session_invocation_mode", "enqueue")
         self.config = IdempotencyConfig(store=self.inner, scope=SCOPE, **config)
 
