@@ -42,7 +42,11 @@ from strands_py.testing import CountingStore, ScriptedBedrock
 
 WAIT = 20.0
 pytestmark = pytest.mark.racing
-LEASE = 2.0  # renewals every 0.67 s: margin for a loaded machine
+# Live owners hold long leases: agents built on the test's loop while an owner runs block that loop (each build
+# parses botocore's models: up to a second on a loaded machine), and a short lease would lapse meanwhile. Only an
+# owner meant to die holds a short one, which is how long the next owner waits for it.
+LEASE = 6.0
+DEAD_LEASE = 2.0
 
 
 class _Env:
@@ -179,7 +183,7 @@ class _FailAfterTool(ScriptedBedrock):
 
 
 async def test_a_dead_turn_is_rolled_back_by_the_retry_and_the_dead_owner_writes_nothing(tmp_path: Path) -> None:
-    env = _Env(tmp_path)
+    env = _Env(tmp_path, lease_seconds=DEAD_LEASE)
     await asyncio.wait_for(env.agent(ScriptedBedrock()).invoke_async("hello", idempotency_token="t0"), WAIT)
     dead_script = BlockingTool(WAIT, must_open=True)
     with no_heartbeats():
@@ -191,7 +195,7 @@ async def test_a_dead_turn_is_rolled_back_by_the_retry_and_the_dead_owner_writes
         retry_script = ScriptedBedrock()
         result = await asyncio.wait_for(
             env.agent(retry_script, process="other").invoke_async("weather in Rome?", idempotency_token="t1"),
-            WAIT + LEASE,
+            WAIT + DEAD_LEASE,
         )
         assert result.stop_reason == "end_turn" and retry_script.model_calls == 2
         assert shape(env.persisted()) == ONE_TURN * 2  # exactly one uninterrupted turn, the prompt once
@@ -207,7 +211,8 @@ async def test_a_dead_turn_is_rolled_back_by_the_retry_and_the_dead_owner_writes
 
 
 async def test_a_turn_whose_result_was_stored_is_kept_when_its_owner_died_before_unlocking(tmp_path: Path) -> None:
-    env = _Env(tmp_path, session_invocation_mode="enqueue")  # the next turn waits for the dead lock's lease
+    # The next turn waits for the dead lock's lease.
+    env = _Env(tmp_path, session_invocation_mode="enqueue", lease_seconds=DEAD_LEASE)
 
     async def commit_without_unlocking(self: SessionTurn) -> None:
         assert self.lease is not None
@@ -222,7 +227,7 @@ async def test_a_turn_whose_result_was_stored_is_kept_when_its_owner_died_before
         )
     await asyncio.wait_for(
         env.agent(ScriptedBedrock(), process="other").invoke_async("weather in Rome?", idempotency_token="t2"),
-        WAIT + LEASE,
+        WAIT + DEAD_LEASE,
     )
     assert shape(env.persisted()) == ONE_TURN * 2  # the first turn counted: it was not rolled back
 
