@@ -214,7 +214,7 @@ async def run(agent: Agent, prompt: Any, begun: _Begun, *, stream_duplicate: boo
             finally:
                 if marker is not None:
                     _running.reset(marker)
-            event_result = result_of(event)
+            event_result = result_of(event) if isinstance(event, dict) and "result" in event else None
             if event_result is not None:
                 result = event_result
                 if decision.registered is not None:

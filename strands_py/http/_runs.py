@@ -159,7 +159,8 @@ class Run(EventBuffer):
                         if result is not None:
                             # A replay has no events of its own: its sequence is the stored message, then the result.
                             self._append("message", {"message": result.message})
-                    self._mark_frontier()
+                    if self.frontier is None and self._journal is not None:
+                        self._mark_frontier()
                     for name, data in wire:
                         if name != "result":
                             self._append(name, data)

@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from opentelemetry.trace import Span
@@ -361,7 +361,8 @@ def complete_response(chunks: list[Any]) -> bool:
     A stream a cancel cut short may end without an error (a provider that stops reading when the cancel signal is
     set): it must never be journaled as the step's response.
     """
-    return any(isinstance(chunk, dict) and "messageStop" in chunk for chunk in chunks)
+    # From the end: a whole response ends with messageStop and its metadata, so this takes a step or two.
+    return any(isinstance(chunk, dict) and "messageStop" in chunk for chunk in reversed(chunks))
 
 
 def _tool_use_ids(chunks: list[Any]) -> set[str]:
@@ -378,11 +379,4 @@ def _tool_use_ids(chunks: list[Any]) -> set[str]:
 async def replay_chunks(chunks: list[Any]) -> AsyncGenerator[Any, None]:
     """A journaled model response, as the stream the model gave."""
     for chunk in chunks:
-        yield chunk
-
-
-async def recorded(stream: AsyncIterable[Any], into: list[Any]) -> AsyncGenerator[Any, None]:
-    """``stream``, each chunk also appended to ``into``."""
-    async for chunk in stream:
-        into.append(chunk)
         yield chunk

@@ -22,7 +22,7 @@ from strands.types.tools import AgentTool, ToolSpec
 from ..idempotency._context import run_context_of
 from ..types.exceptions import IdempotencyStoreError
 from ..types.journal import UncertainTool
-from ._journal import Journal, complete_response, recorded, replay_chunks, request_digest
+from ._journal import Journal, complete_response, replay_chunks, request_digest
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ class JournaledModel:
                 yield chunk
             return
         got: list[Any] = []
-        async for chunk in recorded(self.wrapped.stream(messages, tool_specs, system_prompt, **kwargs), got):
+        # Recorded here rather than through a wrapping generator: one resumption fewer for every chunk of the stream.
+        async for chunk in self.wrapped.stream(messages, tool_specs, system_prompt, **kwargs):
+            got.append(chunk)
             yield chunk
         # Only a whole response is journaled: a stream that failed never reaches here, and one a cancel cut short
         # without an error has no messageStop.

@@ -115,9 +115,12 @@ async def durable_stream(
         events = run_primary(context)
         try:
             async for event in events:
-                result_seen = result_of(event)
+                result_seen = result_of(event) if isinstance(event, dict) and "result" in event else None
                 if result_seen is None:
-                    _check(lease, session)
+                    # Every event of a long answer passes here: the common case (no session, the lease live) costs
+                    # one comparison; anything else is checked in full (and raises if the lease is gone).
+                    if session is not None or lease.lost is not None or time.monotonic() >= lease.valid_until:
+                        _check(lease, session)
                     yield event
                     continue
                 await lease.stop()
