@@ -207,6 +207,10 @@ class EventBuffer:
                 return True
             (self._state_waiters if state else self._waiters).append((loop, future))
         try:
+            if timeout is None:
+                # Our own future, awaited directly: a cancellation of our caller cancels it, and nothing else.
+                await future
+                return True
             # asyncio.wait, not wait_for or asyncio.timeout: it cancels nothing on a timeout, so it can never swallow
             # a cancellation of our caller (wait_for can on 3.10 and 3.11), and it exists on every supported Python.
             await asyncio.wait([future], timeout=timeout)

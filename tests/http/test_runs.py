@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from strands.agent.agent_result import AgentResult
 from strands.telemetry.metrics import EventLoopMetrics
 
+from strands_py._demo.storm import _until
 from strands_py.http._options import ServingOptions
 from strands_py.http._problems import Problem, run_timeout_problem
 from strands_py.http._registry import RunRegistry
@@ -121,6 +122,22 @@ async def test_keepalive_comments_while_idle_and_a_cancelled_follower_leaves_no_
     assert run._waiters == []
     gate.set()
     await asyncio.wait_for(run.wait(lambda r: r.settled), WAIT)
+
+
+async def test_a_cancelled_wait_for_a_state_leaves_no_waiter_and_others_still_wake() -> None:
+    run = Run("k", None, 100)
+    gate = asyncio.Event()
+    _start(run, _events("a"), gate)
+    await asyncio.wait_for(run.wait(lambda r: r.decided), WAIT)
+    given_up = asyncio.ensure_future(run.wait(lambda r: r.finished))
+    kept = asyncio.ensure_future(run.wait(lambda r: r.finished))
+    await _until(lambda: len(run._state_waiters) == 2, WAIT, "both waiters")
+    given_up.cancel()
+    await asyncio.wait([given_up], timeout=WAIT)
+    assert given_up.cancelled() and len(run._state_waiters) == 1
+    gate.set()
+    await asyncio.wait_for(kept, WAIT)
+    assert run.finished and run._state_waiters == []
 
 
 async def test_timeout_cancels_the_run_and_the_problem_is_its_last_event() -> None:
