@@ -71,6 +71,9 @@ class ObservedStore(IdempotencyStore):
         if not record.yielded:
             self.probe.blocked.set()
 
+    def _sending(self, key: str, version: str) -> None:
+        getattr(self.probe, f"{_kind(key)}_sending").value = version.encode()
+
     def _wrote(self, key: str, version: str, sent: float) -> None:
         kind = _kind(key)
         getattr(self.probe, f"{kind}_version").value = version.encode()
@@ -79,6 +82,7 @@ class ObservedStore(IdempotencyStore):
     async def claim(self, record: IdempotencyRecord, now: float) -> IdempotencyRecord | None:
         self.owners.add(record.owner)
         self.probe.clock_offset.value = now - skew_worker.true_time()
+        self._sending(record.key, record.version)
         sent = time.monotonic()
         existing = await self.inner.claim(record, now)
         self._met(existing)
@@ -91,6 +95,7 @@ class ObservedStore(IdempotencyStore):
         self.owners.add(record.owner)
         with self.probe.take_over_attempts.get_lock():
             self.probe.take_over_attempts.value += 1
+        self._sending(record.key, record.version)
         sent = time.monotonic()
         won = await self.inner.take_over(record, version)
         if won:
@@ -140,6 +145,7 @@ class ObservedStore(IdempotencyStore):
         expires_at: float,
         checkpoint: str | None = None,
     ) -> bool:
+        self._sending(key, version)
         sent = time.monotonic()
         done = await self.inner.renew(
             key, owner, version=version, lease_seconds=lease_seconds, expires_at=expires_at, checkpoint=checkpoint

@@ -134,8 +134,10 @@ class Probe:
     ``lock_renewed`` (a renewal of our token claim or session lock succeeded; the test clears them). Values:
     ``token_renewals`` and ``lock_renewals`` (successful ones), ``token_version`` and ``lock_version`` (the version of
     our last successful write of each: claim, takeover or renewal) and ``token_written_at`` and ``lock_written_at``
-    (when it was sent), ``take_over_attempts``, ``model_started_at`` (our first model call), ``clock_offset`` (how far
-    ahead of the machine's wall clock the ``now`` of our last claim was: the offset strands_py really ran with).
+    (when it was sent), ``token_sending`` and ``lock_sending`` (the version of our last write sent, set before it is:
+    a process killed while a write is on its way may have landed it without hearing so), ``take_over_attempts``,
+    ``model_started_at`` (our first model call), ``clock_offset`` (how far ahead of the machine's wall clock the
+    ``now`` of our last claim was: the offset strands_py really ran with).
     """
 
     def __init__(self, ctx: Any) -> None:
@@ -145,6 +147,7 @@ class Probe:
         self.token_renewals, self.lock_renewals = ctx.Value("i", 0), ctx.Value("i", 0)
         self.token_version, self.lock_version = ctx.Array("c", VERSION_BYTES), ctx.Array("c", VERSION_BYTES)
         self.token_written_at, self.lock_written_at = ctx.Value("d", 0.0), ctx.Value("d", 0.0)
+        self.token_sending, self.lock_sending = ctx.Array("c", VERSION_BYTES), ctx.Array("c", VERSION_BYTES)
         self.take_over_attempts = ctx.Value("i", 0)
         self.model_started_at = ctx.Value("d", 0.0)
         self.clock_offset = ctx.Value("d", 0.0)

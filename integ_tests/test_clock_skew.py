@@ -525,7 +525,10 @@ def _behind_meets_a_dead_holder(cluster: Cluster, broken: str | None = None) -> 
     (revoked,) = report["revoked"]
     assert revoked["kind"] == "token", report["revoked"]
     if revoked["version"] is not None:  # revoked by replacing it: exactly the holder's last write of it
-        assert revoked["version"].encode() == holder.probe.token_version.value
+        # The holder's last write it heard back about, or the one it had sent when it was killed: that one may have
+        # landed unheard (CI: killed right after a lock renewal, its token renewal on the way was what got replaced).
+        written = {holder.probe.token_version.value, holder.probe.token_sending.value}
+        assert revoked["version"].encode() in written, (revoked, written)
     conversation = session_worker.persisted(cluster.backend, session)
     # The dead turn rolled back: the new turn's model was sent "hello" as the turn before it, not the dead prompt.
     assert session_worker.check_turns(conversation) == ["hello", OTHER_PROMPT]
