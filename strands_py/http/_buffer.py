@@ -60,8 +60,8 @@ class EventBuffer:
         # Followers of the events (``changed``), woken by every change; and waiters for a state (``wait``: decided,
         # finished, settled...), which an appended event never changes: not woken by events, so a JSON answer waits
         # for its result without a wake-up per event.
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._state_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = []
+        self._state_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]] = []
         self.decided = False
         self.replayed = False
         self.finished = False
@@ -101,7 +101,13 @@ class EventBuffer:
                 text = dumps(data) if encoded is None else encoded
                 self._events.append(frame(self._tag, self._count, name, text))
                 self._positions.append(self._count)
-        self._notify(state=False)
+            # The event and its version change under one lock: a follower that read the version before this event
+            # either parked before it (and is taken here) or sees the version changed when it parks (``_changed``).
+            self._version += 1
+            if not self._waiters:
+                return  # nobody waits (a follower catches up in batches): the common case of a streamed run
+            waiters, self._waiters = self._waiters, []
+        self._wake_followers(waiters)
 
     def _finish(self) -> None:
         with self._lock:
@@ -111,24 +117,26 @@ class EventBuffer:
             self.finished_wall = time.time()
         self._notify()
 
-    def _notify(self, *, state: bool = True) -> None:
-        """Wake every follower, and every state waiter unless only an event was appended.
-
-        Directly on this loop; one thread-safe hop per other loop.
-        """
+    def _notify(self) -> None:
+        """A change of state (an appended event is ``_append``'s): wake every follower and every state waiter."""
         with self._lock:
             self._version += 1
             waiters, self._waiters = self._waiters, []
-            if state and self._state_waiters:
+            if self._state_waiters:
                 waiters.extend(self._state_waiters)
                 self._state_waiters = []
             if not waiters:
-                return  # nobody waits (a follower catches up in batches): the common case of a streamed run
+                return
+        self._wake_followers(waiters)
+
+    @staticmethod
+    def _wake_followers(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]]) -> None:
+        """Resolve ``waiters``' futures: directly on this loop, with one thread-safe hop per other loop."""
         try:
             here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             here = None
-        elsewhere: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        elsewhere: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
         for loop, future in waiters:
             if loop is here:
                 _wake(future)
@@ -201,24 +209,24 @@ class EventBuffer:
     async def _changed(self, version: int, timeout: float | None, *, state: bool) -> bool:
         """``changed``; with ``state``, only a change of state wakes it (not an appended event)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[bool] = loop.create_future()
         with self._lock:
             if self._version != version:
                 return True
             (self._state_waiters if state else self._waiters).append((loop, future))
+        # A timeout resolves our own future (False), as a change does (True): one future per wait, nothing cancelled
+        # on a timeout (so a cancellation of our caller is never swallowed), and it is the same on every Python.
+        timer = None if timeout is None else loop.call_later(timeout, _time_out, future)
         try:
-            if timeout is None:
-                # Our own future, awaited directly: a cancellation of our caller cancels it, and nothing else.
-                await future
-                return True
-            # asyncio.wait, not wait_for or asyncio.timeout: it cancels nothing on a timeout, so it can never swallow
-            # a cancellation of our caller (wait_for can on 3.10 and 3.11), and it exists on every supported Python.
-            await asyncio.wait([future], timeout=timeout)
-            return future.done()
+            return await future
         finally:
-            with self._lock:  # cancelled (or timed out): leave no waiter behind; notified: already gone
-                with contextlib.suppress(ValueError):
-                    (self._state_waiters if state else self._waiters).remove((loop, future))
+            if timer is not None:
+                timer.cancel()
+            if not future.done() or future.cancelled() or not future.result():
+                # Cancelled or timed out: leave no waiter behind (a change took it out of the list already).
+                with self._lock:
+                    with contextlib.suppress(ValueError):
+                        (self._state_waiters if state else self._waiters).remove((loop, future))
 
     async def wait(self: _Buffer, condition: Callable[[_Buffer], bool]) -> None:
         """Wait until ``condition(run)`` holds (``decided``, ``finished``, ``settled``).
@@ -275,11 +283,16 @@ class EventBuffer:
             return self.finished and start >= len(self._events)
 
 
-def _wake(future: asyncio.Future[None]) -> None:
+def _wake(future: asyncio.Future[bool]) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(True)
 
 
-def _wake_all(futures: list[asyncio.Future[None]]) -> None:
+def _wake_all(futures: list[asyncio.Future[bool]]) -> None:
     for future in futures:
         _wake(future)
+
+
+def _time_out(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(False)

@@ -18,9 +18,10 @@ class EventStreamResponse(StreamingResponse):
     ``content`` yields bytes holding one or more frames (a follower that fell behind catches up 16 frames a write). A
     stream that never waits (a long run followed late) would write back to back, and the writes after a client went
     away would each reach a closed socket (asyncio logs ``socket.send() raised exception.`` for each) before the
-    server had a turn to notice. So each write is followed by one turn of the event loop, in which the server
-    sees a lost connection (and its ``send`` stops writing), and a task watching for ``http.disconnect`` ends the
-    stream, while it waits for the run's next event too. A server that raises ``OSError`` on a send to a client that
+    server had a turn to notice. So no write follows another without a turn of the event loop in between, in which
+    the server sees a lost connection (and its ``send`` stops writing), and a task watching for ``http.disconnect``
+    ends the stream, while it waits for the run's next event too. Waiting for the next frames is such a turn; frames
+    that were ready at once get one of their own. A server that raises ``OSError`` on a send to a client that
     went away (ASGI 2.4) ends it the same way. The run itself carries on either way.
     """
 
@@ -48,13 +49,20 @@ class EventStreamResponse(StreamingResponse):
             raise error
 
     async def _stream(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        turned = _Turned()
         async with aclosing(self._frames):  # type: ignore[type-var]
             try:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 async for frames in self._frames:
+                    if not turned.yes:
+                        # These frames were ready at once: one turn of the loop first, so that a connection lost
+                        # during the last write is noticed before this one. Frames that had to be waited for come
+                        # after such a turn already (a live run's next event), and are written without another.
+                        await asyncio.sleep(0)
                     await send({"type": "http.response.body", "body": frames, "more_body": True})
-                    # One turn of the loop: a connection lost during that write is noticed before the next one.
-                    await asyncio.sleep(0)
+                    turned.yes = False
+                    loop.call_soon(turned.mark)  # runs at the loop's next turn
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:
                 return  # ASGI 2.4: the client went away
@@ -89,6 +97,18 @@ class DeferredResponse(Response):
         if scope["method"] == "HEAD":
             response = Response(status_code=response.status_code, headers=dict(response.headers))
         await response(scope, receive, send)
+
+
+class _Turned:
+    """Whether the event loop has turned since the last write (``mark`` is called soon after each write)."""
+
+    __slots__ = ("yes",)
+
+    def __init__(self) -> None:
+        self.yes = True
+
+    def mark(self) -> None:
+        self.yes = True
 
 
 async def _disconnect(receive: Receive) -> None:

@@ -152,7 +152,11 @@ class Run(EventBuffer):
             async with aclosing(stream):  # type: ignore[type-var]
                 async for event in stream:
                     wire = translator.translate(event)
-                    if wire and not self.decided:
+                    if not wire:
+                        # Most strands events say nothing on the wire. The frontier is a count of appended events,
+                        # so marking it at the next event that has wire events marks the same place.
+                        continue
+                    if not self.decided:
                         # Decided by the first event a client would see: until then a failure is a status code.
                         result = result_of(event)
                         self._decide(replayed=isinstance(result, ReplayedAgentResult))

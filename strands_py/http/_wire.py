@@ -37,8 +37,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 from strands.agent.agent_result import AgentResult
@@ -50,8 +49,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_DEPTH = 200
 
 
-@dataclass(frozen=True)
-class WireEvent:
+class WireEvent(NamedTuple):
     """One event as sent: its position in the run's sequence, its name, and its Server-Sent Events frame.
 
     Attributes:
@@ -182,7 +180,8 @@ class EventTranslator:
 
     def translate(self, event: Any) -> Sequence[tuple[str, dict[str, Any]]]:
         """The wire events of one strands event (most have none: an empty sequence)."""
-        if not isinstance(event, dict):
+        # About half of a streamed answer's events are the model's raw chunks ({"event": ...}), which have none.
+        if not isinstance(event, dict) or ("event" in event and len(event) == 1):
             return ()
         get = event.get
         result = get("result")

@@ -86,3 +86,43 @@ async def test_a_failing_stream_raises_and_a_cancelled_response_closes_its_frame
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(response, WAIT)
     assert waiting.closed
+
+
+class _WritesBackToBack(EventStreamResponse):
+    """Negative control: writes whatever frames are ready without a turn of the loop in between."""
+
+    async def _stream(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for frames in self._frames:
+            await send({"type": "http.response.body", "body": frames, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _writes_after_a_disconnect(response_class: type[EventStreamResponse]) -> int:
+    """Frames written after the client went away, of 200 ready at once (a run followed late)."""
+    frames = _Frames(200)
+    sent: list[dict[str, Any]] = []
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if len(sent) == 3:  # the start, then two frames
+            gone.set()
+
+    await asyncio.wait_for(response_class(frames.iterator, {})(SCOPE, receive, send), WAIT)
+    assert frames.closed
+    return len([m for m in sent[3:] if m.get("body")])
+
+
+async def test_frames_ready_at_once_stop_being_written_soon_after_the_client_went_away() -> None:
+    # Each write of frames that were ready at once waits for a turn of the loop, in which the disconnect is seen.
+    assert await _writes_after_a_disconnect(EventStreamResponse) <= 5
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: every ready frame is written")
+async def test_negative_control_written_back_to_back_every_frame_goes_out_after_the_client_left() -> None:
+    assert await _writes_after_a_disconnect(_WritesBackToBack) <= 5
