@@ -76,6 +76,11 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+# One encoder for every ``dumps``: its settings never change, and ``encode`` keeps no state between calls (each
+# call builds its own), so it is safe from any thread; ``json.dumps`` with these arguments would build one per call.
+_ENCODER = json.JSONEncoder(default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def dumps(value: Any) -> str:
     r"""Compact JSON on one line (so that it is one SSE ``data:`` line) that always encodes as UTF-8.
 
@@ -84,10 +89,16 @@ def dumps(value: Any) -> str:
     too long to print, a circular reference, nesting deeper than JSON decoders allow) is served as text rather
     than fail a response after the agent ran.
     """
-    try:
-        text = json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except Exception:  # TypeError, ValueError, RecursionError, or whatever a model_dump or __str__ raised
-        text = json.dumps(_plain(value, 0, set()), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    chunk = value.get("text") if type(value) is dict and len(value) == 1 else None
+    if type(chunk) is str:
+        # Most events of a streamed answer are a chunk of text, {"text": str}: a string's encoding is one C call, the
+        # same JSON ``encode`` of the whole dict writes (a string key, then the string), without its other work.
+        text = '{"text":' + _ENCODER.encode(chunk) + "}"
+    else:
+        try:
+            text = _ENCODER.encode(value)
+        except Exception:  # TypeError, ValueError, RecursionError, or whatever a model_dump or __str__ raised
+            text = _ENCODER.encode(_plain(value, 0, set()))
     # Surrogates can only be inside JSON strings (everything else json.dumps writes is ASCII), where the escape of
     # a character means that character: the text stays the same JSON value.
     return text if text.isascii() else _SURROGATE.sub(_escape_surrogate, text)

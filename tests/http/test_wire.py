@@ -129,3 +129,22 @@ async def test_a_run_whose_messages_json_cannot_hold_still_ends_with_its_result(
     assert [e.name for e in events] == ["data", "message", "result"]
     for event in events:
         json.loads(event.frame.decode("utf-8").split("data: ", 1)[1])
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    ["", "plain", 'quote " and \\ backslash', "line\nbreak\ttab\x00nul", "é 漢字 🙂", SURROGATE, "\ud800", "\udfff x"],
+)
+def test_a_chunk_of_text_is_the_same_json_as_any_other_value(chunk: str) -> None:
+    # {"text": str}, the most frequent event, has a path of its own: it must write what the general path writes.
+    fast = dumps({"text": chunk})
+    general = dumps({"text": chunk, "other": 1})
+    assert fast == general.replace(',"other":1', "")
+    assert json.loads(fast) == {"text": chunk}
+    fast.encode("utf-8")  # always valid UTF-8
+
+
+@pytest.mark.xfail(raises=AssertionError, strict=True, reason="negative control: a chunk pasted between quotes")
+def test_negative_control_a_chunk_pasted_between_quotes_is_not_the_same_json() -> None:
+    chunk = 'quote " and \\ backslash'
+    assert '{"text":"' + chunk + '"}' == dumps({"text": chunk, "other": 1}).replace(',"other":1', "")
