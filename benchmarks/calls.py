@@ -1,6 +1,6 @@
 """Python function calls per request: a deterministic measure of the serving path, beside the timed comparison.
 
-``hatch run bench:calls [--requests N] [--impls fastapi,agentapp-memory] [--source REV]``
+``hatch run bench:calls [--requests N] [--impls fastapi,agentapp-memory] [--source REV] [--cpu REPS]``
 
 CPU time on a shared 2-core machine varies by tens of percent between repetitions, which hides a change of a few
 percent. The number of Python function calls a request makes does not vary. This drives the apps of
@@ -9,6 +9,11 @@ at a time, under cProfile, and reports calls per request on the event loop's thr
 counts them) for the JSON and the SSE answer. It counts work, not time: a call to ``json.dumps`` counts one, whatever
 its size. Use it to compare two versions of strands-py (``--source REV`` counts strands-py as committed at REV), and
 the timed comparison (``serving.py``) for what a request costs.
+
+``--cpu REPS`` times the same in-process requests instead: the process's CPU time per request (all its threads: the
+model's worker threads and a sync factory's too), in ``REPS`` rounds of ``--requests`` requests per app, the apps
+taking turns within each round. Each round's ratio to FastAPI is taken within the round, and the table gives their
+median and quartiles: no server, socket or client, so steadier than ``serving.py``, though still a timing.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import asyncio
 import cProfile
 import json
 import pstats
+import statistics
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -85,27 +92,74 @@ async def _request(app: Any, shape: str) -> None:
         raise RuntimeError(f"{shape} request answered {status}")
 
 
+class _Served:
+    """One app of ``serving_server.py`` in its lifespan, warmed up with ``WARM_UP`` requests of ``shape``."""
+
+    def __init__(self, impl: str, shape: str) -> None:
+        self.app = serving_server.build(impl, serving_server.ServingScript(200), None)
+        self.shape = shape
+        self._startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._started: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._lifespan: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> _Served:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
+        self._lifespan = asyncio.ensure_future(self.app(scope, self._startup.get, self._started.put))
+        await self._startup.put({"type": "lifespan.startup"})
+        await asyncio.wait_for(self._started.get(), 30)
+        for _ in range(WARM_UP):
+            await _request(self.app, self.shape)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._startup.put({"type": "lifespan.shutdown"})
+        assert self._lifespan is not None
+        await asyncio.wait_for(self._lifespan, 30)
+
+
 async def _count(impl: str, shape: str, requests: int) -> float:
     """Calls per request of ``impl`` answering ``shape``, after a warm-up; the app's lifespan around it."""
-    app = serving_server.build(impl, serving_server.ServingScript(200), None)
-    startup: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    started: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    lifespan = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}}, startup.get, started.put))
-    await startup.put({"type": "lifespan.startup"})
-    await asyncio.wait_for(started.get(), 30)
-    try:
-        for _ in range(WARM_UP):
-            await _request(app, shape)
+    async with _Served(impl, shape) as served:
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(requests):
-            await _request(app, shape)
+            await _request(served.app, shape)
         profile.disable()
-    finally:
-        await startup.put({"type": "lifespan.shutdown"})
-        await asyncio.wait_for(lifespan, 30)
     stats: dict[Any, tuple[int, int, float, float, Any]] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     return sum(calls for _, calls, _, _, _ in stats.values()) / requests
+
+
+async def _cpu(impls: list[str], shape: str, requests: int, rounds: int) -> dict[str, list[float]]:
+    """Process CPU milliseconds per request of each app, one figure per round; the apps take turns in each round."""
+    per_round: dict[str, list[float]] = {impl: [] for impl in impls}
+    served = [_Served(impl, shape) for impl in impls]
+    for app in served:
+        await app.__aenter__()
+    try:
+        for _ in range(rounds):
+            for impl, app in zip(impls, served, strict=True):
+                started = time.process_time()
+                for _ in range(requests):
+                    await _request(app.app, shape)
+                per_round[impl].append((time.process_time() - started) / requests * 1000)
+    finally:
+        for app in served:
+            await app.__aexit__()
+    return per_round
+
+
+def _print_cpu(impls: list[str], requests: int, rounds: int) -> None:
+    print("| answer | impl | CPU ms per request (median) | ratio to fastapi: median | quartiles |")
+    print("|---|---|---:|---:|---|")
+    for shape in ("json", "sse"):
+        per_round = asyncio.run(_cpu(impls, shape, requests, rounds))
+        for impl in impls:
+            ratios = sorted(mine / bare for mine, bare in zip(per_round[impl], per_round["fastapi"], strict=True))
+            quartiles = statistics.quantiles(ratios, n=4)
+            print(
+                f"| {shape} | {impl} | {statistics.median(per_round[impl]):.2f} | {statistics.median(ratios):.2f} "
+                f"| {quartiles[0]:.2f}-{quartiles[2]:.2f} |"
+            )
 
 
 def main() -> None:
@@ -113,11 +167,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30, help="profiled requests per cell (after a warm-up)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     parser.add_argument("--source", help="count strands-py as committed at this git revision")
+    parser.add_argument("--cpu", type=int, metavar="ROUNDS", help="time CPU per request in ROUNDS rounds instead")
     args = parser.parse_args()
     if args.source:
         # A child process whose PYTHONPATH (set by served_from) puts the archived strands-py first.
         with served_from(args.source):
             command = [sys.executable, __file__, "--requests", str(args.requests), "--impls", args.impls]
+            command += ["--cpu", str(args.cpu)] if args.cpu else []
             raise SystemExit(subprocess.run(command, check=False).returncode)
     import strands_py
 
@@ -126,6 +182,11 @@ def main() -> None:
     if unknown:
         parser.error(f"not counted here: {', '.join(unknown)} (see IMPLS)")
     print(f"strands-py from {Path(strands_py.__file__).parent}")
+    if args.cpu:
+        if "fastapi" not in impls:
+            parser.error("--cpu gives ratios to fastapi: include it in --impls")
+        _print_cpu(impls, args.requests, args.cpu)
+        return
     print("| answer | impl | Python calls per request | ratio to fastapi |")
     print("|---|---|---:|---:|")
     for shape in ("json", "sse"):
