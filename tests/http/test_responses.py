@@ -53,21 +53,29 @@ async def test_a_send_that_raises_oserror_ends_the_stream_quietly() -> None:
     assert len(sent) == 3 and frames.closed
 
 
-async def test_a_disconnect_while_waiting_for_the_next_event_ends_the_stream() -> None:
-    frames = _Frames(2, end=asyncio.Event())
-    sent: list[dict[str, Any]] = []
-    gone = asyncio.Event()
+class _Client:
+    """A client that goes away (``http.disconnect``) once the third message (the start, two frames) was sent to it."""
 
-    async def receive() -> dict[str, Any]:
-        await gone.wait()
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self._gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self._gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if len(sent) == 3:
-            gone.set()
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        if len(self.sent) == 3:
+            self._gone.set()
 
-    await asyncio.wait_for(EventStreamResponse(frames.iterator, {})(SCOPE, receive, send), WAIT)
+
+async def test_a_disconnect_while_waiting_for_the_next_event_ends_the_stream() -> None:
+    frames = _Frames(2, end=asyncio.Event())
+    client = _Client()
+    sent = client.sent
+
+    await asyncio.wait_for(EventStreamResponse(frames.iterator, {})(SCOPE, client.receive, client.send), WAIT)
     assert [m.get("body") for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n"] and frames.closed
 
 
@@ -101,21 +109,10 @@ class _WritesBackToBack(EventStreamResponse):
 async def _writes_after_a_disconnect(response_class: type[EventStreamResponse]) -> int:
     """Frames written after the client went away, of 200 ready at once (a run followed late)."""
     frames = _Frames(200)
-    sent: list[dict[str, Any]] = []
-    gone = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-        if len(sent) == 3:  # the start, then two frames
-            gone.set()
-
-    await asyncio.wait_for(response_class(frames.iterator, {})(SCOPE, receive, send), WAIT)
+    client = _Client()
+    await asyncio.wait_for(response_class(frames.iterator, {})(SCOPE, client.receive, client.send), WAIT)
     assert frames.closed
-    return len([m for m in sent[3:] if m.get("body")])
+    return len([m for m in client.sent[3:] if m.get("body")])
 
 
 async def test_frames_ready_at_once_stop_being_written_soon_after_the_client_went_away() -> None:
