@@ -19,10 +19,11 @@ class EventStreamResponse(StreamingResponse):
     stream that never waits (a long run followed late) would write back to back, and the writes after a client went
     away would each reach a closed socket (asyncio logs ``socket.send() raised exception.`` for each) before the
     server had a turn to notice. So no write follows another without a turn of the event loop in between, in which
-    the server sees a lost connection (and its ``send`` stops writing), and a task watching for ``http.disconnect``
-    ends the stream, while it waits for the run's next event too. Waiting for the next frames is such a turn; frames
-    that were ready at once get one of their own. A server that raises ``OSError`` on a send to a client that
-    went away (ASGI 2.4) ends it the same way. The run itself carries on either way.
+    the server sees a lost connection (and its ``send`` stops writing): waiting for the next frames is such a turn,
+    and frames that were ready at once get one of their own. A task watching for ``http.disconnect`` then ends the
+    stream, a few turns later (in the meantime the app may still hand a frame or two to a ``send`` that no longer
+    writes). A server that raises ``OSError`` on a send to a client that went away (ASGI 2.4) ends it at once. The
+    run itself carries on either way.
     """
 
     media_type = "text/event-stream"

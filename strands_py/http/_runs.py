@@ -152,11 +152,7 @@ class Run(EventBuffer):
             async with aclosing(stream):  # type: ignore[type-var]
                 async for event in stream:
                     wire = translator.translate(event)
-                    if not wire:
-                        # Most strands events say nothing on the wire. The frontier is a count of appended events,
-                        # so marking it at the next event that has wire events marks the same place.
-                        continue
-                    if not self.decided:
+                    if wire and not self.decided:
                         # Decided by the first event a client would see: until then a failure is a status code.
                         result = result_of(event)
                         self._decide(replayed=isinstance(result, ReplayedAgentResult))
@@ -164,7 +160,11 @@ class Run(EventBuffer):
                             # A replay has no events of its own: its sequence is the stored message, then the result.
                             self._append("message", {"message": result.message})
                     if self.frontier is None and self._journal is not None:
+                        # At every event, those without wire events too: a run that goes live and then fails appends
+                        # no other event, and a re-attached client's rewind needs the frontier all the same.
                         self._mark_frontier()
+                    if not wire:
+                        continue  # most strands events say nothing on the wire
                     for name, data in wire:
                         if name != "result":
                             self._append(name, data)

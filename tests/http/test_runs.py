@@ -237,3 +237,42 @@ def test_translation_and_json_of_what_strands_emits() -> None:
 def test_serving_options_are_validated(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         ServingOptions(**options)
+
+
+class _Journal:
+    """A journal as the run sees it: the lineage tag, and whether the run went live (replayed steps before)."""
+
+    run_tag = "lineage"
+    live = False
+
+
+async def test_a_run_that_goes_live_at_a_raw_chunk_and_fails_still_rewinds_a_re_attached_client() -> None:
+    # Event 1 replays an earlier owner's step; the run goes live at a model chunk (no wire event) and fails. A client
+    # that saw the earlier owner's events up to 5 must get a rewind to 1, then the error. Seen failing (no frontier,
+    # an empty stream) when events without wire events skipped the frontier's check.
+    journal = _Journal()
+    run = Run("k", None, 100)
+    settled = asyncio.Event()
+
+    async def stream() -> AsyncIterator[Any]:
+        yield {"data": "replayed"}
+        journal.live = True
+        yield {"event": {"messageStart": {"role": "assistant"}}}
+        raise RuntimeError("the model failed")
+
+    async def open_stream() -> AsyncIterator[Any]:
+        return stream()
+
+    run.start(
+        open_stream,
+        timeout_problem=run_timeout_problem(WAIT),
+        timeout_seconds=WAIT,
+        retry_after=1,
+        on_settled=lambda _: settled.set(),
+        journal_of=lambda: journal,
+    )
+    await asyncio.wait_for(settled.wait(), WAIT)
+    last_event_id = ("lineage.abcd", 5)
+    start, seen = run.start_index(last_event_id), run.seen_by(last_event_id)
+    body = b"".join([frames async for frames in run.events(start, WAIT, seen)]).decode()
+    assert "event: rewind" in body and '"to":1' in body and "event: error" in body, body
