@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import pstats
@@ -132,19 +133,14 @@ async def _count(impl: str, shape: str, requests: int) -> float:
 async def _cpu(impls: list[str], shape: str, requests: int, rounds: int) -> dict[str, list[float]]:
     """Process CPU milliseconds per request of each app, one figure per round; the apps take turns in each round."""
     per_round: dict[str, list[float]] = {impl: [] for impl in impls}
-    served = [_Served(impl, shape) for impl in impls]
-    for app in served:
-        await app.__aenter__()
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # every app started is shut down, even if a later one fails
+        served = [await stack.enter_async_context(_Served(impl, shape)) for impl in impls]
         for _ in range(rounds):
             for impl, app in zip(impls, served, strict=True):
                 started = time.process_time()
                 for _ in range(requests):
                     await _request(app.app, shape)
                 per_round[impl].append((time.process_time() - started) / requests * 1000)
-    finally:
-        for app in served:
-            await app.__aexit__()
     return per_round
 
 
