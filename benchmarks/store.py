@@ -1,6 +1,6 @@
 """What a store call costs the serving process: CPU per call to a local redis-server, ways of calling side by side.
 
-``hatch run bench:store [--rounds R] [--calls N] [--no-hiredis]``
+``hatch run bench:store [--rounds R] [--calls N] [--gap MS] [--no-hiredis]``
 
 A durable turn makes several store calls (a claim, the journal's appends, the result), and on a local Redis each is
 a round trip of about 0.1 ms, so how a call gets from the event loop to the server and back is a good part of what
@@ -13,6 +13,8 @@ called from the event loop one at a time, ``N`` calls per way and round, the way
 - ``on-loop``: the sync call on the event loop's own thread. It blocks the loop for the round trip, so it is no way
   to serve; it is the floor, what the call costs without any hop.
 
+Calls are ``--gap`` milliseconds apart (2 by default; the pause is not timed), as a turn's store calls are: threads
+idle between calls cost more to wake than threads kept busy, and back to back (``--gap 0``) every way looks cheaper.
 Reported per way: the process's CPU per call (all threads), the median of the rounds, and its ratio to the asyncio
 client within each round (median and quartiles). Whether redis-py parses with hiredis (the ``redis`` extra installs
 it) is printed first; ``--no-hiredis`` hides it from redis-py, for the same table with its pure-Python parser.
@@ -45,7 +47,7 @@ ENTRY = b"x" * 300  # about a journal entry of a tool call's start or result
 WARM_UP = 50
 
 
-async def _measure(url: str, rounds: int, calls: int) -> dict[str, list[float]]:
+async def _measure(url: str, rounds: int, calls: int, gap: float) -> dict[str, list[float]]:
     """CPU seconds per call, per way, one list entry per round."""
     import redis.asyncio  # here: after --no-hiredis had its say
 
@@ -80,11 +82,14 @@ async def _measure(url: str, rounds: int, calls: int) -> dict[str, list[float]]:
             # Every way in every position over the rounds: the machine's drift is spread over all of them.
             order = WAYS[number % len(WAYS) :] + WAYS[: number % len(WAYS)]
             for way in order:
-                call = ways[way]
-                started = time.process_time()
+                call, spent = ways[way], 0.0
                 for _ in range(calls):
+                    if gap:
+                        await asyncio.sleep(gap)
+                    started = time.process_time()
                     await call()
-                per_call[way].append((time.process_time() - started) / calls)
+                    spent += time.process_time() - started
+                per_call[way].append(spent / calls)
             # The journal must not grow without end: cut it between rounds (not timed).
             assert await store.truncate(key, "owner", 0)
         return per_call
@@ -108,22 +113,23 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--gap", type=float, default=2.0, help="milliseconds between calls (default 2)")
     parser.add_argument("--no-hiredis", action="store_true", help="redis-py without hiredis (its Python parser)")
     args = parser.parse_args()
-    if args.rounds < 1 or args.calls < 1:
-        parser.error("--rounds and --calls must be at least 1")
+    if args.rounds < 1 or args.calls < 1 or args.gap < 0:
+        parser.error("--rounds and --calls must be at least 1, --gap not negative")
     if args.no_hiredis:
         sys.modules["hiredis"] = None  # type: ignore[assignment] # an import of it now fails, as if not installed
     from redis.utils import HIREDIS_AVAILABLE
 
     server = redis_server().start()
     try:
-        per_call = asyncio.run(_measure(f"redis://127.0.0.1:{server.port}", args.rounds, args.calls))
+        per_call = asyncio.run(_measure(f"redis://127.0.0.1:{server.port}", args.rounds, args.calls, args.gap / 1000))
     finally:
         server.stop()
     print(f"redis-py parses replies with hiredis: {'yes' if HIREDIS_AVAILABLE else 'no'}")
-    print(f"{args.rounds} rounds of {args.calls} appends per way; CPU of this process per call (all threads)\n")
+    print(f"{args.rounds} rounds of {args.calls} appends per way, {args.gap:g} ms apart; CPU per call (all threads)\n")
     print(f"| way | CPU µs/call (median) | ratio to {PEER}: median (quartiles) |")
     print("|---|---:|---:|")
     for way in WAYS:
