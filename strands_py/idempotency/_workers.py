@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -21,17 +22,24 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_Outcome = tuple[Any, BaseException | None]
 # An item of the queue: the call, and where its outcome goes. None stops the worker that takes it.
-_Item = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[tuple[Any, Exception | None]]"]
+_Item = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[_Outcome]"]
+
+# Every instance, so that a forked child starts afresh (the parent's threads do not exist there).
+_instances: weakref.WeakSet[Workers] = weakref.WeakSet()
 
 
 class Workers:
     """``max_workers`` threads running blocking calls for coroutines of any event loop, in the order they came.
 
-    Thread-safety: ``run`` may be called from any thread and event loop at once. Cancellation: cancelling a caller
-    stops it waiting; its call, once queued, still runs to its end (a store write whose outcome nobody reads). The
-    threads start with the first call. ``close`` lets every call already queued finish, then stops the threads; if a
-    store is never closed, its threads are stopped the same way when it is collected or the interpreter exits.
+    Thread-safety: ``run`` may be called from any thread and event loop at once. Cancellation: a call whose caller
+    was cancelled before a worker took it is not run (as an executor skips a cancelled future); once running, it
+    runs to its end and its outcome is dropped. The threads start with the first call. ``close`` lets every call
+    already queued finish, then stops the threads, and every ``close`` waits for them (a second one too, or one
+    retried after an interrupted first). A store never closed has its threads stopped the same way when it is
+    collected or the interpreter exits; a call after that is refused as after ``close``. A forked child starts with
+    an empty queue and no threads: they start with its first call.
     """
 
     def __init__(self, max_workers: int, name: str, closed: Callable[[], Exception]) -> None:
@@ -39,32 +47,42 @@ class Workers:
         self._max_workers = max_workers
         self._name = name
         self._closed_error = closed
+        self._closed = False
+        self._reset()
+        _instances.add(self)
+
+    def _reset(self) -> None:
+        """An empty queue, no threads, and a finalizer stopping them: at creation, and in a forked child."""
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._closed = False
         # Not a method of self: the threads must not keep the object alive, or it would never be collected.
         self._finalizer = weakref.finalize(self, _stop, self._queue, self._threads)
 
-    async def run(self, call: Callable[[], T]) -> tuple[T | None, Exception | None]:
-        """Run ``call()`` on a worker; its result and None, or None and the ``Exception`` it raised.
+    async def run(self, call: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+        """Run ``call()`` on a worker; its result and None, or None and what it raised.
 
         The error comes back as a value rather than raised across the await: a frame resumed by ``throw()`` emits no
         trace ``call`` event on Python 3.11, so coverage would lose every line after the await.
 
         Raises:
-            Exception: ``closed()``: the workers are closed.
+            Exception: ``closed()``: the workers were closed, or stopped by the interpreter's exit.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
+        future: asyncio.Future[_Outcome] = loop.create_future()
         with self._lock:
-            # Checked and queued under the lock: a call queued before close's stop items is run, none after them.
-            if self._closed:
+            # Checked and queued under the lock: a call queued before the stop items is run, none after them. The
+            # finalizer is spent once the threads were told to stop: by close, or by the exit (an atexit hook of an
+            # application that runs after weakref's), when the store itself was never closed.
+            if self._refuses():
                 raise self._closed_error()
             if not self._threads:
                 self._start()
             self._queue.put((call, loop, future))
         return await future
+
+    def _refuses(self) -> bool:
+        return self._closed or not self._finalizer.alive
 
     def _start(self) -> None:
         for number in range(self._max_workers):
@@ -73,10 +91,25 @@ class Workers:
             self._threads.append(thread)
 
     def close(self) -> None:
-        """Refuse new calls, let the queued ones finish, and stop the threads (waiting for them)."""
+        """Refuse new calls, let the queued ones finish, and stop the threads, waiting for them."""
         with self._lock:
             self._closed = True
-        self._finalizer()
+        self._finalizer()  # tells the threads to stop, once
+        _join(self._threads)  # and every close waits for them: a second one too, and one retried after an interrupt
+
+    def _after_fork(self) -> None:
+        # The parent's threads do not run in the child, and its queue may hold the parent's calls: start afresh.
+        self._finalizer.detach()
+        self._reset()
+
+
+def _after_fork_in_child() -> None:
+    for workers in list(_instances):
+        workers._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python we support has it
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _stop(work: queue.SimpleQueue[_Item | None], threads: list[threading.Thread]) -> None:
@@ -84,29 +117,38 @@ def _stop(work: queue.SimpleQueue[_Item | None], threads: list[threading.Thread]
     # when the store is collected) and lets the calls already queued finish first.
     for _ in threads:
         work.put(None)
+    _join(threads)
+
+
+def _join(threads: list[threading.Thread]) -> None:
     for thread in threads:
-        if thread is not threading.current_thread():
+        if thread is not threading.current_thread():  # close from one of the store's own calls: not itself
             thread.join()
 
 
 def _work(work: queue.SimpleQueue[_Item | None]) -> None:
     while (item := work.get()) is not None:
         call, loop, future = item
-        outcome: tuple[Any, Exception | None]
-        try:
-            outcome = call(), None
-        except Exception as e:
-            outcome = None, e
-        try:
-            loop.call_soon_threadsafe(_deliver, future, outcome)
-        except RuntimeError:
-            # The caller's loop closed meanwhile (an ``asyncio.run`` that ended): nobody is left to tell.
-            logger.debug("the event loop of a store call closed before the call ended")
+        outcome: _Outcome = None, None
+        # A caller cancelled before its call was taken: not run, as an executor skips a cancelled future (reading the
+        # state from this thread races only with a cancel that comes now, and then the call runs, as it would there).
+        if not future.cancelled():
+            try:
+                outcome = call(), None
+            except BaseException as e:  # noqa: B036 - even SystemExit: it is the caller's, and this thread must live on
+                outcome = None, e
+            try:
+                loop.call_soon_threadsafe(_deliver, future, outcome)
+            except RuntimeError:
+                # The caller's loop closed meanwhile (an ``asyncio.run`` that ended): nobody is left to tell.
+                logger.debug("the event loop of a store call closed before the call ended")
+            except Exception as e:  # pragma: no cover - call_soon_threadsafe raises nothing else but in extremis
+                logger.warning("error=<%s> | could not hand a store call's outcome back", type(e).__name__)
         # Nothing of this call is held while waiting for the next: its partial holds the store, which must stay
         # collectable (its finalizer stops these threads).
         del item, call, loop, future, outcome
 
 
-def _deliver(future: asyncio.Future[tuple[Any, Exception | None]], outcome: tuple[Any, Exception | None]) -> None:
+def _deliver(future: asyncio.Future[_Outcome], outcome: _Outcome) -> None:
     if not future.cancelled():
         future.set_result(outcome)
