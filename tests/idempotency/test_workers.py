@@ -231,16 +231,22 @@ print("called")
 """
 
 
-def _exits(broken: bool) -> bool:
-    # The broken variant never exits: it is caught by this timeout, the only way to see a hang.
+def _python(script: str, broken: bool) -> subprocess.CompletedProcess[str] | None:
+    """``script`` run by a Python of its own; None if it never exits (a broken variant's hang is seen this way)."""
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", EXITS.format(broken=broken)],
+        return subprocess.run(
+            [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script.format(broken=broken)],
             capture_output=True,
             text=True,
             timeout=NEVER * 5 if broken else WAIT * 3,
         )
     except subprocess.TimeoutExpired:
+        return None
+
+
+def _exits(broken: bool) -> bool:
+    done = _python(EXITS, broken)
+    if done is None:
         return False
     assert done.stdout.strip() == "called", done.stderr
     return done.returncode == 0
@@ -410,16 +416,8 @@ assert asyncio.run(store.get("s#k")) is None
 
 def _late_call(broken: bool) -> str | None:
     """What a store call made by an exit hook after weakref's says; None if the interpreter never exits."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", AFTER_EXIT.format(broken=broken)],
-            capture_output=True,
-            text=True,
-            timeout=NEVER * 5 if broken else WAIT * 3,
-        )
-    except subprocess.TimeoutExpired:
-        return None
-    return done.stdout.strip()
+    done = _python(AFTER_EXIT, broken)
+    return None if done is None else done.stdout.strip()
 
 
 def test_a_call_after_the_threads_stopped_at_exit_is_refused_not_hung() -> None:
@@ -452,19 +450,8 @@ print("child", os.waitstatus_to_exitcode(status))
 
 
 def _child_served(broken: bool) -> bool:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-W",
-            "ignore::DeprecationWarning",
-            "-c",
-            FORKS.format(broken=broken, wait=NEVER if broken else WAIT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 3,
-    )
-    assert done.stdout.strip() in ("child 0", "child 1"), done.stdout + done.stderr
+    done = _python(FORKS.replace("{wait}", str(NEVER if broken else WAIT)), broken)
+    assert done is not None and done.stdout.strip() in ("child 0", "child 1"), done and done.stdout + done.stderr
     return done.stdout.strip() == "child 0"
 
 
