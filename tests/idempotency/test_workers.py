@@ -1,5 +1,7 @@
 """A store's own threads (``_workers.py``), through ``RedisIdempotencyStore`` (fakeredis): calls whose caller went
-away, ``close`` waiting for calls in progress, and threads that stop when a store is dropped or the interpreter exits.
+away or was cancelled before its call was taken, a ``BaseException`` raised by a call, every ``close`` waiting for the
+calls in progress, threads that stop when a store is dropped or the interpreter exits, a call refused after that, and
+a forked child served by threads of its own.
 
 Each guarantee has a broken variant of the worker beside it, the negative control its test must catch.
 """
