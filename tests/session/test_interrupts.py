@@ -89,7 +89,8 @@ class _Conversation:
 
     def __init__(self, tmp_path: Path, store: Any = None, **config: Any) -> None:
         self.dir = str(tmp_path / "sessions")
-        self.config = IdempotencyConfig(store=store or InMemoryIdempotencyStore(), lease_seconds=2.0, **config)
+        config = {"lease_seconds": 2.0, **config}
+        self.config = IdempotencyConfig(store=store or InMemoryIdempotencyStore(), **config)
 
     def agent(self, script: ScriptedBedrock, *, process: bool = False, session: str = "conv-1") -> Agent:
         """A new Agent instance; ``process``: as another process would build it (no in-process sharing)."""
@@ -309,7 +310,9 @@ async def test_agents_without_idempotency_behave_as_upstream(tmp_path: Path) -> 
 @pytest.mark.racing
 @pytest.mark.parametrize("mode", ["throw", "enqueue"])
 async def test_two_answers_racing_for_one_interrupt_resume_it_once(tmp_path: Path, mode: str) -> None:
-    conversation = _Conversation(tmp_path, session_invocation_mode=mode, wait_timeout_seconds=WAIT)
+    # A lease as long as the test's own waits: no takeover is meant here, and a 2 s lease was lost once in CI (two
+    # compat legs on two cores) when the first answer's heartbeat could not run for 1.3 s while it held the session.
+    conversation = _Conversation(tmp_path, session_invocation_mode=mode, wait_timeout_seconds=WAIT, lease_seconds=WAIT)
     script = Approvals()
     asked = await _call(conversation.agent(script), "Weather in Paris?", "t1")
     # The first answer holds its model call (after its tool acted) while holding the session; the second races it.
