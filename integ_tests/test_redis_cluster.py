@@ -68,6 +68,12 @@ class TestRedisClusterContract(StoreContract):
             yield store
 
 
+class TestRedisClusterContractOnItsLoop(TestRedisClusterContract):
+    """The same, each call on its loop's asyncio cluster client (``redis.asyncio.cluster.RedisCluster``)."""
+
+    use_event_loop = True
+
+
 def _keys_by_node(cluster: LocalRedisCluster) -> dict[int, set[bytes]]:
     """Every node's keys, read from the node itself."""
     found = {}

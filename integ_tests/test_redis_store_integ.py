@@ -24,6 +24,7 @@ from _servers import RedisServer, running_redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import strands_py.idempotency._redis_layout as redis_layout
 import strands_py.idempotency.redis as redis_module
 from strands_py.idempotency import (
     IdempotencyRecord,
@@ -83,6 +84,12 @@ class TestRealRedisContract(StoreContract):
     def store(self, url: str) -> Iterator[IdempotencyStore]:
         with RedisIdempotencyStore.from_url(url) as store:
             yield store
+
+
+class TestRealRedisContractOnItsLoop(TestRealRedisContract):
+    """The same, each call on its loop's redis-py asyncio client (``use_event_loop``: ``from_url`` makes it)."""
+
+    use_event_loop = True
 
 
 def _wait_for(predicate: Any, what: str) -> None:
@@ -356,7 +363,7 @@ def lifetimes(request: pytest.FixtureRequest, url: str) -> Iterator[RedisIdempot
         with RedisIdempotencyStore.from_url(url) as store:
             yield store
         return
-    with mock.patch.object(redis_module, "_ttl_ms", _absolute_ms), _AbsoluteDeadlines(redis.Redis.from_url(url)) as v:
+    with mock.patch.object(redis_layout, "_ttl_ms", _absolute_ms), _AbsoluteDeadlines(redis.Redis.from_url(url)) as v:
         yield v
 
 

@@ -6,7 +6,8 @@ No I/O here: the store registers the scripts on its client and encodes records w
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from ..types.exceptions import IdempotencyRecordCorruptedError
@@ -311,6 +312,34 @@ def _ttl_ms(expires_at: float, now: float) -> int:
     (a PEXPIRE of zero or less would delete the key inside the very script that wrote it).
     """
     return max(1, math.ceil((expires_at - now) * 1000))
+
+
+def _claim_args(record: IdempotencyRecord, now: float) -> list[Any]:
+    """``claim``'s ARGV: the claim's duration is from the caller's own ``now``, the reading its expires_at came from."""
+    return [record.owner, repr(float(now)), _ttl_ms(record.expires_at, now), *_fields(record)]
+
+
+def _write_args(head: list[str], record: IdempotencyRecord) -> Callable[[], list[Any]]:
+    """ARGV of a write of ``record`` after ``head``, made just before the call is sent.
+
+    ``time.time()`` is read then, on the thread that sends it: time spent queued is not added to the TTL.
+    """
+    return lambda: [*head, _ttl_ms(record.expires_at, time.time()), *_fields(record)]
+
+
+def _renew_args(
+    owner: str, version: str, lease_seconds: float, expires_at: float, checkpoint: str | None
+) -> Callable[[], list[Any]]:
+    """``renew``'s ARGV, made just before the call is sent (its TTL from then)."""
+    return lambda: [
+        owner,
+        _ttl_ms(expires_at, time.time()),
+        version,
+        repr(float(lease_seconds)),
+        repr(float(expires_at)),
+        "0" if checkpoint is None else "1",
+        checkpoint or "",
+    ]
 
 
 def _fields(record: IdempotencyRecord) -> list[str | bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 
 from .record import IdempotencyRecord
 
@@ -191,3 +192,13 @@ class IdempotencyStore(abc.ABC):
             NotImplementedError: The store does not support journals (``supports_journal`` is False).
         """
         raise NotImplementedError(f"{type(self).__name__} does not support journals")
+
+    def use_event_loop(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Serve the running event loop's calls the way that suits a loop that lives long, until the block ends.
+
+        For a loop that lives as long as a server does: the lifespans of ``AgentApp`` and ``A2AApp`` enter it. Calls
+        made on other loops are served as before. The default does nothing; ``RedisIdempotencyStore`` makes its
+        calls with a redis-py asyncio client of the loop's own instead of on its threads. Use it as
+        ``async with store.use_event_loop(): ...``.
+        """
+        return contextlib.nullcontext()

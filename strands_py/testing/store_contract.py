@@ -24,6 +24,9 @@ run pytest with ``--strict-markers``. A test double that is not atomic under thr
 cannot pass it; override the ``racing_store`` fixture to serialise access to it (``SerialisedCalls``), as the
 real server's per-item atomicity would, rather than accept a flaky suite.
 
+Set ``use_event_loop = True`` on the subclass to run every call inside the store's ``use_event_loop()`` block, as a
+server's lifespan serves it (``RedisIdempotencyStore``: on redis-py's asyncio client).
+
 This module needs pytest; ``strands_py.testing`` itself imports without it.
 """
 
@@ -101,10 +104,13 @@ class StoreContract:
     Attributes:
         timeout_seconds: Bound on each test's store calls (a hung store fails instead of hanging the suite).
         race_contenders: Threads racing for one key in the race tests.
+        use_event_loop: Run every call inside the store's ``use_event_loop()`` block, on each loop ``run`` makes.
     """
 
     timeout_seconds: float = 30.0
     race_contenders: int = 16
+    use_event_loop: bool = False
+    _loop_store: IdempotencyStore | None = None
 
     @pytest.fixture
     def store(self) -> IdempotencyStore:
@@ -120,9 +126,22 @@ class StoreContract:
         """
         return store
 
+    @pytest.fixture(autouse=True)
+    def _each_loop_of(self, store: IdempotencyStore) -> None:
+        """With ``use_event_loop``: ``run`` enters ``store.use_event_loop()`` on each loop it makes."""
+        self._loop_store = store if self.use_event_loop else None
+
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run ``coroutine`` on a new event loop, bounded by ``timeout_seconds``."""
-        return asyncio.run(asyncio.wait_for(coroutine, self.timeout_seconds))
+        """Run ``coroutine`` on a new event loop, bounded by ``timeout_seconds`` (see ``use_event_loop``)."""
+        store = self._loop_store
+        if store is None:
+            return asyncio.run(asyncio.wait_for(coroutine, self.timeout_seconds))
+
+        async def on_its_loop() -> T:
+            async with store.use_event_loop():
+                return await coroutine
+
+        return asyncio.run(asyncio.wait_for(on_its_loop(), self.timeout_seconds))
 
     def race(self, contend: Callable[[str], T]) -> dict[str, T]:
         """Run ``contend(owner)`` on ``race_contenders`` threads released at once; their outcomes by owner."""

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import fakeredis
 import pytest
 from moto import mock_aws
 
@@ -11,6 +13,22 @@ from strands_py.idempotency import DynamoDBIdempotencyStore, IdempotencyStore, I
 from strands_py.testing.store_contract import SerialisedCalls
 
 TABLE = "agent-idempotency"
+
+
+class ThreadWatchingRedis(fakeredis.FakeRedis):
+    """A sync fakeredis client counting the commands sent from the Redis store's own threads.
+
+    ``claim_blocking`` sends from its caller's thread: not counted.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.from_threads = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if threading.current_thread().name.startswith("strands-py-idempotency-redis"):
+            self.from_threads += 1
+        return super().execute_command(*args, **options)
 
 
 def moto_client() -> Any:

@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
+import strands_py.idempotency._redis_layout as redis_layout
 import strands_py.idempotency.redis as redis_module
 from strands_py.idempotency import (
     IdempotencyRecord,
@@ -163,7 +164,7 @@ def lifetimes(request: pytest.FixtureRequest, client: Any) -> Iterator[RedisIdem
         with RedisIdempotencyStore(client) as store:
             yield store
         return
-    with mock.patch.object(redis_module, "_ttl_ms", _absolute_ms), _AbsoluteDeadlines(client) as variant:
+    with mock.patch.object(redis_layout, "_ttl_ms", _absolute_ms), _AbsoluteDeadlines(client) as variant:
         yield variant
 
 
@@ -173,7 +174,7 @@ async def test_a_skewed_host_claims_for_the_intended_duration(
 ) -> None:
     """A claim from a host ten minutes ahead or behind lives exactly its duration, measured from its own ``now``."""
     skewed = _SkewedClock(offset)
-    with mock.patch.object(redis_module, "time", skewed):
+    with mock.patch.object(redis_layout, "time", skewed):
         now = skewed.time()
         assert await lifetimes.claim(_claim("s#k", "a", now, lease=30, ttl=270), now) is None
     _assert_ttl(client, "s#k", 300)
@@ -204,7 +205,7 @@ async def test_a_skewed_host_writes_records_for_their_intended_duration(
     claim = _claim("s#k", "a", now)
     assert await lifetimes.claim(claim, now) is None  # by a host whose clock is right
     skewed = _SkewedClock(offset)
-    with mock.patch.object(redis_module, "time", skewed):
+    with mock.patch.object(redis_layout, "time", skewed):
         assert await write(lifetimes, skewed.time(), claim) is True
     _assert_ttl(client, "s#k", 400)
 

@@ -17,7 +17,7 @@ from unittest import mock
 
 import fakeredis
 import pytest
-from conftest import TABLE, make_dynamodb_store
+from conftest import TABLE, ThreadWatchingRedis, make_dynamodb_store
 from moto import mock_aws
 
 from strands_py.idempotency import (
@@ -78,6 +78,30 @@ class TestFakeRedisStore(StoreContract):
     def store(self) -> Iterator[IdempotencyStore]:
         with RedisIdempotencyStore(fakeredis.FakeRedis(server=fakeredis.FakeServer())) as store:
             yield store
+
+
+class TestFakeRedisStoreOnItsLoop(StoreContract):
+    """The same store with each call on the test loop's asyncio client (``use_event_loop``), none on its threads."""
+
+    use_event_loop = True
+
+    @pytest.fixture
+    def store(self) -> Iterator[IdempotencyStore]:
+        server = fakeredis.FakeServer()
+        sync = ThreadWatchingRedis(server=server)
+        with RedisIdempotencyStore(sync, asyncio_client=lambda: fakeredis.FakeAsyncRedis(server=server)) as store:
+            yield store
+        assert sync.from_threads == 0
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+def test_negative_control_without_use_event_loop_the_calls_go_through_the_threads() -> None:
+    """The watcher of the class above sees calls on the threads when the loop does not use its asyncio client."""
+    server = fakeredis.FakeServer()
+    sync = ThreadWatchingRedis(server=server)
+    with RedisIdempotencyStore(sync, asyncio_client=lambda: fakeredis.FakeAsyncRedis(server=server)) as store:
+        CONTRACT.test_first_claim_wins_and_others_see_it(store)
+    assert sync.from_threads == 0
 
 
 def test_a_subclass_must_override_the_store_fixture() -> None:
