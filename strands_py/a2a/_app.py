@@ -210,10 +210,13 @@ class A2AApp:
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
         """The app's lifespan: accept messages inside it; on exit, drain the runs (see ``aclose``)."""
         self._service.reopen()
-        try:
-            yield
-        finally:
-            await self.aclose()
+        # Its store serves this loop's calls the way a long-lived loop allows (Redis: on the loop, no thread hop), until
+        # the runs are drained.
+        async with self._service.config.store.use_event_loop():
+            try:
+                yield
+            finally:
+                await self.aclose()
 
     async def aclose(self) -> None:
         """Refuse new messages, give running tasks ``shutdown_grace_seconds``, then stop the rest (claims yielded).

@@ -267,10 +267,13 @@ class AgentApp:
         self._service.reopen()
         if self._webhooks is not None:
             self._webhooks.reopen()
-        try:
-            yield
-        finally:
-            await self.aclose()
+        # Its store serves this loop's calls the way a long-lived loop allows (Redis: on the loop, no thread hop), until
+        # the runs are drained.
+        async with self._service.config.store.use_event_loop():
+            try:
+                yield
+            finally:
+                await self.aclose()
 
     async def aclose(self) -> None:
         """Refuse new invocations (503), give running ones ``shutdown_grace_seconds``, then cancel the rest.
