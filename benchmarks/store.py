@@ -7,7 +7,10 @@ a round trip of about 0.1 ms, so how a call gets from the event loop to the serv
 the store adds to a request. One primitive (``append``, the most frequent: one ``EVALSHA``, fenced on the claim),
 called from the event loop one at a time, ``N`` calls per way and round, the ways taking turns in every round:
 
-- ``store``: ``RedisIdempotencyStore.append`` as shipped (the sync client on the store's own threads);
+- ``store``: ``RedisIdempotencyStore.append`` on a loop without ``use_event_loop`` (the sync client on the store's
+  own threads: a sync ``agent(...)``'s calls, each on a loop of its own);
+- ``store-on-loop``: the same inside ``use_event_loop()``, as a server's lifespan serves it (redis-py's asyncio
+  client, on the loop);
 - ``executor``: the same sync call through ``loop.run_in_executor`` on a ``ThreadPoolExecutor`` (the store before);
 - ``asyncio-client``: the same script through redis-py's asyncio client (``redis.asyncio``), on the loop;
 - ``on-loop``: the sync call on the event loop's own thread. It blocks the loop for the round trip, so it is no way
@@ -41,7 +44,7 @@ from servers import redis_server  # noqa: E402 - the benchmarks folder is not a 
 from strands_py.idempotency import IdempotencyRecord, RecordState  # noqa: E402
 from strands_py.idempotency.record import new_version  # noqa: E402
 
-WAYS = ("store", "executor", "asyncio-client", "on-loop")
+WAYS = ("store", "store-on-loop", "executor", "asyncio-client", "on-loop")
 PEER = "asyncio-client"
 ENTRY = b"x" * 300  # about a journal entry of a tool call's start or result
 WARM_UP = 50
@@ -55,6 +58,7 @@ async def _measure(url: str, rounds: int, calls: int, gap: float) -> dict[str, l
     from strands_py.idempotency.redis import RedisIdempotencyStore
 
     store = RedisIdempotencyStore.from_url(url)
+    bound = RedisIdempotencyStore.from_url(url)
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bench-executor")
     client = redis.asyncio.Redis.from_url(url)
     try:
@@ -70,33 +74,42 @@ async def _measure(url: str, rounds: int, calls: int, gap: float) -> dict[str, l
 
         ways: dict[str, Callable[[], Awaitable[Any]]] = {
             "store": functools.partial(store.append, key, "owner", ENTRY),
+            "store-on-loop": functools.partial(bound.append, key, "owner", ENTRY),
             "executor": lambda: loop.run_in_executor(executor, sync_append),
             "asyncio-client": lambda: script(keys=keys, args=["owner", ENTRY, new_version()]),
             "on-loop": lambda: _now(sync_append()),
         }
-        for way in WAYS:
-            for _ in range(WARM_UP):
-                assert await ways[way]() == 1, f"{way}: the append was refused"
-        per_call: dict[str, list[float]] = {way: [] for way in WAYS}
-        for number in range(rounds):
-            # Every way in every position over the rounds: the machine's drift is spread over all of them.
-            order = WAYS[number % len(WAYS) :] + WAYS[: number % len(WAYS)]
-            for way in order:
-                call, spent = ways[way], 0.0
-                for _ in range(calls):
-                    if gap:
-                        await asyncio.sleep(gap)
-                    started = time.process_time()
-                    await call()
-                    spent += time.process_time() - started
-                per_call[way].append(spent / calls)
-            # The journal must not grow without end: cut it between rounds (not timed).
-            assert await store.truncate(key, "owner", 0)
-        return per_call
+        async with bound.use_event_loop():
+            return await _rounds(ways, store, key, rounds, calls, gap)
     finally:
         await client.aclose()
         executor.shutdown(wait=True)
         store.close()
+        bound.close()
+
+
+async def _rounds(
+    ways: dict[str, Callable[[], Awaitable[Any]]], store: Any, key: str, rounds: int, calls: int, gap: float
+) -> dict[str, list[float]]:
+    for way in WAYS:
+        for _ in range(WARM_UP):
+            assert await ways[way]() == 1, f"{way}: the append was refused"
+    per_call: dict[str, list[float]] = {way: [] for way in WAYS}
+    for number in range(rounds):
+        # Every way in every position over the rounds: the machine's drift is spread over all of them.
+        order = WAYS[number % len(WAYS) :] + WAYS[: number % len(WAYS)]
+        for way in order:
+            call, spent = ways[way], 0.0
+            for _ in range(calls):
+                if gap:
+                    await asyncio.sleep(gap)
+                started = time.process_time()
+                await call()
+                spent += time.process_time() - started
+            per_call[way].append(spent / calls)
+        # The journal must not grow without end: cut it between rounds (not timed).
+        assert await store.truncate(key, "owner", 0)
+    return per_call
 
 
 async def _now(value: Any) -> Any:
