@@ -81,6 +81,14 @@ class _Journal:
         self._restamping: set[str] = set()  # keys whose entries' TTL is being moved on, by this process
         self._restamping_mutex = threading.Lock()
 
+    def after_fork(self, executor: Executor) -> None:
+        """In a forked child: the child's executor, and no lock or job of the parent's threads (none run here)."""
+        self._executor = executor
+        self._heads = _Heads(_REMEMBERED_HEADS)
+        self._append_stripes = [threading.Lock() for _ in range(_APPEND_STRIPES)]
+        self._restamping = set()
+        self._restamping_mutex = threading.Lock()
+
     # What this process knows of where a key's journal stands; the store tells it of the record's writes.
 
     def fresh(self, key: str, expires_at: float) -> None:

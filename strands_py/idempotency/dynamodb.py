@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
@@ -51,6 +53,19 @@ _MAX_RESULT_BYTES = 350_000
 # A claim (or a cancel) whose condition failed on a server that returns no old item reads the item; it is tried again
 # only when the item changed between the two calls (released, say), which takes another writer's progress each time.
 _CLAIM_ATTEMPTS = 5
+
+
+# Every store, so that a forked child gives each one threads of its own.
+_instances: weakref.WeakSet[DynamoDBIdempotencyStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_instances):
+        store._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python we support has it
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class DynamoDBIdempotencyStore(IdempotencyStore):
@@ -109,7 +124,8 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
 
     Thread-safety: safe from any thread and event loop. All boto3 calls run on a small executor owned by the store,
     never on the event loop's default executor. Call ``close()`` (or use the store as a context manager) to stop
-    its threads (it waits for calls in progress, and for the journals' TTL being moved on). Cancellation: cancelling
+    its threads (it waits for calls in progress, and for the journals' TTL being moved on). A store used before
+    ``os.fork()`` (a pre-forking server) gives the child threads of its own. Cancellation: cancelling
     a call stops the caller waiting; the boto3 calls finish on their thread (an append lands or not, whole).
     """
 
@@ -148,9 +164,21 @@ class DynamoDBIdempotencyStore(IdempotencyStore):
             client = _new_client(boto3_session, region_name, endpoint_url, boto_config, max_workers)
         self._client = client
         self._table = _Table(client, table_name)  # every call goes through it: its retries, its errors
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="strands-py-idempotency")
+        self._max_workers = max_workers
+        self._executor = self._new_executor()
         self._closed = False
         self._journal = _Journal(self._table, self._executor)  # append, journal, truncate, and the entries' TTL
+        _instances.add(self)
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="strands-py-idempotency")
+
+    def _after_fork(self) -> None:
+        # The parent's threads do not run in the child, and its executor counts them as idle: every call would wait
+        # for them for ever. The child gets threads of its own (and none of the parent's locks, held or not).
+        if not self._closed:
+            self._executor = self._new_executor()
+            self._journal.after_fork(self._executor)
 
     def close(self) -> None:
         """Stop the store's executor threads (waiting for calls and background jobs in progress); later calls raise."""

@@ -6,10 +6,13 @@ import asyncio
 import dataclasses
 import math
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -1600,3 +1603,38 @@ def test_negative_control_a_cancel_that_changes_the_version(aws: None) -> None:
         ),
     ):
         CONTRACT.test_a_cancel_marks_a_running_claim_and_fences_its_owner(_store_on("dynamodb"))
+
+
+_FORKED = """
+import asyncio, os, sys
+sys.path.insert(0, sys.argv[2])
+from moto import mock_aws
+from conftest import make_dynamodb_store
+
+with mock_aws():
+    store = make_dynamodb_store()
+    asyncio.run(store.get("s#k"))  # the store's threads exist in the parent now
+    parents = store._executor
+    pid = os.fork()
+    if pid == 0:
+        if sys.argv[1] == "parents-threads":
+            store._executor = parents  # the broken variant: the parent's executor, whose threads are not here
+        try:
+            found = asyncio.run(asyncio.wait_for(store.get("s#k"), 10))
+            os._exit(0 if found is None else 2)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    store.close()
+    sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize(
+    "variant", ["own-threads", pytest.param("parents-threads", marks=pytest.mark.xfail(strict=True))]
+)
+def test_a_store_used_before_a_fork_serves_the_child(variant: str) -> None:
+    """A store used in a process that then forks (a pre-forking server): the child's calls answer, never hang."""
+    here = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", _FORKED, variant, here], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"the child's call ended with {done.returncode} (3: it hung): {done.stderr}"
