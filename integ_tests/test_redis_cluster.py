@@ -74,6 +74,21 @@ class TestRedisClusterContractOnItsLoop(TestRedisClusterContract):
     use_event_loop = True
 
 
+def test_a_cluster_option_the_asyncio_client_refuses_keeps_the_threads(url: str) -> None:
+    """``retry_on_timeout`` is the sync cluster client's, not the asyncio one's: the store serves on its threads, and a
+    server's lifespan still starts (entering ``use_event_loop`` made the asyncio client, which refused it)."""
+
+    async def served(store: RedisIdempotencyStore) -> IdempotencyRecord | None:
+        async with store.use_event_loop():
+            now = time.time()
+            assert await store.claim(_claim("s#k", "a", now), now) is None
+            return await store.get("s#k")
+
+    with RedisIdempotencyStore.from_url(url, cluster=True, retry_on_timeout=True) as store:
+        found = asyncio.run(served(store))
+    assert found is not None and found.owner == "a"
+
+
 def _keys_by_node(cluster: LocalRedisCluster) -> dict[int, set[bytes]]:
     """Every node's keys, read from the node itself."""
     found = {}

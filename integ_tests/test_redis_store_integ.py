@@ -92,6 +92,23 @@ class TestRealRedisContractOnItsLoop(TestRealRedisContract):
     use_event_loop = True
 
 
+def test_a_burst_on_the_loop_waits_for_its_turn_and_never_for_a_connection(url: str) -> None:
+    """400 calls at once on a loop's asyncio client with an 8-connection pool (which fails when full): all answer,
+    and the server sees no more than ``max_workers`` connections of it, as through the store's threads."""
+
+    async def burst() -> tuple[list[Any], int]:
+        with RedisIdempotencyStore.from_url(url, max_connections=8) as store:
+            async with store.use_event_loop():
+                outcomes = await asyncio.gather(*(store.get(f"s#{n}") for n in range(400)), return_exceptions=True)
+                with redis.Redis.from_url(url) as observer:
+                    connections = len(observer.client_list()) - 1  # the observer's own
+        return outcomes, connections
+
+    outcomes, connections = asyncio.run(burst())
+    assert outcomes == [None] * 400
+    assert connections <= 4
+
+
 def _wait_for(predicate: Any, what: str) -> None:
     deadline = time.monotonic() + WAIT
     while not predicate():

@@ -35,10 +35,12 @@ HGETALL = "hgetall"
 
 def from_url(
     url: str, *, retries: int, cluster: bool, timeouts: Mapping[str, float], options: Mapping[str, Any]
-) -> tuple[redis.Redis | RedisCluster, Callable[[], Any]]:
+) -> tuple[redis.Redis | RedisCluster, Callable[[], Any] | None]:
     """A sync client of ``url``, and a function making asyncio clients of the same server, TLS, timeouts and retries.
 
-    Retries: exponential backoff from 50 ms, capped at 1 s.
+    Retries: exponential backoff from 50 ms, capped at 1 s. The function is None when the asyncio client does not
+    take every one of ``options`` (redis-py's two clients differ on a few): the store's calls then all keep its
+    threads, as they did before asyncio clients were used, rather than fail inside a server's lifespan.
 
     Raises:
         IdempotencyStoreError: With ``cluster``: no node of the cluster answered, or redis-py refused the arguments.
@@ -60,6 +62,13 @@ def from_url(
         made: Any = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
         return made.from_url(url, retry=retrying, **timeouts, **options)
 
+    try:
+        probe = asyncio_client()  # no I/O: a cluster client reads its slot map at its first command
+        if not cluster:
+            probe.connection_pool.make_connection()  # a connection object, not connected: checks its options
+    except TypeError as e:
+        logger.warning("error=<%s> | redis-py's asyncio client refuses an option: every call keeps the threads", e)
+        return client, None
     return client, asyncio_client
 
 
@@ -84,12 +93,16 @@ class LoopClient:
     Thread-safety: used on its own loop only.
     """
 
-    def __init__(self, client: Any, scripts: Mapping[str, str]) -> None:
-        """Register ``scripts`` (name to source) on ``client``, which ``aclose`` closes."""
+    def __init__(self, client: Any, scripts: Mapping[str, str], limit: int) -> None:
+        """Register ``scripts`` (name to source) on ``client``, which ``aclose`` closes; ``limit`` calls at once."""
         self.client = client
         self.users = 0
         self._scripts = {name: client.register_script(source) for name, source in scripts.items()}
-        self._calls = 0
+        # A connection pool fails when it is full (redis-py's default), and one call holds one connection: a burst
+        # of calls (a retry storm's) waits for its turn here, as it would for the store's threads, never failing for
+        # want of a connection nor opening one per call.
+        self._slots = asyncio.Semaphore(limit)
+        self._calls = 0  # in flight or waiting for a slot
         self._idle: asyncio.Event | None = None
 
     async def call(self, key: str, keys: Sequence[str], name: str, args: Sequence[Any] | None) -> Any:
@@ -100,9 +113,10 @@ class LoopClient:
         """
         self._calls += 1
         try:
-            if name == HGETALL:
-                return await self.client.hgetall(keys[0])
-            return await self._scripts[name](keys=keys, args=args)
+            async with self._slots:
+                if name == HGETALL:
+                    return await self.client.hgetall(keys[0])
+                return await self._scripts[name](keys=keys, args=args)
         except Exception as e:
             error = mapped(key, e)
             if error is e:
@@ -133,10 +147,14 @@ class LoopClients:
     Thread-safety: ``bound`` is safe from any thread (a dict read); ``use`` from any loop.
     """
 
-    def __init__(self, factory: Callable[[], Any] | None, scripts: Mapping[str, str]) -> None:
-        """``factory()`` makes an asyncio client for the running loop (None: the store has none to make)."""
+    def __init__(self, factory: Callable[[], Any] | None, scripts: Mapping[str, str], limit: int) -> None:
+        """``factory()`` makes an asyncio client for the running loop (None: the store has none to make).
+
+        ``limit``: the most calls at once on one loop's client (more wait for their turn).
+        """
         self._factory = factory
         self._scripts = scripts
+        self._limit = limit
         self._by_loop: dict[asyncio.AbstractEventLoop, LoopClient] = {}
         self._lock = threading.Lock()
 
@@ -159,7 +177,7 @@ class LoopClients:
                 client = self._factory()
                 if client.get_encoder().decode_responses:
                     raise ValueError("the asyncio client must be made with decode_responses=False: results are bytes")
-                bound = self._by_loop[loop] = LoopClient(client, self._scripts)
+                bound = self._by_loop[loop] = LoopClient(client, self._scripts, self._limit)
             bound.users += 1
         try:
             yield

@@ -168,7 +168,7 @@ class RedisIdempotencyStore(IdempotencyStore):
             max_result_bytes: Largest encoded result stored (default 8 MiB); None for Redis's own limit, 512 MiB.
             max_journal_entry_bytes: Largest journal entry stored (default 512 KiB, see the class docstring); None
                 for Redis's own limit, 512 MiB.
-            max_workers: The store's own threads.
+            max_workers: The store's own threads, and the most calls at once on a loop's asyncio client.
             close_client: Whether ``close()`` closes ``client`` too.
             asyncio_client: Makes a redis-py asyncio client of the same server (``redis.asyncio.Redis`` or
                 ``redis.asyncio.cluster.RedisCluster``, ``decode_responses=False``), called on the event loop that
@@ -201,7 +201,7 @@ class RedisIdempotencyStore(IdempotencyStore):
         self._close_client = close_client
         for name, source in _SCRIPTS.items():
             setattr(self, name, client.register_script(source))
-        self._loops = LoopClients(asyncio_client, _SCRIPTS)
+        self._loops = LoopClients(asyncio_client, _SCRIPTS, max_workers)
         self._workers = Workers(max_workers, "strands-py-idempotency-redis", _closed_error)
         self._closed = False
 
@@ -229,7 +229,7 @@ class RedisIdempotencyStore(IdempotencyStore):
             key_prefix: Prepended to every key; without ``{`` or ``}``.
             max_result_bytes: Largest encoded result stored (default 8 MiB); None for Redis's own limit.
             max_journal_entry_bytes: Largest journal entry stored (default 512 KiB); None for Redis's own limit.
-            max_workers: The store's own threads.
+            max_workers: The store's own threads, and the most calls at once on a loop's asyncio client.
             socket_timeout: Seconds to wait for a reply.
             socket_connect_timeout: Seconds to wait for a connection.
             retries: Retries of a command after a connection error or timeout (exponential backoff from 50 ms,
@@ -288,9 +288,11 @@ class RedisIdempotencyStore(IdempotencyStore):
         For a loop that lives as long as a server does: ``AgentApp``'s lifespan enters it. The client is made
         (``asyncio_client``) when the block is entered, shared by nested blocks of the same loop, and closed when the
         last one ends, after the calls in flight on it; calls made by other loops (a sync ``agent(...)``'s) keep
-        using the store's threads. Without ``asyncio_client`` (a client of yours passed without one), nothing
-        changes. A call through the asyncio client is some 25 % cheaper in CPU than one through the threads
-        (``hatch run bench:store``): it crosses no thread.
+        using the store's threads. At most ``max_workers`` calls are in flight on the client at once, as on the
+        threads; more wait for their turn (redis-py's pool fails when it is full). Without ``asyncio_client`` (a
+        client of yours passed without one, or ``from_url`` options the asyncio client does not take, which it logs
+        as a warning), nothing changes. A call through the asyncio client costs about a fifth less CPU than one
+        through the threads (``hatch run bench:store``): it crosses no thread.
 
         Raises:
             ValueError: On entering: the asyncio client decodes responses.

@@ -4,8 +4,9 @@ What it holds: the loop's calls send nothing from the store's threads (the whole
 ``test_store_contract.py``); nested blocks share one client, closed by the last, after the calls in flight; other
 loops, a store without an asyncio client, and calls after the block keep using the threads; errors are the store's;
 a cancelled call leaves nothing waiting; a closed store refuses the loop's calls; ``from_url`` makes the loop's client
-with the sync client's server, TLS, timeouts and retries; a forked child starts without the parent's clients.
-Broken variants beside the tests: a close that does not wait for the calls in flight.
+with the sync client's server, TLS, timeouts and retries, and none when that client refuses one of its options; a
+burst of calls takes turns, ``max_workers`` at once. Broken variants beside the tests: a close that does not wait for
+the calls in flight, an unbounded client, a client made with an option it refuses.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ class _Clients:
         index = len(self.made)
         self.made.append(client)
         self.closed.append(0)
-        real = client.aclose
+        name = "aclose" if hasattr(client, "aclose") else "close"  # redis-py 5.0.0 has only close()
+        real = getattr(client, name)
 
         async def aclose(*args: Any, **kwargs: Any) -> None:
             self.closed[index] += 1
             await real(*args, **kwargs)
 
-        client.aclose = aclose  # type: ignore[method-assign]
+        setattr(client, name, aclose)
         return client
 
 
@@ -209,7 +211,7 @@ async def test_the_client_is_closed_after_the_calls_in_flight(store: RedisIdempo
 
 async def _close_at_once(self: redis_clients.LoopClient) -> None:
     """Broken variant: closes the client under the calls in flight."""
-    await self.client.aclose()
+    await (getattr(self.client, "aclose", None) or self.client.close)()
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError)
@@ -316,3 +318,88 @@ async def test_from_url_makes_the_loops_client_like_its_own() -> None:
             assert kwargs["socket_timeout"] == 5.0 and kwargs["socket_connect_timeout"] == 5.0
             assert client.connection_pool.connection_class is redis.asyncio.SSLConnection
             assert client.get_retry()._retries == 3
+
+
+class _HeldGets:
+    """Holds every HGETALL of one asyncio client until released; counts those in flight, and the most at once."""
+
+    def __init__(self, client: fakeredis.FakeAsyncRedis) -> None:
+        self.release = asyncio.Event()
+        self.in_flight = 0
+        self.most = 0
+        self._real = client.hgetall
+        client.hgetall = self.hgetall  # type: ignore[method-assign]
+
+    async def hgetall(self, *args: Any) -> Any:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.release.wait()
+            return await self._real(*args)
+        finally:
+            self.in_flight -= 1
+
+
+async def _a_burst_on_the_loop(server: fakeredis.FakeServer) -> int:
+    """Twenty calls at once on a store of two workers: all answered; how many were in flight at once."""
+    sync = fakeredis.FakeRedis(server=server)
+    with RedisIdempotencyStore(sync, max_workers=2, asyncio_client=_Clients(server)) as store:
+        async with store.use_event_loop():
+            held = _HeldGets(store._loops.bound().client)  # type: ignore[union-attr]
+            calls = [asyncio.ensure_future(store.get(f"s#{n}")) for n in range(20)]
+            for _ in range(50):  # many turns of the loop: every call that may start has started
+                await asyncio.sleep(0)
+            most = held.most
+            held.release.set()
+            assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [None] * 20
+    return most
+
+
+async def test_a_burst_of_calls_on_the_loop_takes_turns_as_on_the_threads(server: fakeredis.FakeServer) -> None:
+    # redis-py's pool fails when it is full (MaxConnectionsError), and one call holds one connection: a retry
+    # storm's burst must wait for its turn, as it does for the store's max_workers threads.
+    assert await _a_burst_on_the_loop(server) == 2
+
+
+class _Unbounded:
+    """Broken variant of the calls' limit: none."""
+
+    def __init__(self, limit: int) -> None:
+        pass
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_an_unbounded_loop_client(server: fakeredis.FakeServer) -> None:
+    with mock.patch.object(redis_clients.asyncio, "Semaphore", _Unbounded):
+        assert await _a_burst_on_the_loop(server) == 2
+
+
+async def test_from_url_options_the_asyncio_client_refuses_keep_the_threads(caplog: pytest.LogCaptureFixture) -> None:
+    # redis-py's two clients differ on a few options (OCSP here, some cluster ones): a store made with one must serve
+    # as before, on its threads, rather than fail every call, or a server's lifespan, on the loop.
+    with caplog.at_level("WARNING", logger="strands_py.idempotency._redis_clients"):
+        store = RedisIdempotencyStore.from_url(
+            "rediss://127.0.0.1:1", ssl_validate_ocsp=True, socket_connect_timeout=0.5, retries=0
+        )
+    assert "refuses an option" in caplog.text and "ssl_validate_ocsp" in caplog.text
+    with store:
+        async with store.use_event_loop():
+            with pytest.raises(IdempotencyStoreError, match="Redis could not be used"):
+                await store.get("s#k")
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError)
+async def test_negative_control_an_asyncio_client_made_with_an_option_it_refuses() -> None:
+    """Without the check ``from_url`` makes, every call on the loop fails with a TypeError."""
+    sync = redis.Redis.from_url("rediss://127.0.0.1:1", ssl_validate_ocsp=True, socket_connect_timeout=0.5)
+    made = lambda: redis.asyncio.Redis.from_url("rediss://127.0.0.1:1", ssl_validate_ocsp=True)  # noqa: E731
+    with RedisIdempotencyStore(sync, asyncio_client=made, close_client=True) as store:
+        async with store.use_event_loop():
+            with pytest.raises(IdempotencyStoreError):
+                await store.get("s#k")
