@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 
@@ -107,3 +108,7 @@ class CountingStore(IdempotencyStore):
         """Count and forward."""
         self.calls["cancel"] += 1
         return await self.inner.cancel(key)
+
+    def use_event_loop(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Forward (not counted: no call reaches the store)."""
+        return self.inner.use_event_loop()

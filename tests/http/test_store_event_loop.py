@@ -23,6 +23,7 @@ from strands_py.http import AgentApp
 from strands_py.http._demo import DemoAgents, demo_agent_factory
 from strands_py.idempotency import IdempotencyConfig, InMemoryIdempotencyStore
 from strands_py.idempotency.redis import RedisIdempotencyStore
+from strands_py.testing.counting import CountingStore
 
 WAIT = 10.0
 
@@ -78,6 +79,15 @@ class _LeavesFirst(AgentApp):
                 yield
         finally:
             await self.aclose()
+
+
+async def test_a_counting_store_hands_the_loop_on_to_the_store_it_counts() -> None:
+    inner = _LoopStore()
+    config = IdempotencyConfig(store=CountingStore(inner))
+    inner.app = app = AgentApp(demo_agent_factory(0.0), config, single_tenant=True)
+    async with app.lifespan():
+        assert inner.seen == [("entered", 0)]
+    assert inner.seen == [("entered", 0), ("left", 0)]
 
 
 async def test_a_run_in_flight_at_shutdown_ends_before_the_store_leaves_the_loop() -> None:
