@@ -81,9 +81,25 @@ class _LeavesFirst(AgentApp):
             await self.aclose()
 
 
+class _CountingOnly(CountingStore):
+    """Broken variant: counts, and keeps the loop to itself (the store's default, which does nothing)."""
+
+    def use_event_loop(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
+
+
 async def test_a_counting_store_hands_the_loop_on_to_the_store_it_counts() -> None:
+    await _counted(CountingStore)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError)
+async def test_negative_control_a_counting_store_that_keeps_the_loop() -> None:
+    await _counted(_CountingOnly)
+
+
+async def _counted(counting: type[CountingStore]) -> None:
     inner = _LoopStore()
-    config = IdempotencyConfig(store=CountingStore(inner))
+    config = IdempotencyConfig(store=counting(inner))
     inner.app = app = AgentApp(demo_agent_factory(0.0), config, single_tenant=True)
     async with app.lifespan():
         assert inner.seen == [("entered", 0)]
