@@ -1,8 +1,10 @@
 """The servers' lifespans hand their event loop to the store (``IdempotencyStore.use_event_loop``) for as long as they
 serve: ``AgentApp`` and ``A2AApp`` enter it, and leave it only after their runs are drained. On Redis, a request's
-store calls are then made on the loop, none on the store's threads.
+store calls are then made on the loop, none on the store's threads. ``CountingStore`` hands the loop on to the store
+it counts.
 
-Negative control: the same app served without its lifespan (mounted, say) leaves the store's calls on its threads.
+Negative controls: the same app served without its lifespan (mounted, say) leaves the store's calls on its threads; a
+lifespan that lets the store leave the loop before its runs are drained; a counting store that keeps the loop.
 """
 
 from __future__ import annotations
