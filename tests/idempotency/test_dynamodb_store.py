@@ -1606,7 +1606,7 @@ def test_negative_control_a_cancel_that_changes_the_version(aws: None) -> None:
 
 
 _FORKED = """
-import asyncio, os, sys
+import asyncio, os, sys, time
 sys.path.insert(0, sys.argv[2])
 from moto import mock_aws
 from conftest import make_dynamodb_store
@@ -1615,6 +1615,12 @@ with mock_aws():
     store = make_dynamodb_store()
     asyncio.run(store.get("s#k"))  # the store's threads exist in the parent now
     parents = store._executor
+    # A worker marks itself idle only after its call's outcome is out: fork once it has, as a store used a while ago
+    # would (the parent's executor then counts an idle thread that the child does not have).
+    deadline = time.monotonic() + 10
+    while parents._idle_semaphore._value < 1:
+        assert time.monotonic() < deadline, "the store's thread never went idle"
+        time.sleep(0.001)
     pid = os.fork()
     if pid == 0:
         if sys.argv[1] == "parents-threads":
